@@ -1,0 +1,201 @@
+// The fused weight-gradient + per-sample-norm kernel for one instruction set.
+//
+// linear_cpu.cpp includes this file once per instruction set, each time inside
+// its own namespace and `#pragma GCC target`, with GN_VEC_BYTES set to the
+// vector width. Nothing here may include headers: they come before.
+//
+// What it computes, for X [B, T, d] and dY [B, T, p] (Linear layer input and
+// output gradient):
+//     C      = Σ_i G_i,       G_i = dY_iᵀ X_i   (the weight gradient, [p, d])
+//     n_i   += ‖G_i‖²_F                          (per-sample squared norm)
+// G_i is never stored: C is cut into tiles that stay in L2; for each tile the
+// samples are visited in order and a sample's contribution to a 6×(2 vectors)
+// block is summed in registers over that sample's T rows. At the sample
+// boundary the registers are added into C and their squares into n_i, so the
+// norm costs one fma per weight-gradient element per sample (1/T of the GEMM).
+// T longer than one reduction chunk is carried across chunks in a scratch
+// copy of the tile.
+
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(GN_VEC_BYTES)));
+};
+
+template <typename T>
+struct FusedKernel {
+  using V = typename VecOf<T>::type;
+  static constexpr int L = GN_VEC_BYTES / sizeof(T);  // lanes per vector
+  static constexpr int MR = 6;                        // rows of C per block
+  static constexpr int NV = 2;                        // vectors per block row
+  static constexpr int NR = NV * L;                   // columns of C per block
+
+  static inline V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  static inline T hsum(V v) {
+    T s = 0;
+#pragma GCC unroll 16
+    for (int l = 0; l < L; ++l) s += v[l];
+    return s;
+  }
+
+  // One MR×NR block of one sample's chunk: acc = Σ_k A[k]ᵀ B[k], with
+  // A packed [kc][MR] (rows of dY) and B packed [kc][NR] (rows of X).
+  //   carry_in:  start from the block saved in `scratch` (earlier chunk)
+  //   carry_out: save to `scratch` and stop (more chunks of this sample follow)
+  //   otherwise: C (+)= acc (store when `first_sample`), norm += acc² (lanes
+  //   summed later).
+  // C may be null (norms only). mr, nr: valid part of the block at edges.
+  static inline void block(int64_t kc, const T* __restrict A, const T* __restrict Bp,
+                           T* __restrict scratch, bool carry_in, bool carry_out,
+                           T* __restrict C, int64_t ldc, bool first_sample, int mr, int nr,
+                           V& norm) {
+    V acc[MR][NV];
+    if (carry_in) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = load(scratch + r * NR + v * L);
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    }
+    if (C != nullptr && !carry_out) {
+      // The accumulate at the end of this block will need these lines of C.
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        __builtin_prefetch(C + r * ldc, 1);
+        __builtin_prefetch(C + r * ldc + NR - 1, 1);
+      }
+    }
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < kc; ++k) {
+      __builtin_prefetch(A + k * MR + 96);
+      const V b0 = load(Bp + k * NR);
+      const V b1 = load(Bp + k * NR + L);
+      const T* a = A + k * MR;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] += a[r] * b0;
+        acc[r][1] += a[r] * b1;
+      }
+    }
+    if (carry_out) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) store(scratch + r * NR + v * L, acc[r][v]);
+      return;
+    }
+    // Padding rows and columns were packed as zeros: they add nothing here.
+    // A tree of independent sums keeps the squares off one long fma chain.
+    V sq[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) sq[r] = acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
+    norm += (sq[0] + sq[1]) + (sq[2] + sq[3]) + (sq[4] + sq[5]);
+    if (C == nullptr) return;
+    if (mr == MR && nr == NR) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          T* c = C + r * ldc + v * L;
+          store(c, first_sample ? acc[r][v] : load(c) + acc[r][v]);
+        }
+    } else {
+      T tile[MR][NR];
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) store(&tile[r][v * L], acc[r][v]);
+      for (int r = 0; r < mr; ++r)
+        for (int j = 0; j < nr; ++j)
+          C[r * ldc + j] = first_sample ? tile[r][j] : C[r * ldc + j] + tile[r][j];
+    }
+  }
+
+  // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
+  // of W columns: out[strip][row][W] with `rows_total` rows per strip,
+  // zero-padded to whole strips. Strips [s0, s1) only.
+  template <int W, typename in_t>
+  static void pack_strips(const in_t* __restrict src, int64_t ld, int64_t n, int64_t r0,
+                          int64_t r1, int64_t rows_total, int64_t s0, int64_t s1,
+                          T* __restrict out) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t cols = n - s * W < W ? n - s * W : W;
+      T* o = out + s * rows_total * W;
+      const in_t* base = src + s * W;
+      if (cols == W) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const in_t* row = base + r * ld;
+#pragma GCC unroll 16
+          for (int j = 0; j < W; ++j) o[r * W + j] = static_cast<T>(row[j]);
+        }
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          const in_t* row = base + r * ld;
+          for (int j = 0; j < W; ++j) o[r * W + j] = j < cols ? static_cast<T>(row[j]) : T(0);
+        }
+      }
+    }
+  }
+};
+
+// Block sizes of the fused kernel (rows of C per tile, columns of C per tile,
+// longest reduction chunk), all multiples of the register block.
+struct FusedBlocking {
+  int64_t mc, nc, kc;
+};
+
+// One thread's share: rows [r0, r1) × columns [c0, c1) of C (multiples of
+// MR and NR, except at the edges of C), all samples. Reads the packed
+// operands: pa [ceil(p/MR)][B·T][MR] (dY) and pb [ceil(d/NR)][B·T][NR] (X).
+// norms: this slab's per-sample partial sums, accumulated (+=).
+template <typename T>
+void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,
+                       int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,
+                       double* norms, const FusedBlocking& blk, T* scratch) {
+  using K = FusedKernel<T>;
+  const int64_t rows = B * T_len;  // rows of each packed strip
+  const int64_t nchunks = T_len <= blk.kc ? 1 : (T_len + blk.kc - 1) / blk.kc;
+  const int64_t chunk = (T_len + nchunks - 1) / nchunks;
+  for (int64_t jc = c0; jc < c1; jc += blk.nc) {
+    const int64_t nc = c1 - jc < blk.nc ? c1 - jc : blk.nc;
+    const int64_t n_strips = (nc + K::NR - 1) / K::NR;
+    for (int64_t ic = r0; ic < r1; ic += blk.mc) {
+      const int64_t mc = r1 - ic < blk.mc ? r1 - ic : blk.mc;
+      const int64_t m_strips = (mc + K::MR - 1) / K::MR;
+      for (int64_t i = 0; i < B; ++i) {
+        typename K::V norm_i = {};
+        for (int64_t ch = 0; ch < nchunks; ++ch) {
+          const int64_t k0 = ch * chunk;
+          const int64_t kc = T_len - k0 < chunk ? T_len - k0 : chunk;
+          if (kc <= 0) break;
+          const bool carry_in = ch > 0;
+          const bool carry_out = k0 + kc < T_len;
+          const int64_t row0 = i * T_len + k0;
+          for (int64_t js = 0; js < n_strips; ++js) {
+            const int64_t col = jc + js * K::NR;
+            const T* bstrip = pb + ((col / K::NR) * rows + row0) * K::NR;
+            const int nr = static_cast<int>(d - col < K::NR ? d - col : K::NR);
+            for (int64_t is = 0; is < m_strips; ++is) {
+              const int64_t row = ic + is * K::MR;
+              const T* astrip = pa + ((row / K::MR) * rows + row0) * K::MR;
+              const int mr = static_cast<int>(p - row < K::MR ? p - row : K::MR);
+              T* c = C == nullptr ? nullptr : C + row * d + col;
+              T* s = scratch + (js * m_strips + is) * K::MR * K::NR;
+              K::block(kc, astrip, bstrip, s, carry_in, carry_out, c, d, i == 0, mr, nr,
+                       norm_i);
+            }
+          }
+        }
+        norms[i] += static_cast<double>(K::hsum(norm_i));
+      }
+    }
+  }
+}

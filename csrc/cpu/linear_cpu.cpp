@@ -1,0 +1,473 @@
+// CPU kernels of the Linear per-sample-norm ops (schemas in registration.cpp).
+//
+// Methods (DESIGN.md section 1), for X_i [T, d], dY_i [T, p], G_i = dY_iᵀ X_i:
+//   goodfellow  T = 1: ‖G_i‖² = ‖x_i‖²‖dy_i‖²                (Goodfellow 2015)
+//   ghost       ‖G_i‖² = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F             (Li et al. 2021)
+//   fused       G_i tile by tile inside the weight-gradient GEMM, squared in
+//               registers at each sample boundary (fused_linear_impl.h)
+// The fused kernel is compiled for AVX-512, AVX2+FMA and portable vectors;
+// the widest one the CPU supports is chosen at run time
+// (GRADNOISE_CPU_ISA=avx512|avx2|generic overrides, for tests).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace gradnoise {
+namespace {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+namespace isa_avx512 {
+#define GN_VEC_BYTES 64
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define GN_VEC_BYTES 32
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+namespace isa_generic {
+#define GN_VEC_BYTES 16
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_generic
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
+    const std::string want(env);
+    if (want == "generic") return Isa::kGeneric;
+    if (want == "avx2") {
+      TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                  "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+      return Isa::kAvx2;
+    }
+    if (want == "avx512") {
+      TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl"),
+                  "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
+      return Isa::kAvx512;
+    }
+    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
+                want, "'");
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+
+Isa current_isa() {
+  // Read on every call (cheap) so that tests can switch the instruction set.
+  return detect_isa();
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+int64_t cache_bytes(int name, int64_t fallback) {
+  const long v = sysconf(name);
+  return v > 0 ? static_cast<int64_t>(v) : fallback;
+}
+
+struct AlignedBuffer {
+  void* ptr = nullptr;
+  explicit AlignedBuffer(size_t bytes) {
+    if (posix_memalign(&ptr, 64, std::max<size_t>(bytes, 64)) != 0) ptr = nullptr;
+    TORCH_CHECK(ptr != nullptr, "gradnoise: out of memory allocating ", bytes, " bytes");
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// How the output C [p, d] is cut among threads and into cache tiles.
+struct FusedPlan {
+  int64_t slabs;        // one per thread
+  bool split_columns;   // slabs are column ranges (else row ranges)
+  int64_t mc, nc, kc;   // tile rows, tile columns, reduction chunk
+};
+
+// Block sizes from the cache sizes and the shape: the B micro-panel
+// (kc × NR) fits half of L1; the C tile, its carry scratch and the packed
+// panels fit in L2; slabs split C into equal parts, one per thread.
+FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t mr, int64_t nr) {
+  const int64_t l1 = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
+  const int64_t l2 = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 512 * 1024);
+  FusedPlan plan{};
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Split the dimension that gives every thread whole register blocks.
+  const int64_t col_blocks = ceil_div(d, nr), row_blocks = ceil_div(p, mr);
+  plan.split_columns = col_blocks >= threads && (col_blocks % threads == 0 ||
+                                                 row_blocks % threads != 0 || d >= p);
+  const int64_t blocks = plan.split_columns ? col_blocks : row_blocks;
+  plan.slabs = std::max<int64_t>(1, std::min(threads, blocks));
+  const int64_t kc_max = std::max<int64_t>(16, (l1 / 2) / (nr * elem));
+  plan.kc = std::min(T_len, kc_max);
+  // Tile of C: about a quarter of L2 each for the tile and for its scratch.
+  const int64_t tile_elems = std::max<int64_t>(mr * nr, l2 / 4 / elem);
+  const int64_t slab_cols = plan.split_columns ? ceil_div(col_blocks, plan.slabs) * nr : d;
+  const int64_t slab_rows = plan.split_columns ? p : ceil_div(row_blocks, plan.slabs) * mr;
+  int64_t nc = std::min<int64_t>(slab_cols, std::max<int64_t>(nr, 256 / nr * nr));
+  int64_t mc = std::max<int64_t>(mr, tile_elems / nc / mr * mr);
+  mc = std::min(mc, slab_rows);
+  if (const char* env = std::getenv("GRADNOISE_FUSED_BLOCKS")) {  // tuning knob: "mc,nc,kc"
+    long a = 0, b = 0, c = 0;
+    if (std::sscanf(env, "%ld,%ld,%ld", &a, &b, &c) == 3 && a > 0 && b > 0 && c > 0) {
+      mc = ceil_div(a, mr) * mr;
+      nc = ceil_div(b, nr) * nr;
+      plan.kc = std::min<int64_t>(T_len, c);
+    }
+  }
+  plan.mc = mc;
+  plan.nc = nc;
+  return plan;
+}
+
+template <typename Kern, typename in_t, typename T>
+void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d, int64_t p,
+               int64_t ldx, int64_t ldg, T* C, double* norms) {
+  using K = typename Kern::template Kernel<T>;
+  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
+  const int64_t rows = B * T_len;
+  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
+  // Pack X and dY once, into the strip order the register kernel reads
+  // (this also converts half-precision input to float).
+  AlignedBuffer packed((a_strips * K::MR + b_strips * K::NR) * rows * sizeof(T));
+  T* pa = static_cast<T*>(packed.ptr);
+  T* pb = pa + a_strips * K::MR * rows;
+  constexpr int64_t kPackRows = 64;
+  const int64_t row_blocks = ceil_div(rows, kPackRows);
+  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
+    const int64_t r0 = rb0 * kPackRows, r1 = std::min(rows, rb1 * kPackRows);
+    K::template pack_strips<K::MR>(g, ldg, p, r0, r1, rows, 0, a_strips, pa);
+    K::template pack_strips<K::NR>(x, ldx, d, r0, r1, rows, 0, b_strips, pb);
+  });
+
+  std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
+  const int64_t unit = plan.split_columns ? K::NR : K::MR;
+  const int64_t extent = plan.split_columns ? d : p;
+  const int64_t units = ceil_div(extent, unit);
+  at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
+    const size_t s_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
+    AlignedBuffer scratch(s_elems * sizeof(T));
+    typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
+    for (int64_t s = begin; s < end; ++s) {
+      // Equal shares of whole register blocks, one per thread.
+      const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
+      const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
+      if (lo >= hi) continue;
+      double* nrm = partial.data() + s * B;
+      T* sc = static_cast<T*>(scratch.ptr);
+      if (plan.split_columns)
+        Kern::slab(pa, pb, B, T_len, p, d, 0, p, lo, hi, C, nrm, blk, sc);
+      else
+        Kern::slab(pa, pb, B, T_len, p, d, lo, hi, 0, d, C, nrm, blk, sc);
+    }
+  });
+  for (int64_t i = 0; i < B; ++i) {
+    double s = 0.0;
+    for (int64_t k = 0; k < plan.slabs; ++k) s += partial[k * B + i];
+    norms[i] = s;
+  }
+}
+
+// Adapters naming each instruction set's templates uniformly.
+#define GN_ISA_ADAPTER(NAME, NS)                                                         \
+  struct NAME {                                                                          \
+    template <typename T>                                                                \
+    using Kernel = NS::FusedKernel<T>;                                                   \
+    using Blocking = NS::FusedBlocking;                                                  \
+    template <typename T>                                                                \
+    static void slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,      \
+                     int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,    \
+                     double* norms, const Blocking& blk, T* scratch) {                   \
+      NS::fused_linear_slab<T>(pa, pb, B, T_len, p, d, r0, r1, c0, c1, C, norms, blk,    \
+                               scratch);                                                 \
+    }                                                                                    \
+  };
+GN_ISA_ADAPTER(Avx512, isa_avx512)
+GN_ISA_ADAPTER(Avx2, isa_avx2)
+GN_ISA_ADAPTER(Generic, isa_generic)
+#undef GN_ISA_ADAPTER
+
+// x3 [B, T, d], g3 [B, T, p] with unit stride in the last dim. C is [p, d]
+// contiguous (or undefined for norms only), norms [B] double.
+template <typename in_t, typename T>
+void fused_dispatch_isa(const at::Tensor& x3, const at::Tensor& g3, T* C, double* norms) {
+  const int64_t B = x3.size(0), T_len = x3.size(1), d = x3.size(2), p = g3.size(2);
+  const in_t* x = x3.data_ptr<in_t>();
+  const in_t* g = g3.data_ptr<in_t>();
+  // Row r = b·T + t of the flattened [B·T, f] problem starts at r·ld.
+  const int64_t ldx = T_len == 1 ? x3.stride(0) : x3.stride(1);
+  const int64_t ldg = T_len == 1 ? g3.stride(0) : g3.stride(1);
+  switch (current_isa()) {
+    case Isa::kAvx512:
+      run_fused<Avx512, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
+      break;
+    case Isa::kAvx2:
+      run_fused<Avx2, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
+      break;
+    default:
+      run_fused<Generic, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [B, *, f] -> [B, T, f] with rows of f contiguous and equally spaced, so that
+// row b·T + t starts at b·T·ld + t·ld (a view when possible).
+at::Tensor as_btf(const at::Tensor& t) {
+  int64_t T_len = 1;
+  for (int64_t k = 1; k < t.dim() - 1; ++k) T_len *= t.size(k);
+  at::Tensor r = t.reshape({t.size(0), T_len, t.size(-1)});
+  const bool rows_regular = (r.size(2) <= 1 || r.stride(2) == 1) &&
+                            (r.size(1) <= 1 || r.size(0) <= 1 || r.stride(0) == r.size(1) * r.stride(1));
+  if (!rows_regular) r = r.contiguous();
+  return r;
+}
+
+struct Problem {
+  int64_t B, T, d, p;
+};
+
+Problem check_inputs(const at::Tensor& x, const at::Tensor& g, c10::string_view method) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
+    TORCH_CHECK(t.device().is_cpu(), "gradnoise: `", name, "` must be a CPU tensor for the CPU kernel, got ",
+                t.device());
+    TORCH_CHECK(t.dim() >= 2, "gradnoise: `", name,
+                "` must have at least 2 dimensions [B, ..., features], got ", t.sizes());
+    const auto st = t.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                "gradnoise: `", name, "` has dtype ", st,
+                "; supported dtypes are float32, float64, bfloat16 and float16");
+  }
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradnoise: `x` is ", x.scalar_type(),
+              " but `grad_out` is ", g.scalar_type());
+  TORCH_CHECK(x.dim() == g.dim() && x.sizes().slice(0, x.dim() - 1) == g.sizes().slice(0, g.dim() - 1),
+              "gradnoise: `x` of shape ", x.sizes(), " and `grad_out` of shape ", g.sizes(),
+              " must agree on every dimension but the last");
+  TORCH_CHECK(method == "auto" || method == "goodfellow" || method == "ghost" || method == "fused",
+              "gradnoise: unknown `method` '", std::string(method),
+              "'; choose auto, goodfellow, ghost or fused");
+  Problem pr{x.size(0), 1, x.size(-1), g.size(-1)};
+  for (int64_t k = 1; k < x.dim() - 1; ++k) pr.T *= x.size(k);
+  TORCH_CHECK(method != "goodfellow" || pr.T == 1,
+              "gradnoise: method 'goodfellow' needs T = 1, but `x` of shape ", x.sizes(),
+              " has T = ", pr.T, "; use 'ghost', 'fused' or 'auto'");
+  return pr;
+}
+
+NormMethod resolve_method(c10::string_view method, const Problem& pr, bool with_weight_grad) {
+  if (method == "goodfellow") return NormMethod::kGoodfellow;
+  if (method == "ghost") return NormMethod::kGhost;
+  if (method == "fused") return NormMethod::kFused;
+  return choose_linear_norm_method(pr.B, pr.T, pr.d, pr.p, with_weight_grad);
+}
+
+// Norms accumulate in double inside the kernels and are returned as float32
+// (float64 for float64 input).
+at::Tensor fused_norms(const at::Tensor& x3, const at::Tensor& g3, at::Tensor* grad_weight) {
+  const int64_t B = x3.size(0), d = x3.size(2), p = g3.size(2);
+  at::Tensor norms = at::empty({B}, x3.options().dtype(at::kDouble));
+  double* nptr = norms.data_ptr<double>();
+  const auto st = x3.scalar_type();
+  at::Tensor C;  // accumulator for the weight gradient, in the accumulation dtype
+  if (grad_weight != nullptr) {
+    C = (st == at::kFloat || st == at::kDouble) ? at::empty({p, d}, x3.options())
+                                                 : at::empty({p, d}, x3.options().dtype(at::kFloat));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_fused_linear", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    acc_t* cptr = C.defined() ? C.data_ptr<acc_t>() : nullptr;
+    fused_dispatch_isa<scalar_t, acc_t>(x3, g3, cptr, nptr);
+  });
+  if (grad_weight != nullptr) *grad_weight = C.scalar_type() == st ? C : C.to(st);
+  return norms;
+}
+
+template <typename in_t, typename acc_t>
+acc_t sq_sum(const in_t* v, int64_t n) {
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const acc_t a = v[j], b = v[j + 1], c = v[j + 2], e = v[j + 3];
+    s0 += a * a;
+    s1 += b * b;
+    s2 += c * c;
+    s3 += e * e;
+  }
+  for (; j < n; ++j) s0 += static_cast<acc_t>(v[j]) * static_cast<acc_t>(v[j]);
+  return (s0 + s1) + (s2 + s3);
+}
+
+// T = 1: ‖dy_i x_iᵀ‖² = ‖x_i‖²·‖dy_i‖² (Goodfellow 2015). Cost 2B(d + p).
+at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3) {
+  const int64_t B = x3.size(0), d = x3.size(2), p = g3.size(2);
+  at::Tensor xc = x3.reshape({B, d}).contiguous(), gc = g3.reshape({B, p}).contiguous();
+  at::Tensor norms = at::empty({B}, x3.options().dtype(at::kDouble));
+  double* out = norms.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "gradnoise_goodfellow", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d + p)),
+                     [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i)
+        out[i] = static_cast<double>(sq_sum<scalar_t, acc_t>(xp + i * d, d)) *
+                 static_cast<double>(sq_sum<scalar_t, acc_t>(gp + i * p, p));
+    });
+  });
+  return norms;
+}
+
+// ‖G_i‖² = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F (Li et al. 2021). The T×T Gram matrices
+// are formed in blocks of at most kGhostBlock rows, so the memory is
+// O(threads·kGhostBlock²) rather than O(B·T²); off-diagonal blocks count twice.
+at::Tensor ghost_norms(const at::Tensor& x3, const at::Tensor& g3) {
+  constexpr int64_t kGhostBlock = 256;
+  const int64_t B = x3.size(0), T_len = x3.size(1);
+  const auto acc = acc_type(x3.scalar_type());
+  at::Tensor xa = x3.to(acc), ga = g3.to(acc);
+  const int64_t nb = ceil_div(T_len, kGhostBlock);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t a = 0; a < nb; ++a)
+    for (int64_t b = a; b < nb; ++b) pairs.emplace_back(a, b);
+  const int64_t items = B * static_cast<int64_t>(pairs.size());
+  std::vector<double> part(static_cast<size_t>(items), 0.0);
+  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / static_cast<int64_t>(pairs.size());
+      const auto [a, b] = pairs[w % pairs.size()];
+      const int64_t a0 = a * kGhostBlock, a1 = std::min(T_len, a0 + kGhostBlock);
+      const int64_t b0 = b * kGhostBlock, b1 = std::min(T_len, b0 + kGhostBlock);
+      at::Tensor xi = xa[i], gi = ga[i];
+      at::Tensor gram_x = at::mm(xi.slice(0, a0, a1), xi.slice(0, b0, b1).t());
+      at::Tensor gram_g = at::mm(gi.slice(0, a0, a1), gi.slice(0, b0, b1).t());
+      const double v = (gram_x * gram_g).sum().item<double>();
+      part[w] = a == b ? v : 2.0 * v;
+    }
+  });
+  at::Tensor norms = at::zeros({B}, x3.options().dtype(at::kDouble));
+  double* out = norms.data_ptr<double>();
+  for (int64_t w = 0; w < items; ++w) out[w / static_cast<int64_t>(pairs.size())] += part[w];
+  return norms;
+}
+
+// Σ_t dY_i,t per sample: its squared norm is the bias part of sample i's norm,
+// and its sum over samples is the bias gradient.
+std::pair<at::Tensor, at::Tensor> bias_grad_and_sq_norms(const at::Tensor& g3) {
+  const auto acc = acc_type(g3.scalar_type());
+  at::Tensor per_sample = g3.sum(1, /*keepdim=*/false, acc);  // [B, p]
+  at::Tensor sq = per_sample.square().sum(1, false, at::kDouble);
+  at::Tensor grad_bias = per_sample.sum(0).to(g3.scalar_type());
+  return {grad_bias, sq};
+}
+
+at::Tensor finish_norms(at::Tensor norms, const at::Tensor& x) {
+  return norms.to(acc_type(x.scalar_type()));
+}
+
+at::Tensor zero_norms(const Problem& pr, const at::Tensor& x) {
+  return at::zeros({pr.B}, x.options().dtype(acc_type(x.scalar_type())));
+}
+
+at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out, bool with_bias,
+                               c10::string_view method) {
+  const Problem pr = check_inputs(x, grad_out, method);
+  if (pr.B == 0 || pr.T == 0 || pr.d == 0 || pr.p == 0) {
+    at::Tensor n = zero_norms(pr, x);
+    if (with_bias && pr.B > 0 && pr.T > 0 && pr.p > 0)
+      n = finish_norms(bias_grad_and_sq_norms(as_btf(grad_out)).second, x);
+    return n;
+  }
+  const at::Tensor x3 = as_btf(x), g3 = as_btf(grad_out);
+  at::Tensor norms;
+  switch (resolve_method(method, pr, /*with_weight_grad=*/false)) {
+    case NormMethod::kGoodfellow: norms = goodfellow_norms(x3, g3); break;
+    case NormMethod::kGhost: norms = ghost_norms(x3, g3); break;
+    default: norms = fused_norms(x3, g3, nullptr);
+  }
+  if (with_bias) norms = norms + bias_grad_and_sq_norms(g3).second;
+  return finish_norms(norms, x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_weight_grad_and_sq_norms_cpu(
+    const at::Tensor& x, const at::Tensor& grad_out, bool with_bias, c10::string_view method) {
+  const Problem pr = check_inputs(x, grad_out, method);
+  const auto st = x.scalar_type();
+  at::Tensor empty_bias = at::empty({0}, x.options());
+  if (pr.B == 0 || pr.T == 0 || pr.d == 0 || pr.p == 0) {
+    at::Tensor gw = at::zeros({pr.p, pr.d}, x.options());
+    at::Tensor n = zero_norms(pr, x);
+    at::Tensor gb = with_bias ? at::zeros({pr.p}, x.options()) : empty_bias;
+    if (with_bias && pr.B > 0 && pr.T > 0 && pr.p > 0) {
+      auto [b, sq] = bias_grad_and_sq_norms(as_btf(grad_out));
+      gb = b;
+      n = finish_norms(sq, x);
+    }
+    return {gw, gb, n};
+  }
+  const at::Tensor x3 = as_btf(x), g3 = as_btf(grad_out);
+  at::Tensor grad_weight, norms;
+  const NormMethod m = resolve_method(method, pr, /*with_weight_grad=*/true);
+  if (m == NormMethod::kFused) {
+    norms = fused_norms(x3, g3, &grad_weight);
+  } else {
+    // The norms are cheap next to the GEMM here: leave the GEMM to BLAS.
+    norms = m == NormMethod::kGoodfellow ? goodfellow_norms(x3, g3) : ghost_norms(x3, g3);
+    const auto acc = acc_type(st);
+    at::Tensor g2 = g3.reshape({-1, pr.p}), x2 = x3.reshape({-1, pr.d});
+    grad_weight = acc == st ? at::mm(g2.t(), x2) : at::mm(g2.t().to(acc), x2.to(acc)).to(st);
+  }
+  at::Tensor grad_bias = empty_bias;
+  if (with_bias) {
+    auto [b, sq] = bias_grad_and_sq_norms(g3);
+    grad_bias = b;
+    norms = norms + sq;
+  }
+  return {grad_weight, grad_bias, finish_norms(norms, x)};
+}
+
+}  // namespace
+
+std::string cpu_kernel_isa() {
+  std::string s = isa_name(current_isa());
+  s += " (compiled: avx512, avx2, generic)";
+  return s;
+}
+
+TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
+  m.impl("linear_sq_norms", &linear_sq_norms_cpu);
+  m.impl("linear_weight_grad_and_sq_norms", &linear_weight_grad_and_sq_norms_cpu);
+}
+
+}  // namespace gradnoise

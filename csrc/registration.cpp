@@ -1,0 +1,48 @@
+// The one place where every gradnoise op schema is defined. Device kernels
+// register implementations for these schemas in their own files
+// (cpu/linear_cpu.cpp, cuda/linear_binding.cpp); the dispatcher picks one by
+// the device of the inputs.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "common.h"
+
+namespace gradnoise {
+
+int64_t linear_norm_method(int64_t B, int64_t T, int64_t d, int64_t p,
+                           bool with_weight_grad) {
+  return static_cast<int64_t>(
+      choose_linear_norm_method(B, T, d, p, with_weight_grad));
+}
+
+std::string cpu_kernel_isa();  // defined in cpu/linear_cpu.cpp
+
+std::string build_info() {
+  return std::string("cpu_isa=") + cpu_kernel_isa();
+}
+
+TORCH_LIBRARY(gradnoise, m) {
+  m.def(
+      "linear_sq_norms(Tensor x, Tensor grad_out, bool with_bias=False, "
+      "str method=\"auto\") -> Tensor");
+  m.def(
+      "linear_weight_grad_and_sq_norms(Tensor x, Tensor grad_out, "
+      "bool with_bias=False, str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  // Not tensor ops: the cost model and what this build contains, for the
+  // Python layer and `python -m gradnoise info`.
+  m.def("linear_norm_method(int B, int T, int d, int p, bool with_weight_grad) -> int",
+        &linear_norm_method);
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace gradnoise
+
+// Importing gradnoise._C loads this library, which registers the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "gradnoise compiled kernels", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}

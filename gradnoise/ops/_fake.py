@@ -1,0 +1,22 @@
+"""Shape functions of the compiled ops, so that they trace under torch.compile
+and torch.export (fake tensors carry shapes, dtypes and devices only)."""
+from __future__ import annotations
+
+import torch
+
+from . import _validate
+
+
+def register() -> None:
+    @torch.library.register_fake("gradnoise::linear_sq_norms")
+    def _linear_sq_norms_fake(x, grad_out, with_bias=False, method="auto"):
+        B, _, _, _ = _validate.linear_problem(x, grad_out, method)
+        return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("gradnoise::linear_weight_grad_and_sq_norms")
+    def _linear_weight_grad_and_sq_norms_fake(x, grad_out, with_bias=False, method="auto"):
+        B, _, d, p = _validate.linear_problem(x, grad_out, method)
+        grad_weight = x.new_empty((p, d))
+        grad_bias = x.new_empty((p,) if with_bias else (0,))
+        norms = x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
+        return grad_weight, grad_bias, norms
