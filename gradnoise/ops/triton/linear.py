@@ -1,0 +1,508 @@
+"""Triton kernels for the per-sample gradient norms of a Linear layer.
+
+For a Linear layer y = x Wᵀ + b with input X_i [T, d] and output gradient
+dY_i [T, p] of sample i (T = 1 for 2-D input), the per-sample gradients are
+G_i = dY_iᵀ X_i (p × d) and Σ_t dY_i,t (p). The ops return, per sample,
+
+    n_i = ‖G_i‖²_F (+ ‖Σ_t dY_i,t‖² with the bias),
+
+accumulated in float32 (float64 for float64 input), and optionally the batch
+gradients Σ_i G_i and Σ_i,t dY_i,t in the input dtype. The methods:
+
+- "goodfellow" (T = 1): ‖G_i‖² = ‖x_i‖²·‖dy_i‖² (Goodfellow 2015, "Efficient
+  per-example gradient computations");
+- "ghost": ‖G_i‖² = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F (the ghost norm of Li et al. 2021,
+  "Large language models can be strong differentially private learners"), in
+  tiles of the Gram matrices, never holding a B × T × T buffer;
+- "fused": the weight-gradient GEMM Σ_i dY_iᵀ X_i with its reduction ordered by
+  sample; each program squares its tile of G_i at the sample boundary, so the
+  norms cost 2Bdp on top of the GEMM and no per-sample gradient is stored;
+- "auto": the cheapest by :mod:`gradnoise.ops.cost_model`, on every call.
+
+The ops are ``torch.ops.gradnoise_triton.linear_sq_norms`` and
+``torch.ops.gradnoise_triton.linear_weight_grad_and_sq_norms`` (the latter
+returns an empty bias gradient when ``with_bias`` is False, because custom ops
+cannot return None). On CPU tensors they need the Triton interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _validate
+from ..cost_model import choose_linear_norm_method
+
+__all__ = ["linear_sq_norms", "linear_weight_grad_and_sq_norms"]
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _accumulate_gt_x(acc, g_cols, x_cols, row0, n_rows, mask_p, mask_d, stride_gr, stride_xr,
+                     ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_T: tl.constexpr):
+    """acc += dY[rows, p-tile]ᵀ · X[rows, d-tile] for rows row0 .. row0 + min(n_rows, BLOCK_T)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < n_rows
+    rows = (row0 + offs_t).to(tl.int64)
+    # dY is read transposed, [BLOCK_P, BLOCK_T], so that the tile product is a plain dot.
+    g = tl.load(g_cols + rows[None, :] * stride_gr, mask=mask_p[:, None] & mask_t[None, :],
+                other=0.0)
+    x = tl.load(x_cols + rows[:, None] * stride_xr, mask=mask_t[:, None] & mask_d[None, :],
+                other=0.0)
+    if UPCAST:
+        g = g.to(tl.float32)
+        x = x.to(tl.float32)
+    return tl.dot(g, x, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _linear_fused_kernel(
+        x_ptr, g_ptr, w_ptr, part_ptr,
+        B, T, d, p, samples_per_split,
+        stride_xr, stride_xd, stride_gr, stride_gp, stride_ws, stride_wp, stride_wd,
+        COMPUTE_NORMS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Weight-gradient GEMM with per-sample norms squared at sample boundaries.
+
+    Program (P, D, s) owns the tile W[P, D] of grad_weight = Σ_i dY_iᵀ X_i and
+    the samples i of split s. It walks them in order, accumulating the tile of
+    G_i = dY_iᵀ X_i over the sample's T rows in BLOCK_T chunks, then
+      part[tile, i] = ‖G_i[P, D]‖²_F                     (COMPUTE_NORMS)
+      W[P, D]      += G_i[P, D]                          (COMPUTE_GRAD)
+    so that ‖G_i‖²_F = Σ_tile part[tile, i]. The norms add 2·BLOCK_P·BLOCK_D
+    flops per sample to the 2·T·BLOCK_P·BLOCK_D of the GEMM (a 1/T overhead)
+    and need B floats per tile, never a per-sample gradient. With
+    COMPUTE_NORMS off this is the plain GEMM over the split's rows, without
+    sample boundaries. W is grad_weight itself (one split) or a float
+    workspace [splits, p, d] summed by the launcher.
+    """
+    pid_p = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_p = offs_p < p
+    mask_d = offs_d < d
+    g_cols = g_ptr + offs_p[:, None].to(tl.int64) * stride_gp
+    x_cols = x_ptr + offs_d[None, :].to(tl.int64) * stride_xd
+    first = split * samples_per_split
+    last = tl.minimum(first + samples_per_split, B)
+
+    grad = tl.zeros((BLOCK_P, BLOCK_D), ACC)
+    if COMPUTE_NORMS:
+        tile = pid_p * tl.num_programs(1) + pid_d
+        for i in range(first, last):
+            acc = tl.zeros((BLOCK_P, BLOCK_D), ACC)
+            for t0 in range(0, T, BLOCK_T):
+                acc = _accumulate_gt_x(acc, g_cols, x_cols, i * T + t0, T - t0, mask_p, mask_d,
+                                       stride_gr, stride_xr, ACC, UPCAST, PRECISION, BLOCK_T)
+            if COMPUTE_GRAD:
+                grad += acc
+            tl.store(part_ptr + tile * B + i, tl.sum(acc * acc))
+    else:
+        row_end = last * T
+        for r0 in range(first * T, row_end, BLOCK_T):
+            grad = _accumulate_gt_x(grad, g_cols, x_cols, r0, row_end - r0, mask_p, mask_d,
+                                    stride_gr, stride_xr, ACC, UPCAST, PRECISION, BLOCK_T)
+    if COMPUTE_GRAD:
+        w = (w_ptr + split * stride_ws + offs_p[:, None] * stride_wp
+             + offs_d[None, :] * stride_wd)
+        tl.store(w, grad.to(w_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _gram_block(acc, ptr, rows_a, rows_b, mask_a, mask_b, n, stride_r, stride_k,
+                ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """acc += A[rows_a, :] · A[rows_b, :]ᵀ, over the n features in BLOCK_K chunks."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, n, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < n
+        a = tl.load(ptr + rows_a[:, None] * stride_r + k[None, :] * stride_k,
+                    mask=mask_a[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(ptr + k[:, None] * stride_k + rows_b[None, :] * stride_r,
+                    mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _linear_ghost_kernel(
+        x_ptr, g_ptr, part_ptr,
+        T, d, p, n_pairs,
+        stride_xr, stride_xd, stride_gr, stride_gp,
+        ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ghost norm (Li et al. 2021): ‖dY_iᵀ X_i‖²_F = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F.
+
+    Program i·n_pairs + pair takes one block (tb, sb), sb ≤ tb, of sample i's T × T
+    Gram matrices, forms X_i[tb] X_i[sb]ᵀ and dY_i[tb] dY_i[sb]ᵀ by tiled dots
+    over the d and p features and stores their Frobenius inner product in
+    part[i, pair], doubled off the diagonal since both Grams are symmetric.
+    ‖G_i‖²_F = Σ_pair part[i, pair]; only a BLOCK_T × BLOCK_T block of each
+    Gram matrix is ever held, in registers. Cost ≈ B·T²(d + p) flops (half of
+    2BT²(d + p) by the symmetry) and B·n_pairs floats of partial sums.
+    """
+    # One grid axis: the second and third are limited to 65535 programs on CUDA.
+    pid = tl.program_id(0)
+    i = pid // n_pairs
+    pair = pid % n_pairs
+    # pair = tb(tb + 1)/2 + sb: float sqrt, then exact integer correction.
+    tb = ((tl.sqrt(8.0 * pair + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tb = tl.where(tb * (tb + 1) // 2 > pair, tb - 1, tb)
+    tb = tl.where((tb + 1) * (tb + 2) // 2 <= pair, tb + 1, tb)
+    sb = pair - tb * (tb + 1) // 2
+
+    offs = tl.arange(0, BLOCK_T)
+    pos_t = tb * BLOCK_T + offs
+    pos_s = sb * BLOCK_T + offs
+    mask_t = pos_t < T
+    mask_s = pos_s < T
+    rows_t = (i * T + pos_t).to(tl.int64)
+    rows_s = (i * T + pos_s).to(tl.int64)
+    gram_x = tl.zeros((BLOCK_T, BLOCK_T), ACC)
+    gram_x = _gram_block(gram_x, x_ptr, rows_t, rows_s, mask_t, mask_s, d, stride_xr, stride_xd,
+                         ACC, UPCAST, PRECISION, BLOCK_K)
+    gram_g = tl.zeros((BLOCK_T, BLOCK_T), ACC)
+    gram_g = _gram_block(gram_g, g_ptr, rows_t, rows_s, mask_t, mask_s, p, stride_gr, stride_gp,
+                         ACC, UPCAST, PRECISION, BLOCK_K)
+    val = tl.sum(gram_x * gram_g)
+    val = tl.where(tb == sb, val, 2.0 * val)
+    tl.store(part_ptr + pid, val)
+
+
+@triton.jit
+def _sq_row_norms(ptr, rows, mask_b, n, stride_r, stride_k,
+                  ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """‖A[row, :]‖² for each of the BLOCK_B rows."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_B, BLOCK_K), ACC)
+    for k0 in range(0, n, BLOCK_K):
+        k = k0 + offs_k
+        v = tl.load(ptr + rows[:, None] * stride_r + k[None, :] * stride_k,
+                    mask=mask_b[:, None] & (k < n)[None, :], other=0.0).to(ACC)
+        acc += v * v
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _linear_goodfellow_kernel(
+        x_ptr, g_ptr, out_ptr,
+        B, d, p,
+        stride_xr, stride_xd, stride_gr, stride_gp,
+        ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """T = 1 (Goodfellow 2015): ‖dy_i x_iᵀ‖²_F = ‖x_i‖²·‖dy_i‖², for BLOCK_B samples.
+
+    Cost 2B(d + p), one read of X and dY.
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    rows = offs_b.to(tl.int64)
+    sx = _sq_row_norms(x_ptr, rows, mask_b, d, stride_xr, stride_xd, ACC, BLOCK_B, BLOCK_K)
+    sg = _sq_row_norms(g_ptr, rows, mask_b, p, stride_gr, stride_gp, ACC, BLOCK_B, BLOCK_K)
+    tl.store(out_ptr + offs_b, sx * sg, mask=mask_b)
+
+
+@triton.jit
+def _linear_bias_kernel(
+        g_ptr, b_ptr, part_ptr,
+        B, T, p, samples_per_split,
+        stride_gr, stride_gp, stride_bs,
+        COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Bias gradients: per sample s_i = Σ_t dY_i,t, part[P, i] = ‖s_i[P]‖², and
+    b[s, P] = Σ_i s_i[P] over the samples of split s (COMPUTE_GRAD).
+
+    Program (P, s) owns columns P and the samples of split s; the bias term of
+    the norm is Σ_P part[P, i].
+    """
+    pid_p = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_p = offs_p < p
+    g_cols = g_ptr + offs_p[None, :].to(tl.int64) * stride_gp
+    first = split * samples_per_split
+    last = tl.minimum(first + samples_per_split, B)
+
+    total = tl.zeros((BLOCK_P,), ACC)
+    for i in range(first, last):
+        acc = tl.zeros((BLOCK_T, BLOCK_P), ACC)
+        for t0 in range(0, T, BLOCK_T):
+            rows = (i * T + t0 + offs_t).to(tl.int64)
+            mask = ((t0 + offs_t) < T)[:, None] & mask_p[None, :]
+            acc += tl.load(g_cols + rows[:, None] * stride_gr, mask=mask, other=0.0).to(ACC)
+        s = tl.sum(acc, axis=0)
+        total += s
+        tl.store(part_ptr + pid_p * B + i, tl.sum(s * s))
+    if COMPUTE_GRAD:
+        tl.store(b_ptr + split * stride_bs + offs_p, total.to(b_ptr.dtype.element_ty), mask=mask_p)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+_INTERPRETED = type(_linear_fused_kernel).__name__ == "InterpretedFunction"
+
+# Splitting the samples over programs needs a float [splits, p, d] workspace
+# for the weight gradient; splits are only wanted when the p × d tiles alone
+# cannot fill the GPU, so this bound keeps the workspace small.
+_MAX_GRAD_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks(dtype: torch.dtype, interpreted: bool) -> dict:
+    if interpreted:
+        # The smallest tiles tl.dot takes: the interpreter's cost is per
+        # operation, and the tests' odd shapes still span several tiles.
+        return dict(fused=(16, 16, 16), ghost=(16, 16), goodfellow=(16, 16), bias=(16, 16),
+                    num_warps=1)
+    if dtype == torch.float64:
+        return dict(fused=(32, 32, 16), ghost=(32, 16), goodfellow=(16, 128), bias=(64, 32),
+                    num_warps=4)
+    return dict(fused=(64, 64, 32), ghost=(64, 32), goodfellow=(16, 128), bias=(128, 32),
+                num_warps=4)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows_block(T: int, cap: int) -> int:
+    """A power of two ≥ 16 (tl.dot's minimum) for a sample's T rows, at most cap."""
+    return max(16, min(cap, triton.next_power_of_2(max(T, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter runs programs one by one; a small nominal count keeps
+    # the sample-split paths exercised by small inputs.
+    return 2
+
+
+def _sample_splits(B: int, programs_per_split: int, device: torch.device,
+                   max_splits: int) -> tuple[int, int]:
+    """(splits, samples per split): enough programs for about two waves on the device."""
+    want = _cdiv(2 * _sm_count(device), max(1, programs_per_split))
+    per = _cdiv(B, max(1, min(B, want, max_splits)))
+    return _cdiv(B, per), per
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """IEEE products unless the user allowed TF32 for float32 matmuls, as torch does."""
+    if (dtype == torch.float32 and device.type == "cuda" and torch.version.hip is None
+            and torch.get_float32_matmul_precision() != "highest"):
+        return "tf32"
+    return "ieee"
+
+
+def _store_direct(splits: int, dtype: torch.dtype) -> bool:
+    """Whether a kernel stores the gradient in its final dtype, not a float workspace.
+
+    One split can; the interpreter's float32 -> bfloat16 cast truncates where
+    GPUs round to nearest, so there torch does the cast.
+    """
+    return splits == 1 and not (_INTERPRETED and dtype == torch.bfloat16)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError(
+            "gradnoise: the Triton kernels were compiled for a GPU, but the inputs are CPU "
+            "tensors; set TRITON_INTERPRET=1 before gradnoise.ops.triton.linear is first "
+            "imported to run them under the Triton interpreter, or use another backend")
+
+
+def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
+    """(grad_weight or None, weight norms [B] or None) from the fused kernel."""
+    cfg = _blocks(x2.dtype, _INTERPRETED)
+    block_p, block_d, block_t = cfg["fused"]
+    block_t = _rows_block(T, block_t) if compute_norms else block_t
+    acc = _validate.accumulation_dtype(x2.dtype)
+    grid_p, grid_d = _cdiv(p, block_p), _cdiv(d, block_d)
+    splits, per = _sample_splits(B, grid_p * grid_d, x2.device,
+                                 _MAX_GRAD_SPLITS if compute_grad else B)
+    part = (torch.empty((grid_p * grid_d, B), dtype=acc, device=x2.device) if compute_norms
+            else x2)
+    direct = _store_direct(splits, x2.dtype)
+    grad = out = None
+    if compute_grad:
+        out = torch.empty((p, d), dtype=x2.dtype, device=x2.device)
+        grad = out.unsqueeze(0) if direct else torch.empty(
+            (splits, p, d), dtype=acc, device=x2.device)
+    w = grad if grad is not None else x2.unsqueeze(0)
+    _linear_fused_kernel[(grid_p, grid_d, splits)](
+        x2, g2, w, part, B, T, d, p, per,
+        x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        COMPUTE_NORMS=compute_norms, COMPUTE_GRAD=compute_grad,
+        ACC=_tl_dtype(acc), UPCAST=_INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
+        PRECISION=_dot_precision(x2.dtype, x2.device),
+        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=cfg["num_warps"])
+    if compute_grad and not direct:
+        out = grad.sum(0).to(x2.dtype)
+    return out, (part.sum(0) if compute_norms else None)
+
+
+def _ghost(x2, g2, B, T, d, p):
+    cfg = _blocks(x2.dtype, _INTERPRETED)
+    block_t, block_k = cfg["ghost"]
+    block_t = _rows_block(T, block_t)
+    acc = _validate.accumulation_dtype(x2.dtype)
+    n_blocks = _cdiv(T, block_t)
+    n_pairs = n_blocks * (n_blocks + 1) // 2
+    part = torch.empty((B, n_pairs), dtype=acc, device=x2.device)
+    _linear_ghost_kernel[(B * n_pairs,)](
+        x2, g2, part, T, d, p, n_pairs,
+        x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
+        ACC=_tl_dtype(acc), UPCAST=_INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
+        PRECISION=_dot_precision(x2.dtype, x2.device),
+        BLOCK_T=block_t, BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return part.sum(1)
+
+
+def _goodfellow(x2, g2, B, d, p):
+    cfg = _blocks(x2.dtype, _INTERPRETED)
+    block_b, block_k = cfg["goodfellow"]
+    acc = _validate.accumulation_dtype(x2.dtype)
+    out = torch.empty(B, dtype=acc, device=x2.device)
+    _linear_goodfellow_kernel[(_cdiv(B, block_b),)](
+        x2, g2, out, B, d, p, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
+        ACC=_tl_dtype(acc), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return out
+
+
+def _bias(g2, B, T, p, compute_grad: bool):
+    """(grad_bias or None, bias norms [B])."""
+    cfg = _blocks(g2.dtype, _INTERPRETED)
+    block_p, block_t = cfg["bias"]
+    block_t = min(block_t, triton.next_power_of_2(T))
+    acc = _validate.accumulation_dtype(g2.dtype)
+    grid_p = _cdiv(p, block_p)
+    splits, per = _sample_splits(B, grid_p, g2.device, _MAX_GRAD_SPLITS if compute_grad else B)
+    part = torch.empty((grid_p, B), dtype=acc, device=g2.device)
+    direct = _store_direct(splits, g2.dtype)
+    out = None
+    b = g2
+    if compute_grad:
+        out = torch.empty(p, dtype=g2.dtype, device=g2.device)
+        b = out.unsqueeze(0) if direct else torch.empty((splits, p), dtype=acc, device=g2.device)
+    _linear_bias_kernel[(grid_p, splits)](
+        g2, b, part, B, T, p, per, g2.stride(0), g2.stride(1), b.stride(0),
+        COMPUTE_GRAD=compute_grad, ACC=_tl_dtype(acc),
+        BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg["num_warps"])
+    if compute_grad and not direct:
+        out = b.sum(0).to(g2.dtype)
+    return out, part.sum(0)
+
+
+def _linear(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool, method: str,
+            with_weight_grad: bool):
+    """(grad_weight or None, grad_bias or None, sq_norms [B])."""
+    B, T, d, p = _validate.linear_problem(x, grad_out, method)
+    _check_device(x)
+    if method == "auto":
+        method = choose_linear_norm_method(B, T, d, p, with_weight_grad=with_weight_grad)
+    acc = _validate.accumulation_dtype(x.dtype)
+    x2 = x.reshape(B * T, d)
+    g2 = grad_out.reshape(B * T, p)
+    norms = grad_weight = grad_bias = None
+    with _on_device(x.device):
+        if B * T > 0 and d > 0 and p > 0:
+            if method == "fused":
+                grad_weight, norms = _fused(x2, g2, B, T, d, p, compute_norms=True,
+                                            compute_grad=with_weight_grad)
+            else:
+                norms = (_goodfellow(x2, g2, B, d, p) if method == "goodfellow"
+                         else _ghost(x2, g2, B, T, d, p))
+                if with_weight_grad:
+                    grad_weight, _ = _fused(x2, g2, B, T, d, p, compute_norms=False,
+                                            compute_grad=True)
+        if with_bias and B * T > 0 and p > 0:
+            grad_bias, bias_norms = _bias(g2, B, T, p, compute_grad=with_weight_grad)
+            norms = bias_norms if norms is None else norms + bias_norms
+    if norms is None:
+        norms = torch.zeros(B, dtype=acc, device=x.device)
+    if with_weight_grad:
+        if grad_weight is None:
+            grad_weight = x.new_zeros((p, d))
+        if with_bias and grad_bias is None:
+            grad_bias = x.new_zeros(p)
+    return grad_weight, grad_bias, norms
+
+
+# ---------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("gradnoise_triton::linear_sq_norms", mutates_args=())
+def _linear_sq_norms_op(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool,
+                        method: str) -> torch.Tensor:
+    return _linear(x, grad_out, with_bias, method, with_weight_grad=False)[2]
+
+
+@_linear_sq_norms_op.register_fake
+def _(x, grad_out, with_bias, method):
+    _validate.linear_problem(x, grad_out, method)
+    return x.new_empty(x.shape[0], dtype=_validate.accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("gradnoise_triton::linear_weight_grad_and_sq_norms", mutates_args=())
+def _linear_weight_grad_and_sq_norms_op(
+        x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool,
+        method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_weight, grad_bias, norms = _linear(x, grad_out, with_bias, method,
+                                            with_weight_grad=True)
+    if grad_bias is None:
+        grad_bias = x.new_empty(0)
+    return grad_weight, grad_bias, norms
+
+
+@_linear_weight_grad_and_sq_norms_op.register_fake
+def _(x, grad_out, with_bias, method):
+    _validate.linear_problem(x, grad_out, method)
+    d, p = x.shape[-1], grad_out.shape[-1]
+    return (x.new_empty((p, d)), x.new_empty(p if with_bias else 0),
+            x.new_empty(x.shape[0], dtype=_validate.accumulation_dtype(x.dtype)))
+
+
+def linear_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool = False,
+                    method: str = "auto") -> torch.Tensor:
+    """Per-sample ‖dY_iᵀ X_i‖²_F (+ ‖Σ_t dY_i,t‖²), shape [B]; see the module docstring."""
+    return torch.ops.gradnoise_triton.linear_sq_norms(x, grad_out, with_bias, method)
+
+
+def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
+                                    with_bias: bool = False, method: str = "auto"):
+    """(grad_weight [p, d], grad_bias [p] or an empty [0] tensor, sq_norms [B])."""
+    return torch.ops.gradnoise_triton.linear_weight_grad_and_sq_norms(
+        x, grad_out, with_bias, method)
