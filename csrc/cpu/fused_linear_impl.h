@@ -44,38 +44,29 @@ struct FusedKernel {
 
   // One MR×NR block of one sample's chunk: acc = Σ_k A[k]ᵀ B[k], with
   // A packed [kc][MR] (rows of dY) and B packed [kc][NR] (rows of X).
-  //   carry_in:  start from the block saved in `scratch` (earlier chunk)
-  //   carry_out: save to `scratch` and stop (more chunks of this sample follow)
-  //   otherwise: C (+)= acc (store when `first_sample`), norm += acc² (lanes
-  //   summed later).
-  // C may be null (norms only). mr, nr: valid part of the block at edges.
+  //   carry_in:  start from the block saved in `carry` (earlier chunk)
+  //   carry_out: save to `carry` and stop (more chunks of this sample follow)
+  //   otherwise: norm += acc² (lanes summed later) and, unless `sum` is null,
+  //              sum (+)= acc (store when `first_sample`).
+  // `carry` and `sum` are packed MR×NR blocks, padding included: rows and
+  // columns beyond the edge of C were packed as zeros and stay zero.
   static inline void block(int64_t kc, const T* __restrict A, const T* __restrict Bp,
-                           T* __restrict scratch, bool carry_in, bool carry_out,
-                           T* __restrict C, int64_t ldc, bool first_sample, int mr, int nr,
-                           V& norm) {
+                           T* __restrict carry, bool carry_in, bool carry_out,
+                           T* __restrict sum, bool first_sample, V& norm) {
     V acc[MR][NV];
     if (carry_in) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = load(scratch + r * NR + v * L);
+        for (int v = 0; v < NV; ++v) acc[r][v] = load(carry + r * NR + v * L);
     } else {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[r][v] = V{};
     }
-    if (C != nullptr && !carry_out) {
-      // The accumulate at the end of this block will need these lines of C.
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        __builtin_prefetch(C + r * ldc, 1);
-        __builtin_prefetch(C + r * ldc + NR - 1, 1);
-      }
-    }
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
-      __builtin_prefetch(A + k * MR + 96);
       const V b0 = load(Bp + k * NR);
       const V b1 = load(Bp + k * NR + L);
       const T* a = A + k * MR;
@@ -89,34 +80,36 @@ struct FusedKernel {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) store(scratch + r * NR + v * L, acc[r][v]);
+        for (int v = 0; v < NV; ++v) store(carry + r * NR + v * L, acc[r][v]);
       return;
     }
-    // Padding rows and columns were packed as zeros: they add nothing here.
     // A tree of independent sums keeps the squares off one long fma chain.
     V sq[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) sq[r] = acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
     norm += (sq[0] + sq[1]) + (sq[2] + sq[3]) + (sq[4] + sq[5]);
-    if (C == nullptr) return;
+    if (sum == nullptr) return;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        T* c = sum + r * NR + v * L;
+        store(c, first_sample ? acc[r][v] : load(c) + acc[r][v]);
+      }
+  }
+
+  // C[rows, cols] = the valid mr×nr part of a packed block.
+  static inline void unpack_block(const T* __restrict blk, T* __restrict C, int64_t ldc, int mr,
+                                  int nr) {
     if (mr == MR && nr == NR) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-          T* c = C + r * ldc + v * L;
-          store(c, first_sample ? acc[r][v] : load(c) + acc[r][v]);
-        }
-    } else {
-      T tile[MR][NR];
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) store(&tile[r][v * L], acc[r][v]);
-      for (int r = 0; r < mr; ++r)
-        for (int j = 0; j < nr; ++j)
-          C[r * ldc + j] = first_sample ? tile[r][j] : C[r * ldc + j] + tile[r][j];
+        for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, load(blk + r * NR + v * L));
+      return;
     }
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < nr; ++j) C[r * ldc + j] = blk[r * NR + j];
   }
 
   // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
@@ -155,12 +148,15 @@ struct FusedBlocking {
 // One thread's share: rows [r0, r1) × columns [c0, c1) of C (multiples of
 // MR and NR, except at the edges of C), all samples. Reads the packed
 // operands: pa [ceil(p/MR)][B·T][MR] (dY) and pb [ceil(d/NR)][B·T][NR] (X).
+// A tile of C is summed in `tile_sum` (packed blocks, so that each block is
+// a few adjacent cache lines in L2) and written to C when its samples are done.
 // norms: this slab's per-sample partial sums, accumulated (+=).
 template <typename T>
 void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,
                        int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,
-                       double* norms, const FusedBlocking& blk, T* scratch) {
+                       double* norms, const FusedBlocking& blk, T* tile_sum, T* carry) {
   using K = FusedKernel<T>;
+  constexpr int64_t kBlock = K::MR * K::NR;
   const int64_t rows = B * T_len;  // rows of each packed strip
   const int64_t nchunks = T_len <= blk.kc ? 1 : (T_len + blk.kc - 1) / blk.kc;
   const int64_t chunk = (T_len + nchunks - 1) / nchunks;
@@ -180,21 +176,26 @@ void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64
           const bool carry_out = k0 + kc < T_len;
           const int64_t row0 = i * T_len + k0;
           for (int64_t js = 0; js < n_strips; ++js) {
-            const int64_t col = jc + js * K::NR;
-            const T* bstrip = pb + ((col / K::NR) * rows + row0) * K::NR;
-            const int nr = static_cast<int>(d - col < K::NR ? d - col : K::NR);
+            const T* bstrip = pb + ((jc / K::NR + js) * rows + row0) * K::NR;
             for (int64_t is = 0; is < m_strips; ++is) {
-              const int64_t row = ic + is * K::MR;
-              const T* astrip = pa + ((row / K::MR) * rows + row0) * K::MR;
-              const int mr = static_cast<int>(p - row < K::MR ? p - row : K::MR);
-              T* c = C == nullptr ? nullptr : C + row * d + col;
-              T* s = scratch + (js * m_strips + is) * K::MR * K::NR;
-              K::block(kc, astrip, bstrip, s, carry_in, carry_out, c, d, i == 0, mr, nr,
-                       norm_i);
+              const T* astrip = pa + ((ic / K::MR + is) * rows + row0) * K::MR;
+              const int64_t b = js * m_strips + is;
+              K::block(kc, astrip, bstrip, carry + b * kBlock, carry_in, carry_out,
+                       C == nullptr ? nullptr : tile_sum + b * kBlock, i == 0, norm_i);
             }
           }
         }
         norms[i] += static_cast<double>(K::hsum(norm_i));
+      }
+      if (C == nullptr) continue;
+      for (int64_t js = 0; js < n_strips; ++js) {
+        const int64_t col = jc + js * K::NR;
+        const int nr = static_cast<int>(d - col < K::NR ? d - col : K::NR);
+        for (int64_t is = 0; is < m_strips; ++is) {
+          const int64_t row = ic + is * K::MR;
+          const int mr = static_cast<int>(p - row < K::MR ? p - row : K::MR);
+          K::unpack_block(tile_sum + (js * m_strips + is) * kBlock, C + row * d + col, d, mr, nr);
+        }
       }
     }
   }

@@ -175,8 +175,10 @@ void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d
   const int64_t extent = plan.split_columns ? d : p;
   const int64_t units = ceil_div(extent, unit);
   at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
-    const size_t s_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
-    AlignedBuffer scratch(s_elems * sizeof(T));
+    const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
+    AlignedBuffer scratch(2 * tile_elems * sizeof(T));
+    T* tile_sum = static_cast<T*>(scratch.ptr);
+    T* carry = tile_sum + tile_elems;
     typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
     for (int64_t s = begin; s < end; ++s) {
       // Equal shares of whole register blocks, one per thread.
@@ -184,11 +186,10 @@ void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d
       const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
       if (lo >= hi) continue;
       double* nrm = partial.data() + s * B;
-      T* sc = static_cast<T*>(scratch.ptr);
       if (plan.split_columns)
-        Kern::slab(pa, pb, B, T_len, p, d, 0, p, lo, hi, C, nrm, blk, sc);
+        Kern::slab(pa, pb, B, T_len, p, d, 0, p, lo, hi, C, nrm, blk, tile_sum, carry);
       else
-        Kern::slab(pa, pb, B, T_len, p, d, lo, hi, 0, d, C, nrm, blk, sc);
+        Kern::slab(pa, pb, B, T_len, p, d, lo, hi, 0, d, C, nrm, blk, tile_sum, carry);
     }
   });
   for (int64_t i = 0; i < B; ++i) {
@@ -207,9 +208,9 @@ void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d
     template <typename T>                                                                \
     static void slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,      \
                      int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,    \
-                     double* norms, const Blocking& blk, T* scratch) {                   \
+                     double* norms, const Blocking& blk, T* tile_sum, T* carry) {        \
       NS::fused_linear_slab<T>(pa, pb, B, T_len, p, d, r0, r1, c0, c1, C, norms, blk,    \
-                               scratch);                                                 \
+                               tile_sum, carry);                                         \
     }                                                                                    \
   };
 GN_ISA_ADAPTER(Avx512, isa_avx512)
