@@ -1,0 +1,90 @@
+"""What a per-layer norm rule is, and the registry that maps module types to rules.
+
+A rule turns what the tracker recorded for one module during a step (its
+inputs and its output gradients, for every call) into, for each sample i,
+‖∂ℓ_i/∂θ‖² over the module's own trainable parameters θ (DESIGN.md section 1).
+Rules see raw output gradients (of the loss as the user reduced it); the
+tracker undoes the loss reduction afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Call:
+    """One forward call of a tracked module: its positional and keyword
+    inputs, and, once backward has reached it, the gradient of each output
+    (None for an output that received no gradient). Tensors are held only
+    until the step's backward has used them."""
+    args: tuple
+    kwargs: dict
+    grad_outputs: list = field(default_factory=list)
+    #: positions, among the call's flattened tensor outputs, of those in grad_outputs
+    output_index: list = field(default_factory=lambda: [0])
+
+
+class NormRule:
+    """Per-sample squared gradient norms of one module type's own parameters.
+
+    Subclasses implement `sq_norms` (the fast path, used when none of the
+    module's parameters is shared with another module) and `per_sample_grads`
+    (chunks of materialised per-sample gradients, used for parameters that
+    are shared, whose per-sample gradient must be summed over every use
+    before it is squared).
+    """
+
+    #: counted by GradNoiseTracker(layers="norm")
+    is_norm_layer = False
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise if this module's configuration is not supported."""
+
+    def sq_norms(self, module: nn.Module, calls: list[Call], params: list[str]) -> torch.Tensor:
+        """float32 [B]: Σ over `params` of ‖per-sample gradient‖², summed over calls
+        before squaring."""
+        raise NotImplementedError
+
+    def per_sample_grads(self, module: nn.Module, calls: list[Call], params: list[str],
+                         samples: slice) -> dict[str, torch.Tensor]:
+        """{param name: float32 [b, *param.shape]} for the samples in `samples`,
+        summed over calls."""
+        raise NotImplementedError
+
+
+_RULES: dict[type, NormRule] = {}
+
+
+def register_rule(*module_types: type) -> Callable:
+    """Class decorator: use this rule for modules of these types (and their
+    subclasses, unless a subclass has a rule of its own).
+
+        @gradnoise.layers.register_rule(MyBlock)
+        class MyBlockRule(gradnoise.layers.NormRule):
+            def sq_norms(self, module, calls, params): ...
+    """
+    def decorate(rule_cls):
+        for t in module_types:
+            _RULES[t] = rule_cls()
+        return rule_cls
+    return decorate
+
+
+def find_rule(module: nn.Module) -> NormRule | None:
+    """The rule registered for the module's type or, for a subclass that keeps
+    its parent's forward, for the nearest such parent."""
+    cls = type(module)
+    if cls in _RULES:
+        return _RULES[cls]
+    for parent in cls.__mro__[1:]:
+        if parent in _RULES and cls.forward is parent.forward:
+            return _RULES[parent]
+    return None
+
+
+def batch_size_of(calls: list[Call]) -> int:
+    return calls[0].args[0].shape[0]

@@ -1,0 +1,148 @@
+"""LayerNorm, RMSNorm, GroupNorm and eval-mode BatchNorm: per-sample
+gradients of the affine parameters (Gray et al. 2024),
+    γ-grad_i = Σ_t dY_i,t ⊙ x̂_i,t,    β-grad_i = Σ_t dY_i,t,
+with x̂ the normalised input. The fused ops (gradnoise.ops.layer_norm_sq_norms,
+group_norm_sq_norms) recompute x̂ from x and reduce in one pass over x and dY.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import NormRule, register_rule
+
+
+def _rms_eps(module: nn.RMSNorm, x: torch.Tensor) -> float:
+    return module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+
+
+def _normalized_numel(module) -> int:
+    n = 1
+    for s in module.normalized_shape:
+        n *= s
+    return n
+
+
+def _recorded(calls):
+    return [(c.args[0], c.grad_outputs[0]) for c in calls if c.grad_outputs[0] is not None]
+
+
+class _RowNormRule(NormRule):
+    """LayerNorm and RMSNorm: statistics per row of the normalised dims, so
+    several calls concatenate along the rows."""
+    is_norm_layer = True
+    rms = False
+
+    def _eps(self, module, x):
+        return module.eps
+
+    def _rows(self, module, calls):
+        C = _normalized_numel(module)
+        xs, gs = zip(*[(x.reshape(x.shape[0], -1, C), g.reshape(g.shape[0], -1, C))
+                       for x, g in _recorded(calls)])
+        return torch.cat(xs, 1), torch.cat(gs, 1)
+
+    def sq_norms(self, module, calls, params):
+        x, g = self._rows(module, calls)
+        return ops.layer_norm_sq_norms(x.to(g.dtype), g, x.shape[-1], self._eps(module, x), self.rms,
+                                       "weight" in params, "bias" in params)
+
+    def per_sample_grads(self, module, calls, params, samples):
+        x, g = self._rows(module, calls)
+        x, g = x[samples].double(), g[samples].double()
+        eps = self._eps(module, x)
+        if self.rms:
+            xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        else:
+            mean = x.mean(-1, keepdim=True)
+            xhat = (x - mean) * torch.rsqrt((x - mean).square().mean(-1, keepdim=True) + eps)
+        out = {}
+        if "weight" in params:
+            out["weight"] = (g * xhat).sum(1).float().view(-1, *module.weight.shape)
+        if "bias" in params:
+            out["bias"] = g.sum(1).float().view(-1, *module.bias.shape)
+        return out
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(_RowNormRule):
+    pass
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(_RowNormRule):
+    rms = True
+
+    def _eps(self, module, x):
+        return _rms_eps(module, x)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(NormRule):
+    """Statistics per (sample, group) of each call: several calls add
+    per-sample gradient vectors (they cannot be concatenated)."""
+    is_norm_layer = True
+
+    def sq_norms(self, module, calls, params):
+        recorded = _recorded(calls)
+        if len(recorded) == 1:
+            x, g = recorded[0]
+            return ops.group_norm_sq_norms(x.to(g.dtype), g, module.num_groups, module.eps,
+                                           "weight" in params, "bias" in params)
+        B = recorded[0][0].shape[0]
+        grads = self.per_sample_grads(module, calls, params, slice(0, B))
+        return sum(v.square().sum(1) for v in grads.values())
+
+    def per_sample_grads(self, module, calls, params, samples):
+        out = {}
+        for x, g in _recorded(calls):
+            x, g = x[samples].double(), g[samples].double()
+            b, C = x.shape[:2]
+            xg = x.reshape(b, module.num_groups, -1)
+            mean = xg.mean(-1, keepdim=True)
+            var = (xg - mean).square().mean(-1, keepdim=True)
+            xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, C, -1)
+            g = g.reshape(b, C, -1)
+            parts = {}
+            if "weight" in params:
+                parts["weight"] = (g * xhat).sum(-1).float()
+            if "bias" in params:
+                parts["bias"] = g.sum(-1).float()
+            out = parts if not out else {k: out[k] + parts[k] for k in out}
+        return out
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class EvalBatchNormRule(NormRule):
+    """BatchNorm in eval mode normalises each sample with the running
+    statistics, so its per-sample gradients exist (train mode is refused by
+    the tracker). x̂ = (x − running_mean) / sqrt(running_var + eps)."""
+
+    def check(self, module, name):
+        if not module.track_running_stats:
+            raise ValueError(
+                f"GradNoiseTracker: BatchNorm '{name}' does not track running statistics, so "
+                "even in eval mode it normalises with the statistics of the batch and mixes "
+                "samples. Use GroupNorm/LayerNorm or the micro-batch noise-scale estimator.")
+
+    def per_sample_grads(self, module, calls, params, samples):
+        out = {}
+        for x, g in _recorded(calls):
+            x, g = x[samples].double(), g[samples].double()
+            b, C = x.shape[:2]
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            xhat = (x - module.running_mean.double().view(shape)) * torch.rsqrt(
+                module.running_var.double().view(shape) + module.eps)
+            parts = {}
+            if "weight" in params:
+                parts["weight"] = (g * xhat).reshape(b, C, -1).sum(-1).float()
+            if "bias" in params:
+                parts["bias"] = g.reshape(b, C, -1).sum(-1).float()
+            out = parts if not out else {k: out[k] + parts[k] for k in out}
+        return out
+
+    def sq_norms(self, module, calls, params):
+        B = calls[0].args[0].shape[0]
+        return sum(v.square().sum(1) for v in self.per_sample_grads(module, calls, params,
+                                                                     slice(0, B)).values())

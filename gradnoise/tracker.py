@@ -1,0 +1,424 @@
+"""GradNoiseTracker: exact per-sample gradient norms of a whole model, measured
+during an ordinary training step.
+
+    tracker = GradNoiseTracker(model, loss_reduction="mean")
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    tracker.per_sample_sq_norms()   # float32 [B]: ‖∇θ ℓ_i‖², ℓ_i = sample i's term of the loss
+
+With loss_reduction "mean" (L = (1/B) Σ ℓ_i, or any mean over tokens) the
+value for sample i is ‖B·g_i‖², g_i being the part of ∇θL that flows through
+sample i, so it does not depend on B; with "sum" it is ‖g_i‖².
+
+How: every module that directly owns trainable parameters gets a norm rule
+(gradnoise.layers). A forward hook records each call's inputs and a tensor
+hook on its output receives the output gradient; the rule turns them into
+per-sample norms as soon as backward has passed the module, so no
+activation is held longer than autograd holds it. nn.Linear layers instead
+run their backward through the fused kernel, which computes the weight
+gradient and the norms in one pass. Parameters shared between modules, and
+modules called several times, are summed over uses before squaring, at the
+end of backward.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import layers
+from .layers.base import Call, NormRule
+
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+# Memory allowed for one chunk of materialised per-sample gradients of a
+# shared parameter.
+_SHARED_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Tracked:
+    """A module that directly owns trainable parameters, and how it is measured."""
+    name: str
+    module: nn.Module
+    rule: NormRule
+    own: list[str]                   # its trainable parameters measured here
+    shared: list[str]                # ... of which shared with another module
+    fallback: bool = False
+    fused_linear: bool = False       # backward runs through the fused Linear op
+
+
+@dataclass
+class _Step:
+    """What one training step has recorded so far."""
+    calls: dict[int, list[Call]] = field(default_factory=dict)      # id(module) -> calls
+    pending: dict[int, int] = field(default_factory=dict)           # id(call) -> grads awaited
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> raw [B]
+    batch: dict[str, int] = field(default_factory=dict)             # layer -> B seen
+    callback_queued: bool = False
+
+
+class GradNoiseTracker:
+    """Per-sample (and per-layer) squared gradient norms of `model`.
+
+    Args:
+        model: the module to measure. The batch dimension is dim 0 of every
+            tracked module's input.
+        loss_reduction: "mean" or "sum", how the loss combines the samples.
+        layers: "all"; "norm" (LayerNorm, RMSNorm and GroupNorm only: the
+            cheap proxy of Gray et al. 2024); or a callable (name, module) ->
+            bool choosing the modules to measure.
+        unsupported: what to do with a module that owns trainable parameters
+            but has no rule: "fallback" (exact per-sample gradients by
+            torch.func, slower; see `fallback_modules`), "error", or "skip"
+            (leave it out; see `skipped_modules`).
+
+    Constructing the tracker attaches it; `attach()` and `detach()` are
+    idempotent; `with tracker:` attaches on entry and detaches on exit.
+    Every training-mode forward with gradients enabled starts a new
+    measurement and the next backward completes it.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean",
+                 layers: str | Callable[[str, nn.Module], bool] = "all",
+                 unsupported: str = "fallback"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradNoiseTracker: `model` must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"GradNoiseTracker: `loss_reduction` must be 'mean' or 'sum', "
+                             f"got {loss_reduction!r}")
+        if not (layers in ("all", "norm") or callable(layers)):
+            raise ValueError(f"GradNoiseTracker: `layers` must be 'all', 'norm' or a callable "
+                             f"(name, module) -> bool, got {layers!r}")
+        if unsupported not in ("fallback", "error", "skip"):
+            raise ValueError(f"GradNoiseTracker: `unsupported` must be 'fallback', 'error' or "
+                             f"'skip', got {unsupported!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self._layers = layers
+        self._unsupported = unsupported
+        self._tracked: list[_Tracked] = []
+        self.fallback_modules: list[str] = []
+        self.skipped_modules: list[str] = []
+        self._handles: list = []
+        self._attached = False
+        self._step: _Step | None = None
+        self._results: dict[str, torch.Tensor] | None = None
+        self._suspended = False
+        self._check_batchnorm()
+        self._plan()
+        self.attach()
+
+    # ------------------------------------------------------------------ setup
+    def _check_batchnorm(self) -> None:
+        offending = [(n, m) for n, m in self.model.named_modules()
+                     if isinstance(m, _BATCHNORM_TYPES) and m.training]
+        if offending:
+            raise ValueError(_batchnorm_message(offending))
+
+    def _selected(self, name: str, module: nn.Module, rule: NormRule | None) -> bool:
+        if self._layers == "all":
+            return True
+        if self._layers == "norm":
+            return rule is not None and rule.is_norm_layer
+        return bool(self._layers(name, module))
+
+    def _plan(self) -> None:
+        owners: dict[int, int] = {}
+        for _, module in self.model.named_modules():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        for name, module in self.model.named_modules():
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            rule = layers.find_rule(module)
+            if not self._selected(name, module, rule):
+                continue
+            fallback = False
+            if rule is None:
+                if self._unsupported == "skip":
+                    self.skipped_modules.append(name)
+                    continue
+                if self._unsupported == "error":
+                    raise ValueError(
+                        f"GradNoiseTracker: module '{name}' ({type(module).__name__}) has trainable "
+                        f"parameters {own} but no norm rule. Register one with "
+                        "gradnoise.layers.register_rule, or pass unsupported='fallback' (exact, "
+                        "slower) or unsupported='skip' (leave it out).")
+                rule, fallback = layers.GENERIC_RULE, True
+                self.fallback_modules.append(name)
+            rule.check(module, name)
+            shared = [n for n, p in module.named_parameters(recurse=False)
+                      if p.requires_grad and owners[id(p)] > 1]
+            fused = getattr(rule, "replaces_backward", False) and not shared
+            self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
+        # Each shared parameter is reported under its first owner.
+        self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
+        for t in self._tracked:
+            for pname in t.shared:
+                p = getattr(t.module, pname)
+                self._shared_params.setdefault(id(p), []).append((t, pname))
+
+    # ------------------------------------------------------------ attach/detach
+    def attach(self) -> "GradNoiseTracker":
+        """Install the hooks (no-op if attached)."""
+        if self._attached:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        for name, module in self.model.named_modules():
+            if isinstance(module, _BATCHNORM_TYPES):
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, name=name: self._on_batchnorm_forward(name, m)))
+        for t in self._tracked:
+            if t.fused_linear:
+                layers.linear.install_tracked_forward(t.module, self)
+            else:
+                self._handles.append(t.module.register_forward_hook(
+                    lambda m, args, kwargs, out, t=t: self._on_forward(t, args, kwargs, out),
+                    with_kwargs=True))
+        self._attached = True
+        return self
+
+    def detach(self) -> "GradNoiseTracker":
+        """Remove every hook and restore every module (no-op if detached).
+        The last measured step stays readable."""
+        if not self._attached:
+            return self
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for t in self._tracked:
+            if t.fused_linear:
+                layers.linear.remove_tracked_forward(t.module)
+        self._step = None
+        self._attached = False
+        return self
+
+    def __enter__(self) -> "GradNoiseTracker":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    # ------------------------------------------------------------------ hooks
+    def _measuring(self, module: nn.Module) -> bool:
+        # Nothing is measured inside torch.func transforms (vmap, grad, ...):
+        # those are someone else's per-sample computations.
+        return (self._step is not None and not self._suspended and module.training
+                and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active())
+
+    def _on_model_forward(self, model, args) -> None:
+        if (model.training and torch.is_grad_enabled() and not self._suspended
+                and not torch._C._are_functorch_transforms_active()):
+            self._step = _Step()
+
+    def _on_batchnorm_forward(self, name: str, module: nn.Module) -> None:
+        if module.training and torch.is_grad_enabled() and not self._suspended:
+            raise RuntimeError(_batchnorm_message([(name, module)]))
+
+    def _on_forward(self, t: _Tracked, args, kwargs, out) -> None:
+        if not self._measuring(t.module):
+            return
+        flat = _tensors(out)
+        index = [k for k, o in enumerate(flat) if o.requires_grad]
+        if not index:
+            return
+        outs = [flat[k] for k in index]
+        call = Call(args, kwargs, [None] * len(outs), index)
+        self._step.calls.setdefault(id(t.module), []).append(call)
+        self._step.pending[id(call)] = len(outs)
+        for k, o in enumerate(outs):
+            o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(t, call, k, g))
+
+    def wants(self, module: nn.Module, x: torch.Tensor) -> bool:
+        """Called by the fused Linear forward: is this call measured?"""
+        if not self._measuring(module):
+            return False
+        self._step.calls.setdefault(id(module), []).append(None)
+        return True
+
+    def _queue_finish(self) -> None:
+        if not self._step.callback_queued:
+            self._step.callback_queued = True
+            step = self._step
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._finish(step))
+
+    def _on_grad(self, t: _Tracked, call: Call, k: int, grad: torch.Tensor) -> None:
+        step = self._step
+        if step is None:
+            return
+        self._queue_finish()
+        call.grad_outputs[k] = grad
+        step.pending[id(call)] -= 1
+        if step.pending[id(call)] == 0 and self._is_simple(t):
+            self._step_add(step, t, t.rule.sq_norms(t.module, [call], t.own), _batch(call))
+            step.calls[id(t.module)].remove(call)
+
+    def linear_backward(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor,
+                        need_weight: bool, need_bias: bool):
+        """Backward of a fused-Linear call: its weight and bias gradients."""
+        step = self._step
+        t = next(t for t in self._tracked if t.module is module)
+        if step is not None:
+            self._queue_finish()
+        if step is not None and len(step.calls.get(id(module), [])) == 1:
+            gw, gb, norms = layers.linear.LinearRule.fused_backward(module, x, grad_out, t.own)
+            self._step_add(step, t, norms, x.shape[0])
+        else:
+            # Called several times: the per-sample gradient sums over calls,
+            # so keep (x, dY) until the end of backward.
+            if step is not None:
+                step.calls[id(module)].append(Call((x,), {}, [grad_out]))
+            x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            gw = g2.T @ x2 if need_weight else None
+            gb = g2.sum(0) if need_bias else None
+        if gb is not None:
+            gb = gb.to(module.bias.dtype)
+        return (gw if need_weight else None), (gb if need_bias else None)
+
+    def _is_simple(self, t: _Tracked) -> bool:
+        calls = self._step.calls.get(id(t.module), [])
+        return not t.shared and len(calls) == 1
+
+    # --------------------------------------------------------- end of backward
+    def _finish(self, step: _Step) -> None:
+        """Runs once at the end of each backward pass: deferred modules, shared
+        parameters, batch-size check, loss-reduction scaling."""
+        self._suspended = True
+        try:
+            by_id = {id(t.module): t for t in self._tracked}
+            for mid, calls in step.calls.items():
+                calls = [c for c in calls if c is not None and any(
+                    g is not None for g in c.grad_outputs)]
+                if not calls:
+                    continue
+                t = by_id[mid]
+                unshared = [p for p in t.own if p not in t.shared]
+                if unshared:
+                    self._step_add(step, t, t.rule.sq_norms(t.module, calls, unshared), _batch(calls[0]))
+                for c in calls:
+                    step.batch.setdefault(t.name, _batch(c))
+            self._finish_shared(step)
+            self._results = self._scaled(step)
+        finally:
+            self._suspended = False
+            step.calls.clear()
+            step.pending.clear()
+            step.callback_queued = False
+            step.norms = {}
+
+    def _step_add(self, step: _Step, t: _Tracked, norms: torch.Tensor, batch: int) -> None:
+        step.batch[t.name] = batch
+        norms = norms.float()
+        step.norms[t.name] = norms if t.name not in step.norms else step.norms[t.name] + norms
+
+    def _finish_shared(self, step: _Step) -> None:
+        for uses in self._shared_params.values():
+            owner, _ = uses[0]
+            recorded = []
+            for t, pname in uses:
+                calls = [c for c in step.calls.get(id(t.module), [])
+                         if c is not None and any(g is not None for g in c.grad_outputs)]
+                if calls:
+                    recorded.append((t, pname, calls))
+            if not recorded:
+                continue
+            B = _batch(recorded[0][2][0])
+            param = getattr(owner.module, uses[0][1])
+            chunk = max(1, _SHARED_CHUNK_BYTES // max(1, 4 * param.numel()))
+            total = torch.zeros(B, dtype=torch.float32, device=param.device)
+            for start in range(0, B, chunk):
+                sl = slice(start, min(B, start + chunk))
+                acc = None
+                for t, pname, calls in recorded:
+                    g = t.rule.per_sample_grads(t.module, calls, [pname], sl)[pname]
+                    acc = g if acc is None else acc + g
+                total[sl] = acc.flatten(1).square().sum(1)
+            self._step_add(step, owner, total, B)
+
+    def _scaled(self, step: _Step) -> dict[str, torch.Tensor]:
+        sizes = {}
+        for name, b in step.batch.items():
+            sizes.setdefault(b, []).append(name)
+        if len(sizes) > 1:
+            detail = "; ".join(f"B={b}: {', '.join(repr(n) for n in names[:4])}"
+                               + (" ..." if len(names) > 4 else "") for b, names in sizes.items())
+            raise RuntimeError(
+                "GradNoiseTracker: the batch dimension (dim 0 of each tracked module's input) "
+                f"differs between layers in this backward ({detail}). Per-sample norms need "
+                "every tracked module to see the samples along dim 0; move the batch to dim 0 "
+                "(e.g. batch_first=True) or leave the other modules out with `layers=`.")
+        order = {t.name: k for k, t in enumerate(self._tracked)}
+        out = {}
+        for name in sorted(step.norms, key=order.__getitem__):
+            n = step.norms[name]
+            if self.loss_reduction == "mean":
+                n = n * float(n.shape[0]) ** 2
+            out[name] = n
+        return out
+
+    # ---------------------------------------------------------------- results
+    def _require_results(self) -> dict[str, torch.Tensor]:
+        if self._results is None:
+            raise RuntimeError(
+                "GradNoiseTracker: nothing measured yet. Run a training-mode forward "
+                "(model.train(), gradients enabled) and loss.backward() first.")
+        return self._results
+
+    def per_layer_sq_norms(self) -> dict[str, torch.Tensor]:
+        """{qualified module name: float32 [B]} of the last measured step, for
+        each module that directly owns measured parameters (a shared parameter
+        counts once, under its first owner)."""
+        return {k: v.clone() for k, v in self._require_results().items()}
+
+    def per_sample_sq_norms(self) -> torch.Tensor:
+        """float32 [B]: ‖∇θ ℓ_i‖² over every measured parameter, last measured step."""
+        res = self._require_results()
+        if not res:
+            raise RuntimeError("GradNoiseTracker: the last backward reached no tracked module.")
+        values = list(res.values())
+        total = values[0].clone()
+        for v in values[1:]:
+            total += v
+        return total
+
+    @property
+    def tracked_modules(self) -> list[str]:
+        return [t.name for t in self._tracked]
+
+
+def _tensors(out) -> Iterable[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return list(itertools.chain.from_iterable(_tensors(o) for o in out))
+    if isinstance(out, dict):
+        return list(itertools.chain.from_iterable(_tensors(o) for o in out.values()))
+    return []
+
+
+def _batch(call: Call) -> int:
+    for a in itertools.chain(call.args, call.kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.shape[0]
+    raise RuntimeError("GradNoiseTracker: a tracked module was called without a tensor input")
+
+
+def _batchnorm_message(offending) -> str:
+    listed = ", ".join(f"'{n}' ({type(m).__name__})" for n, m in offending)
+    return (
+        f"GradNoiseTracker: BatchNorm in train mode mixes the samples of a batch, so per-sample "
+        f"gradients do not exist for this model: {listed}. Put these modules in eval mode "
+        f"(module.eval(): running statistics, supported), replace them with GroupNorm or "
+        f"LayerNorm, or measure the noise scale from micro-batches instead of per-sample norms.")
