@@ -74,16 +74,23 @@ class GradNoiseTracker:
             but has no rule: "fallback" (exact per-sample gradients by
             torch.func, slower; see `fallback_modules`), "error", or "skip"
             (leave it out; see `skipped_modules`).
+        fused_backward: let nn.Linear layers compute their weight gradient
+            with the fused kernel, which yields the norms at 1/T of the GEMM's
+            cost. The gradient then equals autograd's to float rounding (the
+            sum runs in another order) where the cost model picks the fused
+            method; False keeps autograd's backward bit for bit and computes
+            the norms in a second pass.
 
     Constructing the tracker attaches it; `attach()` and `detach()` are
     idempotent; `with tracker:` attaches on entry and detaches on exit.
-    Every training-mode forward with gradients enabled starts a new
-    measurement and the next backward completes it.
+    Every forward of the model with gradients enabled starts a new
+    measurement of its training-mode modules, and the next backward
+    completes it.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean",
                  layers: str | Callable[[str, nn.Module], bool] = "all",
-                 unsupported: str = "fallback"):
+                 unsupported: str = "fallback", fused_backward: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNoiseTracker: `model` must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
@@ -100,6 +107,7 @@ class GradNoiseTracker:
         self.loss_reduction = loss_reduction
         self._layers = layers
         self._unsupported = unsupported
+        self._fused_backward = bool(fused_backward)
         self._tracked: list[_Tracked] = []
         self.fallback_modules: list[str] = []
         self.skipped_modules: list[str] = []
@@ -132,11 +140,19 @@ class GradNoiseTracker:
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
                     owners[id(p)] = owners.get(id(p), 0) + 1
+        claimed: set[int] = set()
         for name, module in self.model.named_modules():
+            if id(module) in claimed:
+                continue
             own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            rule = layers.find_rule(module)
+            for child in getattr(rule, "claims_children", ()):
+                sub = module.get_submodule(child)
+                claimed.add(id(sub))
+                own += [f"{child}.{n}" for n, p in sub.named_parameters(recurse=False)
+                        if p.requires_grad]
             if not own:
                 continue
-            rule = layers.find_rule(module)
             if not self._selected(name, module, rule):
                 continue
             fallback = False
@@ -153,15 +169,15 @@ class GradNoiseTracker:
                 rule, fallback = layers.GENERIC_RULE, True
                 self.fallback_modules.append(name)
             rule.check(module, name)
-            shared = [n for n, p in module.named_parameters(recurse=False)
-                      if p.requires_grad and owners[id(p)] > 1]
-            fused = getattr(rule, "replaces_backward", False) and not shared
+            shared = [n for n in own if owners[id(module.get_parameter(n))] > 1]
+            fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
+                     and not shared)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
         # Each shared parameter is reported under its first owner.
         self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
         for t in self._tracked:
             for pname in t.shared:
-                p = getattr(t.module, pname)
+                p = t.module.get_parameter(pname)
                 self._shared_params.setdefault(id(p), []).append((t, pname))
 
     # ------------------------------------------------------------ attach/detach
@@ -210,15 +226,19 @@ class GradNoiseTracker:
         return self._attached
 
     # ------------------------------------------------------------------ hooks
-    def _measuring(self, module: nn.Module) -> bool:
+    def _measuring(self, module: nn.Module, rule: NormRule | None = None) -> bool:
         # Nothing is measured inside torch.func transforms (vmap, grad, ...):
         # those are someone else's per-sample computations.
-        return (self._step is not None and not self._suspended and module.training
+        return (self._step is not None and not self._suspended
+                and (module.training or getattr(rule, "measures_in_eval", False))
                 and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active())
 
     def _on_model_forward(self, model, args) -> None:
-        if (model.training and torch.is_grad_enabled() and not self._suspended
-                and not torch._C._are_functorch_transforms_active()):
+        # A model may keep some submodules (e.g. BatchNorm) in eval mode while
+        # the rest trains: the step is measured if any tracked module trains.
+        if (torch.is_grad_enabled() and not self._suspended
+                and not torch._C._are_functorch_transforms_active()
+                and (model.training or any(t.module.training for t in self._tracked))):
             self._step = _Step()
 
     def _on_batchnorm_forward(self, name: str, module: nn.Module) -> None:
@@ -226,7 +246,7 @@ class GradNoiseTracker:
             raise RuntimeError(_batchnorm_message([(name, module)]))
 
     def _on_forward(self, t: _Tracked, args, kwargs, out) -> None:
-        if not self._measuring(t.module):
+        if not self._measuring(t.module, t.rule):
             return
         flat = _tensors(out)
         index = [k for k, o in enumerate(flat) if o.requires_grad]
@@ -318,10 +338,14 @@ class GradNoiseTracker:
             step.callback_queued = False
             step.norms = {}
 
-    def _step_add(self, step: _Step, t: _Tracked, norms: torch.Tensor, batch: int) -> None:
-        step.batch[t.name] = batch
-        norms = norms.float()
-        step.norms[t.name] = norms if t.name not in step.norms else step.norms[t.name] + norms
+    def _step_add(self, step: _Step, t: _Tracked, norms, batch: int) -> None:
+        """Add a rule's [B] result (or {child: [B]}) to the step's per-layer sums."""
+        parts = norms if isinstance(norms, dict) else {"": norms}
+        for child, n in parts.items():
+            name = t.name if not child else (f"{t.name}.{child}" if t.name else child)
+            step.batch[name] = batch
+            n = n.float()
+            step.norms[name] = n if name not in step.norms else step.norms[name] + n
 
     def _finish_shared(self, step: _Step) -> None:
         for uses in self._shared_params.values():
@@ -335,7 +359,7 @@ class GradNoiseTracker:
             if not recorded:
                 continue
             B = _batch(recorded[0][2][0])
-            param = getattr(owner.module, uses[0][1])
+            param = owner.module.get_parameter(uses[0][1])
             chunk = max(1, _SHARED_CHUNK_BYTES // max(1, 4 * param.numel()))
             total = torch.zeros(B, dtype=torch.float32, device=param.device)
             for start in range(0, B, chunk):
@@ -359,7 +383,7 @@ class GradNoiseTracker:
                 f"differs between layers in this backward ({detail}). Per-sample norms need "
                 "every tracked module to see the samples along dim 0; move the batch to dim 0 "
                 "(e.g. batch_first=True) or leave the other modules out with `layers=`.")
-        order = {t.name: k for k, t in enumerate(self._tracked)}
+        order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         out = {}
         for name in sorted(step.norms, key=order.__getitem__):
             n = step.norms[name]

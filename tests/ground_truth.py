@@ -40,3 +40,29 @@ def linear_weight_grad_truth(x: torch.Tensor, grad_out: torch.Tensor):
     d, p = x.shape[-1], grad_out.shape[-1]
     rows = x[..., 0].numel() if d else grad_out[..., 0].numel()
     return grad_out.detach().double().reshape(rows, p).T @ x.detach().double().reshape(rows, d)
+
+
+def model_per_sample_sq_norms(model: torch.nn.Module, inputs: torch.Tensor, targets,
+                              sample_loss, params: list[str] | None = None) -> torch.Tensor:
+    """‖∇θ ℓ_i‖² per sample, float64 [B], by torch.func on a float64 copy of `model`.
+
+    `sample_loss(output_i, target_i)` is sample i's term of the loss, given its
+    output with a batch dimension of 1. `params` restricts θ to those names
+    (default: every parameter that requires grad). Call before attaching
+    anything to `model`: the copy is made here.
+    """
+    import copy
+
+    from torch.func import functional_call
+
+    m = copy.deepcopy(model).double()
+    names = params or [n for n, p in m.named_parameters() if p.requires_grad]
+    theta = {n: p.detach() for n, p in m.named_parameters() if n in names}
+    x = inputs.double() if inputs.is_floating_point() else inputs
+
+    def loss_i(th, xi, ti):
+        out = functional_call(m, th, (xi.unsqueeze(0),))
+        return sample_loss(out, ti.unsqueeze(0))
+
+    grads = vmap(grad(loss_i), in_dims=(None, 0, 0))(theta, x, targets)
+    return sum(g.flatten(1).square().sum(1) for g in grads.values())

@@ -1,11 +1,12 @@
 """Per-layer norm rules, one per module type, in a registry keyed by type.
 
-Built-in rules: Linear (fused backward), Embedding, Conv1d/2d/3d, LayerNorm,
+Built-in rules: Linear (fused backward), Embedding, Conv1d/2d/3d,
+MultiheadAttention, LayerNorm,
 RMSNorm, GroupNorm, eval-mode BatchNorm, and the exact torch.func fallback
 for any other module with parameters of its own. Users add rules for their
 own module types with `register_rule`.
 """
-from . import conv, embedding, linear, normalization
+from . import attention, conv, embedding, linear, normalization
 from .base import Call, NormRule, find_rule, register_rule
 from .generic import GenericRule
 

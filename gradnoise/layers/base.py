@@ -40,13 +40,16 @@ class NormRule:
 
     #: counted by GradNoiseTracker(layers="norm")
     is_norm_layer = False
+    #: children whose parameters this rule measures (their forward never runs)
+    claims_children: tuple = ()
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise if this module's configuration is not supported."""
 
-    def sq_norms(self, module: nn.Module, calls: list[Call], params: list[str]) -> torch.Tensor:
+    def sq_norms(self, module: nn.Module, calls: list[Call], params: list[str]):
         """float32 [B]: Σ over `params` of ‖per-sample gradient‖², summed over calls
-        before squaring."""
+        before squaring; or {child name ("" for the module): [B]} for a rule
+        that claims children."""
         raise NotImplementedError
 
     def per_sample_grads(self, module: nn.Module, calls: list[Call], params: list[str],

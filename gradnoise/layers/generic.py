@@ -30,7 +30,7 @@ class GenericRule(NormRule):
         if all(g is None for g in call.grad_outputs):
             return None
         B = next(a for a in call.args if isinstance(a, torch.Tensor)).shape[0]
-        own = {n: getattr(module, n).detach() for n in params}
+        own = {n: module.get_parameter(n).detach() for n in params}
         names = list(call.kwargs)
         args = [a[samples] if _batched(a, B) else a for a in call.args]
         kwargs = [call.kwargs[k][samples] if _batched(call.kwargs[k], B) else call.kwargs[k]

@@ -1,0 +1,252 @@
+"""Per-sample gradient norms of normalisation layers' affine parameters.
+
+Gray et al. (2024), "Normalization Layer Per-Example Gradients are Sufficient
+to Predict Gradient Noise Scale in Transformers", show that the per-sample
+gradients of LayerNorm's γ and β alone predict the gradient noise scale of a
+whole transformer. They are cheap: with x̂ the normalised input and dY the
+output gradient, sample i's gradients are
+
+    gγ_i = Σ_t dY_i,t ⊙ x̂_i,t        gβ_i = Σ_t dY_i,t
+
+reductions over data that the layer's backward streams anyway. The ops here
+return n_i = ‖gγ_i‖² + ‖gβ_i‖² (each term as the flags ask), recomputing x̂
+from the layer's input x in the same pass.
+
+Backends as for the Linear ops (see :mod:`gradnoise.ops`): the compiled
+``torch.ops.gradnoise.layer_norm_sq_norms`` / ``group_norm_sq_norms`` for the
+inputs' device, "triton" (``torch.ops.gradnoise_triton.*``) and "reference"
+(the pure-PyTorch ``*_ref`` twins below).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validate import SUPPORTED_DTYPES, accumulation_dtype
+from .backends import resolve_backend
+
+__all__ = [
+    "layer_norm_sq_norms",
+    "group_norm_sq_norms",
+    "layer_norm_sq_norms_ref",
+    "group_norm_sq_norms_ref",
+    "rms_norm_default_eps",
+]
+
+
+# ---------------------------------------------------------------------------
+# Argument checks, shared by every backend and by the fake (meta) kernels;
+# the messages match the C++ ones (csrc/cpu/norm_layers_cpu.cpp).
+# ---------------------------------------------------------------------------
+
+def _check_pair(x, grad_out, layout: str) -> None:
+    for name, t in (("x", x), ("grad_out", grad_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gradnoise: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"gradnoise: `{name}` has dtype {t.dtype}; supported dtypes are "
+                "float32, float64, bfloat16 and float16")
+        if t.dim() < 2:
+            raise ValueError(
+                f"gradnoise: `{name}` must have at least 2 dimensions {layout}, "
+                f"got shape {tuple(t.shape)}")
+    if x.dtype != grad_out.dtype:
+        raise TypeError(
+            f"gradnoise: `x` is {x.dtype} but `grad_out` is {grad_out.dtype}; "
+            "pass both in the layer's compute dtype")
+    if x.device != grad_out.device:
+        raise ValueError(
+            f"gradnoise: `x` is on {x.device} but `grad_out` is on {grad_out.device}")
+    if x.shape != grad_out.shape:
+        raise ValueError(
+            f"gradnoise: `x` of shape {tuple(x.shape)} and `grad_out` of shape "
+            f"{tuple(grad_out.shape)} must have the same shape")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or \
+            not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"gradnoise: `eps` must be a finite number >= 0, got {eps!r}")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"gradnoise: `{name}` must be an int, got {type(value).__name__}")
+
+
+def check_layer_norm_args(x, grad_out, normalized_numel, eps) -> tuple[int, int, int]:
+    """Check a LayerNorm/RMSNorm (input, output gradient) pair; returns (B, T, C).
+
+    C = normalized_numel must be the product of trailing dimensions of x
+    (not including the first, the batch); T is the product of the others.
+    """
+    _check_pair(x, grad_out, "[B, ..., normalized dims]")
+    _check_eps(eps)
+    _check_int("normalized_numel", normalized_numel)
+    if normalized_numel < 1:
+        raise ValueError(f"gradnoise: `normalized_numel` must be >= 1, got {normalized_numel}")
+    trailing, matches = 1, False
+    for size in reversed(x.shape[1:]):
+        trailing *= size
+        if trailing == normalized_numel:
+            matches = True
+            break
+    if not matches:
+        raise ValueError(
+            f"gradnoise: `normalized_numel` = {normalized_numel} is not the product of "
+            f"trailing dimensions of `x` of shape {tuple(x.shape)} (the first dimension is "
+            "the batch)")
+    B, C = x.shape[0], normalized_numel
+    T = 1
+    for size in x.shape[1:]:
+        T *= size
+    return B, T // C, C
+
+
+def check_group_norm_args(x, grad_out, groups, eps) -> tuple[int, int, int]:
+    """Check a GroupNorm (input, output gradient) pair [B, C, *spatial]; returns (B, C, S)."""
+    _check_pair(x, grad_out, "[B, C, *spatial]")
+    _check_eps(eps)
+    _check_int("groups", groups)
+    B, C = x.shape[0], x.shape[1]
+    if groups < 1 or C % groups != 0:
+        raise ValueError(
+            f"gradnoise: `groups` = {groups} must be >= 1 and divide the {C} channels of `x` "
+            f"(dimension 1 of {tuple(x.shape)})")
+    S = 1
+    for size in x.shape[2:]:
+        S *= size
+    return B, C, S
+
+
+def rms_norm_default_eps(dtype: torch.dtype) -> float:
+    """The ε torch.nn.RMSNorm(eps=None) uses for inputs of `dtype`.
+
+    torch documents ``torch.finfo(x.dtype).eps``, but its kernels take the
+    epsilon of the compute type: float32's for bfloat16 and float16 inputs.
+    """
+    return torch.finfo(accumulation_dtype(dtype)).eps
+
+
+# ---------------------------------------------------------------------------
+# Pure-PyTorch twins
+# ---------------------------------------------------------------------------
+
+def layer_norm_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, normalized_numel: int,
+                            eps: float, rms: bool = False, with_weight: bool = True,
+                            with_bias: bool = True) -> torch.Tensor:
+    """Per-sample ‖Σ_t dY ⊙ x̂‖² + ‖Σ_t dY‖² of a LayerNorm/RMSNorm, shape [B]."""
+    B, T, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(B, dtype=acc, device=x.device)
+    if B * T == 0 or not (with_weight or with_bias):
+        return out
+    g3 = grad_out.reshape(B, T, C).to(acc)
+    if with_weight:
+        x3 = x.reshape(B, T, C).to(acc)
+        if rms:
+            xhat = x3 * torch.rsqrt(x3.square().mean(-1, keepdim=True) + eps)
+        else:
+            dev = x3 - x3.mean(-1, keepdim=True)
+            xhat = dev * torch.rsqrt(dev.square().mean(-1, keepdim=True) + eps)
+        out = out + (g3 * xhat).sum(1).square().sum(1)
+    if with_bias:
+        out = out + g3.sum(1).square().sum(1)
+    return out
+
+
+def group_norm_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, groups: int, eps: float,
+                            with_weight: bool = True, with_bias: bool = True) -> torch.Tensor:
+    """Per-sample Σ_c (Σ_s dY·x̂)² + (Σ_s dY)² of a GroupNorm, shape [B]."""
+    B, C, S = check_group_norm_args(x, grad_out, groups, eps)
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(B, dtype=acc, device=x.device)
+    if B * C * S == 0 or not (with_weight or with_bias):
+        return out
+    g3 = grad_out.reshape(B, C, S).to(acc)
+    if with_weight:
+        xg = x.reshape(B, groups, (C // groups) * S).to(acc)
+        dev = xg - xg.mean(-1, keepdim=True)
+        xhat = (dev * torch.rsqrt(dev.square().mean(-1, keepdim=True) + eps)).reshape(B, C, S)
+        out = out + (g3 * xhat).sum(2).square().sum(1)
+    if with_bias:
+        out = out + g3.sum(2).square().sum(1)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+def layer_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, normalized_numel: int,
+                        eps: float | None, rms: bool = False, with_weight: bool = True,
+                        with_bias: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Per-sample squared gradient norms of a LayerNorm's (or RMSNorm's) γ and β.
+
+    x (the layer's input) and grad_out (the gradient of its output) have the
+    same shape [B, ..., normalized dims]; both are viewed as [B, T, C] with
+    C = ``normalized_numel``, the product of the normalised trailing dims.
+    Per row (i, t), with mean and biased variance σ² over its C entries:
+
+        LayerNorm:  x̂ = (x − mean) / √(σ² + ε)
+        RMSNorm:    x̂ = x / √(mean(x²) + ε)            (``rms=True``)
+
+    and per sample i (Gray et al. 2024, "Normalization Layer Per-Example
+    Gradients are Sufficient to Predict Gradient Noise Scale in Transformers"):
+
+        gγ_i = Σ_t dY_i,t ⊙ x̂_i,t,   gβ_i = Σ_t dY_i,t
+        n_i  = ‖gγ_i‖² (if ``with_weight``) + ‖gβ_i‖² (if ``with_bias``)
+
+    ``eps`` is the layer's ε; None (RMSNorm only) means what
+    ``torch.nn.RMSNorm(eps=None)`` uses, :func:`rms_norm_default_eps`.
+    Returns n [B], accumulated and returned in float32 (float64 for float64
+    input); the statistics are recomputed from x in that precision.
+    """
+    if eps is None:
+        if not rms:
+            raise ValueError("gradnoise: `eps` may be None only with rms=True (RMSNorm)")
+        if isinstance(x, torch.Tensor):
+            eps = rms_norm_default_eps(x.dtype)
+    check_layer_norm_args(x, grad_out, normalized_numel, eps)
+    eps = float(eps)
+    be = resolve_backend(x.device, backend)
+    if be == "reference":
+        return layer_norm_sq_norms_ref(x, grad_out, normalized_numel, eps, rms, with_weight,
+                                       with_bias)
+    if be == "triton":
+        from .triton import norm_layers as triton_norm_layers
+        return triton_norm_layers.layer_norm_sq_norms(x, grad_out, normalized_numel, eps, rms,
+                                                      with_weight, with_bias)
+    return torch.ops.gradnoise.layer_norm_sq_norms(x, grad_out, normalized_numel, eps, rms,
+                                                   with_weight, with_bias)
+
+
+def group_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, groups: int, eps: float,
+                        with_weight: bool = True, with_bias: bool = True,
+                        backend: str | None = None) -> torch.Tensor:
+    """Per-sample squared gradient norms of a GroupNorm's γ and β.
+
+    x and grad_out have the same shape [B, C, *spatial] (spatial may be
+    empty; S = its product), and ``groups`` = G divides C. Per (sample i,
+    group), with mean and biased variance σ² over the group's (C/G)·S
+    entries, x̂ = (x − mean) / √(σ² + ε); per channel c:
+
+        gγ_i[c] = Σ_s dY_i[c, s]·x̂_i[c, s],   gβ_i[c] = Σ_s dY_i[c, s]
+        n_i = ‖gγ_i‖² (if ``with_weight``) + ‖gβ_i‖² (if ``with_bias``)
+
+    (the GroupNorm case of Gray et al. 2024). Returns n [B] in float32
+    (float64 for float64 input), the precision it is accumulated in.
+    """
+    check_group_norm_args(x, grad_out, groups, eps)
+    eps = float(eps)
+    be = resolve_backend(x.device, backend)
+    if be == "reference":
+        return group_norm_sq_norms_ref(x, grad_out, groups, eps, with_weight, with_bias)
+    if be == "triton":
+        from .triton import norm_layers as triton_norm_layers
+        return triton_norm_layers.group_norm_sq_norms(x, grad_out, groups, eps, with_weight,
+                                                      with_bias)
+    return torch.ops.gradnoise.group_norm_sq_norms(x, grad_out, groups, eps, with_weight,
+                                                   with_bias)

@@ -1,0 +1,497 @@
+"""GradNoiseTracker on a zoo of models against torch.func per-sample
+gradients in float64 (tests/ground_truth.py), plus its attach/detach and
+step semantics."""
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from gradnoise import GradNoiseTracker
+from gradnoise.layers import NormRule, register_rule
+from tests.ground_truth import model_per_sample_sq_norms
+
+RTOL = 2e-4  # float32 forward/backward against a float64 truth
+
+
+# ---------------------------------------------------------------- the zoo
+class MLP(nn.Module):
+    def __init__(self, d_in=20, hidden=32, classes=5):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.Tanh(), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with attention written from nn.Linear."""
+
+    def __init__(self, d, heads, norm=nn.LayerNorm):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = norm(d), norm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(B, T, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class PositionalEmbedding(nn.Module):
+    """A custom module holding a bare parameter: no rule, exact fallback."""
+
+    def __init__(self, T, d):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(T, d) * 0.1)
+
+    def forward(self, x):
+        return x + self.pos[: x.shape[1]]
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=23, d=16, heads=2, T=9, blocks=2, norm=nn.LayerNorm):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = PositionalEmbedding(T, d)
+        self.blocks = nn.Sequential(*[Block(d, heads, norm) for _ in range(blocks)])
+        self.ln_f = norm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, idx):
+        return self.head(self.ln_f(self.blocks(self.pos(self.embed(idx)))))
+
+
+class CNN(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding="valid", groups=4), nn.GroupNorm(4, 8), nn.ReLU(),
+            nn.Conv2d(8, 6, 2, dilation=2, padding_mode="reflect", padding=1))
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class SharedModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+class Linear4D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 2)
+
+    def forward(self, x):  # x [B, 3, 4, 5]
+        return self.b(torch.relu(self.a(x))).mean((1, 2))
+
+
+class AttentionModel(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        y, _ = self.mha(x, x, x, need_weights=False)
+        return self.head(y.mean(1))
+
+
+def classification_case(model, x, classes, reduction):
+    y = torch.randint(0, classes, (x.shape[0],))
+
+    def batch_loss(out):
+        return F.cross_entropy(out, y, reduction=reduction)
+
+    def sample_loss(out_i, y_i):  # ℓ_i; with "mean", ‖B·g_i‖² = ‖∇ℓ_i‖²
+        return F.cross_entropy(out_i, y_i, reduction="sum")
+
+    return y, batch_loss, sample_loss
+
+
+def lm_case(model, idx, reduction):
+    """Token-level cross-entropy with ignore_index; "mean" averages over every
+    valid token of the batch, so g_i = (1/N) Σ_{t ∈ i} ∇ℓ_t."""
+    y = torch.roll(idx, -1, 1)
+    y[:, -1] = -100
+    n_valid = (y != -100).sum().item()
+    B = idx.shape[0]
+
+    def batch_loss(out):
+        return F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100,
+                               reduction=reduction)
+
+    def sample_loss(out_i, y_i):
+        s = F.cross_entropy(out_i.flatten(0, 1), y_i.flatten(), ignore_index=-100,
+                            reduction="sum")
+        return s * (B / n_valid) if reduction == "mean" else s
+
+    return y, batch_loss, sample_loss
+
+
+def make_case(name, B, reduction, seed=0):
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model, x = MLP(), torch.randn(B, 20)
+        return (model, x) + classification_case(model, x, 5, reduction)
+    if name == "lm":
+        model = TinyLM()
+        x = torch.randint(0, 23, (B, 9))
+        x[:, -2] = 0  # padding tokens
+        x[0, 1] = x[0, 3] = 7  # a repeated token
+        return (model, x) + lm_case(model, x, reduction)
+    if name == "lm_rms":
+        model = TinyLM(norm=nn.RMSNorm)
+        x = torch.randint(0, 23, (B, 9))
+        return (model, x) + lm_case(model, x, reduction)
+    if name == "cnn":
+        model, x = CNN(), torch.randn(B, 3, 10, 10)
+        return (model, x) + classification_case(model, x, 4, reduction)
+    if name == "shared":
+        model, x = SharedModule(), torch.randn(B, 6)
+        return (model, x) + classification_case(model, x, 3, reduction)
+    if name == "linear4d":
+        model, x = Linear4D(), torch.randn(B, 3, 4, 5)
+        return (model, x) + classification_case(model, x, 2, reduction)
+    if name == "mha":
+        model, x = AttentionModel(), torch.randn(B, 5, 8)
+        return (model, x) + classification_case(model, x, 3, reduction)
+    raise KeyError(name)
+
+
+ZOO = ["mlp", "lm", "lm_rms", "cnn", "shared", "linear4d", "mha"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("B", [1, 5])
+def test_zoo_matches_torch_func(name, reduction, B):
+    model, x, y, batch_loss, sample_loss = make_case(name, B, reduction)
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction=reduction)
+    batch_loss(model(x)).backward()
+    norms = tracker.per_sample_sq_norms()
+    assert norms.dtype == torch.float32 and norms.shape == (B,)
+    torch.testing.assert_close(norms.double(), truth, rtol=RTOL, atol=1e-8)
+    per_layer = tracker.per_layer_sq_norms()
+    torch.testing.assert_close(sum(per_layer.values()).double(), norms.double(), rtol=1e-6, atol=0)
+    tracker.detach()
+
+
+def test_per_layer_keys_and_values():
+    model, x, y, batch_loss, sample_loss = make_case("lm", 4, "sum")
+    names = [n for n, m in model.named_modules()
+             if any(p.requires_grad for p in m.parameters(recurse=False))]
+    truths = {name: model_per_sample_sq_norms(model, x, y, sample_loss,
+                                              [f"{name}.weight", f"{name}.bias"])
+              for name in ("blocks.0.fc1", "ln_f")}
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    batch_loss(model(x)).backward()
+    per_layer = tracker.per_layer_sq_norms()
+    # the tied head weight counts under its first owner, the embedding
+    assert list(per_layer) == [n for n in names if n != "head"]
+    for name, truth in truths.items():
+        torch.testing.assert_close(per_layer[name].double(), truth, rtol=RTOL, atol=1e-8)
+    assert tracker.fallback_modules == ["pos"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_layers_norm_tracks_only_normalisation_layers(reduction):
+    model, x, y, batch_loss, sample_loss = make_case("lm", 3, reduction)
+    norm_params = [n for n, p in model.named_parameters() if ".ln" in n or n.startswith("ln")]
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss, norm_params)
+    tracker = GradNoiseTracker(model, loss_reduction=reduction, layers="norm")
+    batch_loss(model(x)).backward()
+    assert set(tracker.per_layer_sq_norms()) == {"blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1",
+                                                 "blocks.1.ln2", "ln_f"}
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
+def test_layers_callable_and_frozen_weight_with_trainable_bias():
+    model, x, y, batch_loss, sample_loss = make_case("mlp", 5, "sum")
+    model.net[0].weight.requires_grad_(False)
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss, ["net.0.bias"])
+    tracker = GradNoiseTracker(model, loss_reduction="sum", layers=lambda n, m: n == "net.0")
+    batch_loss(model(x)).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+    assert model.net[0].weight.grad is None
+
+
+@settings(max_examples=12, deadline=None)
+@given(dims=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), same=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 1000))
+def test_hypothesis_conv_hyper_parameters(dims, k, stride, dilation, groups, same, bias, seed):
+    torch.manual_seed(seed)
+    conv_cls = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1]
+    padding = "same" if same and stride == 1 else 1
+    conv = conv_cls(4, 6, k, stride=stride, dilation=dilation, groups=groups, padding=padding,
+                    bias=bias)
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(3, 4, *([7] * dims))
+    model(x)
+    y, batch_loss, sample_loss = classification_case(model, x, 3, "sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    batch_loss(model(x)).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
+@settings(max_examples=10, deadline=None)
+@given(d=st.integers(1, 12), p=st.integers(1, 12), mid=st.lists(st.integers(1, 5), max_size=2),
+       bias=st.booleans(), B=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_hypothesis_linear(d, p, mid, bias, B, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, p, bias=bias), nn.Tanh(), nn.Linear(p, 2))
+    x = torch.randn(B, *mid, d)
+    y = torch.randn(B, *mid, 2)
+
+    def sample_loss(out_i, y_i):
+        return (out_i - y_i).square().sum()
+
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    (model(x) - y).square().sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
+# ------------------------------------------------------------ semantics
+def _forward_backward(model, x, batch_loss):
+    out = model(x)
+    batch_loss(out).backward()
+    return out
+
+
+def test_outputs_unchanged_and_grads_match():
+    model, x, y, batch_loss, _ = make_case("lm", 4, "mean")
+    out_plain = _forward_backward(model, x, batch_loss)
+    grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with GradNoiseTracker(model) as tracker:
+        out_tracked = _forward_backward(model, x, batch_loss)
+    assert torch.equal(out_plain, out_tracked)
+    for n, p in model.named_parameters():
+        # Bitwise unless the fused kernel replaced a weight-gradient GEMM,
+        # whose sum runs in another order: then equal to float rounding.
+        torch.testing.assert_close(p.grad, grads_plain[n], rtol=1e-5, atol=1e-7)
+    assert tracker.per_sample_sq_norms().shape == (4,)
+
+
+def test_bitwise_unchanged_grads_without_fused_backward():
+    model, x, y, batch_loss, _ = make_case("lm", 4, "mean")
+    out_plain = _forward_backward(model, x, batch_loss)
+    grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with GradNoiseTracker(model, fused_backward=False):
+        out_tracked = _forward_backward(model, x, batch_loss)
+    assert torch.equal(out_plain, out_tracked)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads_plain[n]), n
+
+
+def test_attach_detach_idempotent_and_hooks_removed():
+    model, x, y, batch_loss, _ = make_case("lm", 2, "sum")
+
+    def hook_count(m):
+        return sum(len(s._forward_hooks) + len(s._forward_pre_hooks) + len(s._backward_hooks)
+                   for s in m.modules())
+
+    before = hook_count(model)
+    forwards_before = {n for n, m in model.named_modules() if "forward" in m.__dict__}
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert tracker.attached and tracker.attach() is tracker
+    attached = hook_count(model)
+    tracker.attach()
+    assert hook_count(model) == attached
+    _forward_backward(model, x, batch_loss)
+    measured = tracker.per_sample_sq_norms()
+    tracker.detach()
+    tracker.detach()
+    assert hook_count(model) == before
+    assert {n for n, m in model.named_modules() if "forward" in m.__dict__} == forwards_before
+    # results of the last measured step stay readable after detach
+    assert torch.equal(tracker.per_sample_sq_norms(), measured)
+    with tracker as t:
+        assert t is tracker and tracker.attached
+    assert not tracker.attached
+
+
+def test_no_capture_in_eval_or_no_grad_and_results_belong_to_caller():
+    model, x, y, batch_loss, _ = make_case("mlp", 3, "sum")
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match="nothing measured yet"):
+        tracker.per_sample_sq_norms()
+    _forward_backward(model, x, batch_loss)
+    first = tracker.per_sample_sq_norms()
+    first_copy = first.clone()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x)
+    model.train()
+    assert tracker._step is not None and not any(tracker._step.calls.values())
+    torch.testing.assert_close(tracker.per_sample_sq_norms(), first_copy)
+    first.zero_()  # the caller's tensor: changing it changes nothing inside
+    torch.testing.assert_close(tracker.per_sample_sq_norms(), first_copy)
+    x2 = torch.randn(3, 20)
+    _forward_backward(model, x2, batch_loss)
+    assert not torch.equal(tracker.per_sample_sq_norms(), first_copy)
+    assert torch.equal(first, torch.zeros(3))
+
+
+def test_steady_memory_over_steps():
+    model, x, y, batch_loss, _ = make_case("lm", 4, "mean")
+    tracker = GradNoiseTracker(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    counts = []
+    for step in range(100):
+        opt.zero_grad()
+        _forward_backward(model, x, batch_loss)
+        tracker.per_sample_sq_norms()
+        opt.step()
+        if step in (10, 99):
+            counts.append(live_tensors())
+    assert counts[1] <= counts[0]
+    assert not any(tracker._step.calls.values())
+
+
+# ------------------------------------------------------------ bad input
+def test_batchnorm_in_train_mode_is_refused_with_names():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.LazyLinear(2), nn.BatchNorm1d(2, affine=False))
+    model(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError) as err:
+        GradNoiseTracker(model)
+    msg = str(err.value)
+    assert "'1' (BatchNorm2d)" in msg and "'5' (BatchNorm1d)" in msg
+    assert "eval" in msg and "GroupNorm" in msg and "micro-batch" in msg
+    # eval-mode BatchNorm is supported and exact
+    model.eval()
+    model[0].train(), model[4].train()
+    x = torch.randn(3, 3, 6, 6)
+    y, batch_loss, sample_loss = classification_case(model, x, 2, "sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    batch_loss(model(x)).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+    # switched to train mode after attaching: refused at the next forward
+    model[1].train()
+    with pytest.raises(RuntimeError, match="'1' \\(BatchNorm2d\\)"):
+        model(x)
+
+
+def test_unsupported_error_and_skip():
+    model, x, y, batch_loss, sample_loss = make_case("lm", 2, "sum")
+    with pytest.raises(ValueError, match="'pos' \\(PositionalEmbedding\\).*register_rule"):
+        GradNoiseTracker(model, unsupported="error")
+    tracker = GradNoiseTracker(model, loss_reduction="sum", unsupported="skip")
+    assert tracker.skipped_modules == ["pos"]
+    batch_loss(model(x)).backward()
+    assert "pos" not in tracker.per_layer_sq_norms()
+
+
+def test_user_registered_rule():
+    class Scale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return x * self.s
+
+    @register_rule(Scale)
+    class ScaleRule(NormRule):
+        def sq_norms(self, module, calls, params):
+            (c,) = calls
+            x, g = c.args[0], c.grad_outputs[0]
+            return (x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1).square().sum(1)
+
+    model = nn.Sequential(nn.Linear(4, 4), Scale(4), nn.Linear(4, 2))
+    x = torch.randn(5, 4)
+    y, batch_loss, sample_loss = classification_case(model, x, 2, "sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum", unsupported="error")
+    batch_loss(model(x)).backward()
+    assert tracker.fallback_modules == []
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
+def test_batch_dimension_mismatch_is_an_error():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):  # x [B, T, 4]; b sees [T, B, 4]
+            return self.b(self.a(x).transpose(0, 1))
+
+    model = SeqFirst()
+    GradNoiseTracker(model, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match="batch dimension.*differs"):
+        model(torch.randn(3, 5, 4)).sum().backward()
+
+
+def test_bad_arguments():
+    model = MLP()
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GradNoiseTracker(model, loss_reduction="avg")
+    with pytest.raises(ValueError, match="layers"):
+        GradNoiseTracker(model, layers="linear")
+    with pytest.raises(ValueError, match="unsupported"):
+        GradNoiseTracker(model, unsupported="ignore")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        GradNoiseTracker(lambda x: x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_norms_in_float32(dtype):
+    model, x, y, batch_loss, sample_loss = make_case("mlp", 4, "sum")
+    truth = model_per_sample_sq_norms(model.to(dtype).float(), x.to(dtype).float(), y, sample_loss)
+    model.to(dtype)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    batch_loss(model(x.to(dtype)).float()).backward()
+    norms = tracker.per_sample_sq_norms()
+    assert norms.dtype == torch.float32 and torch.isfinite(norms).all()
+    # half-precision forward and backward: agreement to the dtype's precision
+    torch.testing.assert_close(norms.double(), truth, rtol=0.1, atol=1e-3)
+
+
+def test_autocast():
+    model, x, y, batch_loss, sample_loss = make_case("mlp", 4, "sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    batch_loss(out.float()).backward()
+    norms = tracker.per_sample_sq_norms()
+    assert norms.dtype == torch.float32 and torch.isfinite(norms).all()
+    torch.testing.assert_close(norms.double(), truth, rtol=0.1, atol=1e-3)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
