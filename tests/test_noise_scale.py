@@ -1,0 +1,237 @@
+"""The noise-scale estimators and GradientNoiseScale against closed forms."""
+from __future__ import annotations
+
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradnoise import GradNoiseTracker
+from gradnoise.estimators import (BiasCorrectedEMA, NoiseScaleEstimator, per_sample_estimates,
+                                  unbiased_sq_norm_and_trace)
+from gradnoise.noise_scale import GradientNoiseScale
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------- estimators
+def test_two_batch_estimates_are_unbiased_on_synthetic_gradients():
+    """Per-sample gradients g ~ N(G, Σ) with known G and Σ."""
+    gen = torch.Generator().manual_seed(0)
+    d, b, B, trials = 6, 4, 32, 20000
+    G = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
+    A = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    cov = A @ A.T / d
+    L = torch.linalg.cholesky(cov)
+    samples = G + torch.randn(trials, B, d, generator=gen, dtype=torch.float64) @ L.T
+    small = samples[:, :b].mean(1).square().sum(1)
+    big = samples.mean(1).square().sum(1)
+    g2, tr = unbiased_sq_norm_and_trace(small, big, b, B)
+    assert abs(g2.mean().item() - G.square().sum().item()) < 0.02 * G.square().sum().item()
+    assert abs(tr.mean().item() - cov.trace().item()) < 0.02 * cov.trace().item()
+    # single-step estimates of ‖G‖² do go negative when the noise dominates
+    g2_noisy, _ = unbiased_sq_norm_and_trace(small * 50, big, b, B)
+    assert (g2_noisy < 0).any()
+
+
+def test_bias_corrected_ema():
+    ema = BiasCorrectedEMA(0.9)
+    assert ema.value is None
+    ema.update(5.0)
+    assert ema.value == pytest.approx(5.0)
+    ema.update(5.0)
+    assert ema.value == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="beta"):
+        BiasCorrectedEMA(1.0)
+
+
+def test_ratio_taken_after_smoothing_and_undefined_when_sq_norm_not_positive():
+    est = NoiseScaleEstimator(beta=0.5)
+    assert est.read().b_simple is None
+    est.update(-1.0, 3.0)  # a single negative ‖G‖² estimate
+    r = est.read()
+    assert r.b_simple is None and r.sq_norm == -1.0
+    est.update(3.0, 3.0)
+    r = est.read()
+    assert r.b_simple == pytest.approx(r.trace / r.sq_norm)
+    zero = NoiseScaleEstimator()
+    for _ in range(5):
+        zero.update(0.0, 0.0)
+    r = zero.read()
+    assert r.b_simple is None and r.stderr is None
+    assert all(math.isfinite(v) for v in (r.sq_norm, r.trace))
+    assert all(math.isfinite(v) for v in pickle.loads(pickle.dumps(zero.state_dict()))["trace"].values())
+
+
+def test_interval_coverage():
+    """The 95% interval of B_simple covers the truth in about 95% of runs."""
+    gen = torch.Generator().manual_seed(1)
+    d, B, steps, runs = 4, 16, 200, 300
+    G = torch.tensor([1.0, 0.5, -0.5, 0.2], dtype=torch.float64)
+    truth = d * 1.0 / G.square().sum().item()  # Σ = I
+    covered = 0
+    for _ in range(runs):
+        est = NoiseScaleEstimator(beta=0.95)
+        g = G + torch.randn(steps, B, d, generator=gen, dtype=torch.float64)
+        small = g.square().sum(2).mean(1)
+        big = g.mean(1).square().sum(1)
+        g2, tr = unbiased_sq_norm_and_trace(small, big, 1, B)
+        for a, s in zip(g2.tolist(), tr.tolist()):
+            est.update(a, s)
+        lo, hi = est.read().interval()
+        covered += lo <= truth <= hi
+    assert 0.88 <= covered / runs <= 0.99, covered / runs
+
+
+# ---------------------------------------------- closed form: linear regression
+D, DELTA_SQ, SIGMA = 8, 1.0, 1.0
+TRUE_B_SIMPLE = (D * (DELTA_SQ + SIGMA ** 2) + DELTA_SQ) / DELTA_SQ  # 17
+
+
+def regression_model(seed=0):
+    """nn.Linear(d, 1) at w = w* + δ with ‖δ‖² = 1; returns (model, w*)."""
+    gen = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(1, D, generator=gen, dtype=torch.float64)
+    delta = torch.randn(1, D, generator=gen, dtype=torch.float64)
+    delta = delta / delta.norm() * math.sqrt(DELTA_SQ)
+    model = nn.Linear(D, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_star + delta)
+    return model, w_star
+
+
+def regression_batch(gen, n, w_star):
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    y = x @ w_star.T + SIGMA * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def loss_fn(model, x, y, reduction="mean"):
+    r = 0.5 * (model(x) - y).square()
+    return r.mean() if reduction == "mean" else r.sum()
+
+
+@pytest.mark.parametrize("source", ["per_sample", "micro_batch"])
+def test_closed_form_linear_regression(source):
+    model, w_star = regression_model()
+    gen = torch.Generator().manual_seed(2)
+    gns = GradientNoiseScale(model, source=source, beta=0.995)
+    B, k = 64, 4
+    for _ in range(1500):
+        model.zero_grad()
+        x, y = regression_batch(gen, B, w_star)
+        if source == "per_sample":
+            loss_fn(model, x, y).backward()
+        else:
+            for xs, ys in zip(x.chunk(k), y.chunk(k)):
+                (loss_fn(model, xs, ys) / k).backward()
+        gns.step(B)
+    r = gns.read()
+    assert r.b_simple == pytest.approx(TRUE_B_SIMPLE, rel=0.05)
+    assert r.sq_norm == pytest.approx(DELTA_SQ, rel=0.1)
+    lo, hi = r.interval()
+    assert lo < r.b_simple < hi
+
+
+def test_loss_scaling_does_not_change_b_simple():
+    """sum vs mean losses and a constant loss scale give the same B_simple."""
+    results = []
+    for reduction, scale in (("mean", 1.0), ("sum", 1.0), ("mean", 1024.0)):
+        model, w_star = regression_model()
+        gen = torch.Generator().manual_seed(3)
+        gns = GradientNoiseScale(model, source="micro_batch", loss_reduction=reduction)
+        for _ in range(20):
+            model.zero_grad()
+            x, y = regression_batch(gen, 32, w_star)
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                (loss_fn(model, xs, ys, reduction) * scale).backward()
+            gns.step(32)
+        results.append(gns.read().b_simple)
+    assert results[1] == pytest.approx(results[0], rel=1e-9)
+    assert results[2] == pytest.approx(results[0], rel=1e-9)
+
+
+def test_per_layer_estimates_and_non_finite_steps_are_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    gns = GradientNoiseScale(model, source="per_sample", per_layer=True)
+    for step in range(6):
+        model.zero_grad()
+        x = torch.randn(16, 5)
+        if step == 3:
+            x[0, 0] = float("nan")
+        model(x).square().mean().backward()
+        out = gns.step()
+        assert (out is None) == (step == 3)
+    assert gns.skipped_steps == 1 and gns.read().steps == 5
+    assert set(gns.read_layers()) == {"0", "2"}
+    assert math.isfinite(gns.read().b_simple)
+
+
+def test_micro_batch_source_needs_two_backwards():
+    model, w_star = regression_model()
+    gns = GradientNoiseScale(model, source="micro_batch")
+    x, y = regression_batch(torch.Generator().manual_seed(0), 8, w_star)
+    loss_fn(model, x, y).backward()
+    with pytest.raises(ValueError, match="at least 2 micro-batches"):
+        gns.step(8)
+
+
+def test_bad_configuration():
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="source"):
+        GradientNoiseScale(model, source="replicas")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        GradientNoiseScale(model, source="distributed")
+
+
+RESUME_SCRIPT = r"""
+import pickle, sys, torch
+sys.path.insert(0, {root!r})
+from tests.test_noise_scale import regression_model, regression_batch, loss_fn
+from gradnoise.noise_scale import GradientNoiseScale
+mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model, w_star = regression_model()
+gns = GradientNoiseScale(model, source="per_sample", per_layer=True)
+gen = torch.Generator().manual_seed(5)
+start = 0
+if mode == "resume":
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    gns.load_state_dict(state["gns"])
+    gen.set_state(state["gen"])
+    start = n
+for _ in range(start, n if mode == "first" else 2 * n):
+    model.zero_grad()
+    x, y = regression_batch(gen, 16, w_star)
+    loss_fn(model, x, y).backward()
+    gns.step()
+if mode == "first":
+    with open(path, "wb") as f:
+        pickle.dump({{"gns": gns.state_dict(), "gen": gen.get_state()}}, f)
+else:
+    print(repr(gns.read()))
+"""
+
+
+def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT.format(root=str(ROOT)))
+    state = tmp_path / "state.pkl"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    n = 15
+    run("first", str(state), str(n))
+    resumed = run("resume", str(state), str(n))
+    straight = run("straight", str(state), str(n))
+    assert resumed == straight and "b_simple" in resumed
