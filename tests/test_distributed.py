@@ -1,0 +1,148 @@
+"""GradientNoiseScale under DistributedDataParallel on gloo, 2 and 4 processes.
+Every process group has a timeout, and every spawn is bounded by the test's."""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradnoise.noise_scale import GradientNoiseScale
+from tests.test_noise_scale import loss_fn, regression_batch, regression_model
+
+STEPS, LOCAL_B = 12, 8
+
+
+def _init(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=15))
+
+
+def _global_batches(world, uneven=False):
+    gen = torch.Generator().manual_seed(11)
+    _, w_star = regression_model()
+    out = []
+    for step in range(STEPS):
+        sizes = [LOCAL_B] * world
+        if uneven and step == STEPS - 1:
+            sizes = [LOCAL_B - r for r in range(world)]
+        out.append([regression_batch(gen, n, w_star) for n in sizes])
+    return out
+
+
+def _worker(rank, world, init_file, result_file, uneven, fail_rank):
+    _init(rank, world, init_file)
+    try:
+        model, _ = regression_model()
+        ddp = DDP(model)
+        gns = GradientNoiseScale(ddp.module, source="distributed")
+        for step, parts in enumerate(_global_batches(world, uneven)):
+            if rank == fail_rank and step == 3:
+                raise RuntimeError(f"rank {rank} fails on purpose")
+            model.zero_grad()
+            x, y = parts[rank]
+            loss_fn(ddp, x, y).backward()
+            gns.step(x.shape[0])
+        with open(f"{result_file}.{rank}", "wb") as f:
+            pickle.dump((gns.read(), gns.estimator.state_dict()), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world, uneven=False, fail_rank=-1):
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result")
+        mp.spawn(_worker, args=(world, init_file, result_file, uneven, fail_rank),
+                 nprocs=world, join=True)
+        results = []
+        for r in range(world):
+            with open(f"{result_file}.{r}", "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def _single_process_accumulation(world):
+    model, _ = regression_model()
+    gns = GradientNoiseScale(model, source="micro_batch")
+    for parts in _global_batches(world):
+        model.zero_grad()
+        for x, y in parts:
+            (loss_fn(model, x, y) / world).backward()
+        gns.step(LOCAL_B * world)
+    return gns.read()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_agree_with_single_process_accumulation(world):
+    results = _run(world)
+    reference = _single_process_accumulation(world)
+    for reading, _ in results:
+        assert reading.b_simple == pytest.approx(reference.b_simple, rel=1e-6)
+        assert reading.sq_norm == pytest.approx(reference.sq_norm, rel=1e-6)
+        assert reading.trace == pytest.approx(reference.trace, rel=1e-6)
+    # every rank holds the same state
+    states = [s for _, s in results]
+    assert all(s == states[0] for s in states)
+
+
+@pytest.mark.timeout(240)
+def test_uneven_last_batch():
+    results = _run(2, uneven=True)
+    assert results[0][0].b_simple == results[1][0].b_simple
+    assert results[0][0].b_simple is not None and results[0][0].steps == STEPS
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_rank_ends_every_rank_with_an_error():
+    with pytest.raises(Exception, match="fails on purpose|terminated|exited"):
+        _run(2, fail_rank=1)
+
+
+def _unused_worker(rank, world, init_file, result_file, uneven, fail_rank):
+    _init(rank, world, init_file)
+    try:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"used": nn.Linear(4, 1), "unused": nn.Linear(4, 1)})
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, x):
+                return self.m["used"](x)
+
+        net = Net()
+        ddp = DDP(net, find_unused_parameters=True)
+        gns = GradientNoiseScale(net, source="distributed", per_layer=True)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(4):
+            net.zero_grad()
+            x = torch.randn(6, 4, generator=gen)
+            ddp(x).square().mean().backward()
+            gns.step(6)
+        with open(f"{result_file}.{rank}", "wb") as f:
+            pickle.dump((gns.read(), sorted(gns.read_layers())), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_unused_parameters():
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result")
+        mp.spawn(_unused_worker, args=(2, init_file, result_file, False, -1), nprocs=2, join=True)
+        outs = []
+        for r in range(2):
+            with open(f"{result_file}.{r}", "rb") as f:
+                outs.append(pickle.load(f))
+    assert outs[0] == outs[1]
+    assert outs[0][1] == ["m.used"]
