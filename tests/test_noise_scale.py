@@ -235,3 +235,19 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     resumed = run("resume", str(state), str(n))
     straight = run("straight", str(state), str(n))
     assert resumed == straight and "b_simple" in resumed
+
+
+def test_hessian_noise_scale_on_linear_regression():
+    """H = E[xxᵀ] = I for x ~ N(0, I): B_noise = B_simple and ε_max = 1,
+    up to the sampling error of a finite batch (H estimated on 4096 samples)."""
+    from gradnoise.hessian import hessian_noise_scale
+
+    model, w_star = regression_model()
+    x, y = regression_batch(torch.Generator().manual_seed(9), 4096, w_star)
+
+    def mse(out, t):
+        return 0.5 * (out - t).square().mean()
+
+    est = hessian_noise_scale(model, mse, x, y, samples=600)
+    assert est.eps_max == pytest.approx(1.0, rel=0.1)
+    assert est.b_noise == pytest.approx(TRUE_B_SIMPLE, rel=0.15)
