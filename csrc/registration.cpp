@@ -30,6 +30,14 @@ TORCH_LIBRARY(gradnoise, m) {
   m.def(
       "linear_weight_grad_and_sq_norms(Tensor x, Tensor grad_out, "
       "bool with_bias=False, str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  // Normalisation layers: per-sample ‖∂ℓ_i/∂γ‖² + ‖∂ℓ_i/∂β‖² from the
+  // layer's input and output gradient (x̂ recomputed from x in the same pass).
+  m.def(
+      "layer_norm_sq_norms(Tensor x, Tensor grad_out, int normalized_numel, float eps, "
+      "bool rms, bool with_weight, bool with_bias) -> Tensor");
+  m.def(
+      "group_norm_sq_norms(Tensor x, Tensor grad_out, int groups, float eps, "
+      "bool with_weight, bool with_bias) -> Tensor");
   // Not tensor ops: the cost model and what this build contains, for the
   // Python layer and `python -m gradnoise info`.
   m.def("linear_norm_method(int B, int T, int d, int p, bool with_weight_grad) -> int",

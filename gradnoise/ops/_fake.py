@@ -20,3 +20,16 @@ def register() -> None:
         grad_bias = x.new_empty((p,) if with_bias else (0,))
         norms = x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
         return grad_weight, grad_bias, norms
+
+    from .norm_layers import check_group_norm_args, check_layer_norm_args
+
+    @torch.library.register_fake("gradnoise::layer_norm_sq_norms")
+    def _layer_norm_sq_norms_fake(x, grad_out, normalized_numel, eps, rms, with_weight,
+                                  with_bias):
+        B, _, _ = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+        return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("gradnoise::group_norm_sq_norms")
+    def _group_norm_sq_norms_fake(x, grad_out, groups, eps, with_weight, with_bias):
+        B, _, _ = check_group_norm_args(x, grad_out, groups, eps)
+        return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))

@@ -1,0 +1,745 @@
+// CPU kernels of the normalisation-layer per-sample-norm ops (schemas in
+// registration.cpp, maths shared with CUDA in norm_layers_math.h).
+//
+//   layer_norm_sq_norms  x, dY viewed [B, T, C]; mean/rstd per row over C;
+//                        gγ_b = Σ_t dY_b,t ⊙ x̂_b,t,  gβ_b = Σ_t dY_b,t
+//   group_norm_sq_norms  x, dY viewed [B, C, S]; mean/rstd per (b, group) over
+//                        (C/G)·S; gγ_b[c] = Σ_s dY·x̂,  gβ_b[c] = Σ_s dY
+//   n_b = ‖gγ_b‖² + ‖gβ_b‖²                                   (Gray et al. 2024)
+//
+// Each row (group) comes from memory once: its statistics take two passes
+// while it is in L1 (L2), then its contribution is added to the sample's
+// accumulators. LayerNorm rows go four at a time, so that their reductions
+// run as independent chains and their contributions are summed before they
+// touch the accumulators. Work is split over samples, or over fixed-size chunks of rows
+// (elements) when there are too few samples to keep every thread busy; the
+// chunks' partial sums are added in chunk order, so the result is the same for
+// any number of threads. Inner loops use GCC vector types and are compiled for
+// AVX-512, AVX2+FMA and SSE2; the widest the CPU runs is used
+// (GRADNOISE_CPU_ISA=avx512|avx2|generic overrides, as for the Linear ops).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "norm_layers_math.h"
+
+namespace gradnoise {
+namespace {
+
+#define GN_INLINE inline __attribute__((always_inline))
+
+// The vector helpers are always inlined: no vector crosses a call boundary, so
+// GCC's note that wide vectors change the calling convention does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename S>
+using acc_of = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// ---------------------------------------------------------------------------
+// Vector building blocks. Everything below is always_inline, so that it is
+// compiled with the instruction set of the per-ISA entry point it lands in.
+// ---------------------------------------------------------------------------
+template <int VB, typename A>
+struct Vec {
+  typedef A type __attribute__((vector_size(VB)));
+};
+
+template <int VB, typename A>
+GN_INLINE typename Vec<VB, A>::type vload(const A* p) {
+  typename Vec<VB, A>::type v;
+  std::memcpy(&v, p, VB);
+  return v;
+}
+
+struct Ident {
+  template <typename X>
+  GN_INLINE X operator()(const X& x) const { return x; }
+};
+struct Square {
+  template <typename X>
+  GN_INLINE X operator()(const X& x) const { return x * x; }
+};
+template <typename A>
+struct SqDev {
+  A mean;
+  template <typename X>
+  GN_INLINE X operator()(const X& x) const {
+    const X d = x - mean;
+    return d * d;
+  }
+};
+
+// Sum of a vector's lanes, as a tree.
+template <int VB, typename A>
+GN_INLINE A hsum(const typename Vec<VB, A>::type& v) {
+  constexpr int L = VB / sizeof(A);
+  A t[L];
+  std::memcpy(t, &v, VB);
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+// Σ_j op(a[j]) with four vector accumulators (latency).
+template <int VB, typename A, typename Op>
+GN_INLINE A reduce(const A* __restrict a, int64_t n, const Op& op) {
+  using V = typename Vec<VB, A>::type;
+  constexpr int64_t L = VB / sizeof(A);
+  A r = 0;
+  int64_t j = 0;
+  if (n >= L) {
+    V s0{}, s1{}, s2{}, s3{};
+    for (; j + 4 * L <= n; j += 4 * L) {
+      s0 += op(vload<VB>(a + j));
+      s1 += op(vload<VB>(a + j + L));
+      s2 += op(vload<VB>(a + j + 2 * L));
+      s3 += op(vload<VB>(a + j + 3 * L));
+    }
+    for (; j + L <= n; j += L) s0 += op(vload<VB>(a + j));
+    r = hsum<VB, A>((s0 + s1) + (s2 + s3));
+  }
+  for (; j < n; ++j) r += op(a[j]);
+  return r;
+}
+
+// out[r] = Σ_j op[r](a[r][j]) for NR rows at once: NR independent chains,
+// which is what keeps short rows from being bound by the latency of adds.
+template <int VB, int NR, typename A, typename Op>
+GN_INLINE void reduce_rows(const A* const* a, int64_t n, const Op* op, A* out) {
+  using V = typename Vec<VB, A>::type;
+  constexpr int64_t L = VB / sizeof(A);
+  V s[NR][2] = {};
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    for (int r = 0; r < NR; ++r) {
+      s[r][0] += op[r](vload<VB>(a[r] + j));
+      s[r][1] += op[r](vload<VB>(a[r] + j + L));
+    }
+  }
+  for (; j + L <= n; j += L)
+    for (int r = 0; r < NR; ++r) s[r][0] += op[r](vload<VB>(a[r] + j));
+  for (int r = 0; r < NR; ++r) {
+    A v = hsum<VB, A>(s[r][0] + s[r][1]);
+    for (int64_t k = j; k < n; ++k) v += op[r](a[r][k]);
+    out[r] = v;
+  }
+}
+
+// dot = Σ_j g[j]·(x[j] − mean) and sum = Σ_j g[j] in one pass.
+template <int VB, typename A>
+GN_INLINE void dot_dev_and_sum(const A* __restrict x, const A* __restrict g, int64_t n, A mean,
+                               A& dot, A& sum) {
+  using V = typename Vec<VB, A>::type;
+  constexpr int64_t L = VB / sizeof(A);
+  A d = 0, s = 0;
+  int64_t j = 0;
+  if (n >= L) {
+    V d0{}, d1{}, s0{}, s1{};
+    for (; j + 2 * L <= n; j += 2 * L) {
+      const V g0 = vload<VB>(g + j), g1 = vload<VB>(g + j + L);
+      d0 += g0 * (vload<VB>(x + j) - mean);
+      d1 += g1 * (vload<VB>(x + j + L) - mean);
+      s0 += g0;
+      s1 += g1;
+    }
+    for (; j + L <= n; j += L) {
+      const V g0 = vload<VB>(g + j);
+      d0 += g0 * (vload<VB>(x + j) - mean);
+      s0 += g0;
+    }
+    d = hsum<VB, A>(d0 + d1);
+    s = hsum<VB, A>(s0 + s1);
+  }
+  for (; j < n; ++j) {
+    d += g[j] * (x[j] - mean);
+    s += g[j];
+  }
+  dot = d;
+  sum = s;
+}
+
+// Half-precision bits to float, branch-free so that the loop vectorises
+// (bfloat16: the top half of a float; float16: the conversion of Dukhan's FP16
+// library, exact for every value including subnormals, infinities and NaN).
+GN_INLINE float bf16_to_float(uint16_t h) { return std::bit_cast<float>(uint32_t(h) << 16); }
+
+GN_INLINE float fp16_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits = two_w < (1u << 27) ? std::bit_cast<uint32_t>(denormalized)
+                                           : std::bit_cast<uint32_t>(normalized);
+  return std::bit_cast<float>(sign | bits);
+}
+
+// The n values at p in the accumulation type: p itself, or converted into buf.
+template <typename S, typename A>
+GN_INLINE const A* as_acc(const S* p, int64_t n, A* __restrict buf) {
+  if constexpr (std::is_same_v<S, A>) {
+    return p;
+  } else {
+    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(p);
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(bits[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) buf[j] = fp16_to_float(bits[j]);
+    }
+    return buf;
+  }
+}
+
+template <typename A>
+GN_INLINE void add_into(A* __restrict dst, const A* __restrict src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
+}
+
+// ---------------------------------------------------------------------------
+// LayerNorm / RMSNorm
+// ---------------------------------------------------------------------------
+template <typename S>
+struct LnProblem {
+  const S* x;
+  const S* g;
+  int64_t B, T, C;
+  acc_of<S> eps;
+  bool rms, with_weight, with_bias;
+  int64_t chunks;  // of kNormRowsPerChunk rows, per sample
+  int64_t width;   // accumulators per chunk: C for γ and/or C for β
+};
+
+template <int VB, typename S>
+struct LnKernel {
+  using A = acc_of<S>;
+  static constexpr bool kConvert = !std::is_same_v<S, A>;
+
+  static constexpr int kRowGroup = 4;
+
+  // gγ (gg) and gβ (gb) += the contributions of NR consecutive rows starting
+  // at row `r0` of the flattened [B·T, C] input, added up across the NR rows
+  // first (fewer passes over the accumulators).
+  template <int NR>
+  static GN_INLINE void row_group(const LnProblem<S>& p, int64_t r0, A* __restrict gg,
+                                  A* __restrict gb, A* xbuf, A* gbuf) {
+    const int64_t C = p.C;
+    const A* dy[NR];
+    for (int r = 0; r < NR; ++r) dy[r] = as_acc(p.g + (r0 + r) * C, C, gbuf + r * C);
+    if (!p.with_weight) {
+      for (int64_t c = 0; c < C; ++c) {
+        A sb = 0;
+        for (int r = 0; r < NR; ++r) sb += dy[r][c];
+        gb[c] += sb;
+      }
+      return;
+    }
+    const A* xr[NR];
+    for (int r = 0; r < NR; ++r) xr[r] = as_acc(p.x + (r0 + r) * C, C, xbuf + r * C);
+    A mean[NR], rstd[NR];
+    if (p.rms) {
+      Square sq[NR];
+      reduce_rows<VB, NR>(xr, C, sq, rstd);
+      for (int r = 0; r < NR; ++r) {
+        mean[r] = 0;
+        rstd[r] = norm_rstd(rstd[r], C, p.eps);
+      }
+    } else {
+      Ident id[NR];
+      reduce_rows<VB, NR>(xr, C, id, mean);
+      SqDev<A> dev[NR];
+      for (int r = 0; r < NR; ++r) dev[r].mean = mean[r] = norm_mean(mean[r], C);
+      reduce_rows<VB, NR>(xr, C, dev, rstd);
+      for (int r = 0; r < NR; ++r) rstd[r] = norm_rstd(rstd[r], C, p.eps);
+    }
+    if (p.with_bias) {
+      for (int64_t c = 0; c < C; ++c) {
+        A sg = 0, sb = 0;
+        for (int r = 0; r < NR; ++r) {
+          sg += dy[r][c] * norm_xhat(xr[r][c], mean[r], rstd[r]);
+          sb += dy[r][c];
+        }
+        gg[c] += sg;
+        gb[c] += sb;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        A sg = 0;
+        for (int r = 0; r < NR; ++r) sg += dy[r][c] * norm_xhat(xr[r][c], mean[r], rstd[r]);
+        gg[c] += sg;
+      }
+    }
+  }
+
+  // Rows [t0, t1) of sample b.
+  static GN_INLINE void rows(const LnProblem<S>& p, int64_t b, int64_t t0, int64_t t1, A* gg,
+                             A* gb, A* xbuf, A* gbuf) {
+    int64_t t = t0;
+    for (; t + kRowGroup <= t1; t += kRowGroup)
+      row_group<kRowGroup>(p, b * p.T + t, gg, gb, xbuf, gbuf);
+    for (; t < t1; ++t) row_group<1>(p, b * p.T + t, gg, gb, xbuf, gbuf);
+  }
+
+  // A chunk's accumulators are [γ | β], whichever of the two the flags ask for.
+  static GN_INLINE A* beta_of(const LnProblem<S>& p, A* acc) {
+    return p.with_weight ? acc + p.C : acc;
+  }
+
+  static GN_INLINE void chunk_rows(const LnProblem<S>& p, int64_t b, int64_t k, A* acc, A* xbuf,
+                                   A* gbuf) {
+    std::fill(acc, acc + p.width, A(0));
+    const int64_t t0 = k * kNormRowsPerChunk;
+    rows(p, b, t0, std::min(p.T, t0 + kNormRowsPerChunk), acc, beta_of(p, acc), xbuf, gbuf);
+  }
+
+  static GN_INLINE A norm(const LnProblem<S>& p, A* acc) {
+    A n = 0;
+    if (p.with_weight) n += reduce<VB>(acc, p.C, Square{});
+    if (p.with_bias) n += reduce<VB>(beta_of(p, acc), p.C, Square{});
+    return n;
+  }
+
+  // Samples [b0, b1), one after the other, chunk by chunk: chunk 0 goes
+  // straight into the sample's accumulators, later chunks into `part`, added
+  // after the chunk (the same sums, in the same order, as `chunks` below).
+  static GN_INLINE void samples(const LnProblem<S>& p, int64_t b0, int64_t b1, A* out) {
+    const int64_t w = p.width;
+    std::vector<A> buf(2 * w + (kConvert ? 2 * kRowGroup * p.C : 0));
+    A* total = buf.data();
+    A* part = total + w;
+    A* xbuf = part + w;
+    A* gbuf = xbuf + kRowGroup * p.C;
+    for (int64_t b = b0; b < b1; ++b) {
+      chunk_rows(p, b, 0, total, xbuf, gbuf);
+      for (int64_t k = 1; k < p.chunks; ++k) {
+        chunk_rows(p, b, k, part, xbuf, gbuf);
+        add_into(total, part, w);
+      }
+      out[b] = norm(p, total);
+    }
+  }
+
+  // Work items [i0, i1) of (sample, chunk) pairs, i = b·chunks + k, each into
+  // its own slot of `partial` ([B·chunks, width]).
+  static GN_INLINE void chunks(const LnProblem<S>& p, int64_t i0, int64_t i1, A* partial) {
+    std::vector<A> buf(kConvert ? 2 * kRowGroup * p.C : 0);
+    for (int64_t i = i0; i < i1; ++i)
+      chunk_rows(p, i / p.chunks, i % p.chunks, partial + i * p.width, buf.data(),
+                 buf.data() + kRowGroup * p.C);
+  }
+
+  static GN_INLINE void combine(const LnProblem<S>& p, int64_t b0, int64_t b1, A* partial,
+                                A* out) {
+    for (int64_t b = b0; b < b1; ++b) {
+      A* total = partial + b * p.chunks * p.width;
+      for (int64_t k = 1; k < p.chunks; ++k) add_into(total, total + k * p.width, p.width);
+      out[b] = norm(p, total);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// GroupNorm
+// ---------------------------------------------------------------------------
+template <typename S>
+struct GnProblem {
+  const S* x;
+  const S* g;
+  int64_t B, C, S_, G, cpg;  // S_ spatial points, cpg = C/G channels per group
+  acc_of<S> eps;
+  bool with_weight, with_bias;
+};
+
+template <int VB, typename S>
+struct GnKernel {
+  using A = acc_of<S>;
+  static constexpr int64_t K = kNormElemsPerChunk;
+
+  // Σ op over n values at p, in chunks of K added in order.
+  template <typename Op>
+  static GN_INLINE A chunked(const S* p, int64_t n, const Op& op, A* buf) {
+    A total = 0;
+    for (int64_t j = 0; j < n; j += K) {
+      const int64_t m = std::min(K, n - j);
+      total += reduce<VB>(as_acc(p + j, m, buf), m, op);
+    }
+    return total;
+  }
+
+  // One chunk [j, j + m) of a channel: (Σ dY·(x − mean), Σ dY).
+  static GN_INLINE void channel_chunk(const GnProblem<S>& p, int64_t off, int64_t m, A mean,
+                                      A& dot, A& sum, A* xbuf, A* gbuf) {
+    const A* dy = as_acc(p.g + off, m, gbuf);
+    if (p.with_weight) {
+      dot_dev_and_sum<VB>(as_acc(p.x + off, m, xbuf), dy, m, mean, dot, sum);
+    } else {
+      dot = 0;
+      sum = reduce<VB>(dy, m, Ident{});
+    }
+  }
+
+  static GN_INLINE A group_stat(const GnProblem<S>& p, int64_t off, int64_t n, bool second,
+                                A mean, A* buf) {
+    return second ? chunked(p.x + off, n, SqDev<A>{mean}, buf) : chunked(p.x + off, n, Ident{}, buf);
+  }
+
+  // Items [i0, i1) of (sample, group) pairs, i = b·G + group, whole: the
+  // group's statistics, then each channel's γ/β gradient and its square.
+  static GN_INLINE void groups(const GnProblem<S>& p, int64_t i0, int64_t i1, A* part) {
+    std::vector<A> buf(std::is_same_v<S, A> ? 0 : 2 * K);
+    A* xbuf = buf.data();
+    A* gbuf = xbuf + K;
+    const int64_t n = p.cpg * p.S_;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t base = i * n;  // groups are consecutive blocks of n values
+      A mean = 0, rstd = 0;
+      if (p.with_weight) {
+        mean = norm_mean(group_stat(p, base, n, false, A(0), xbuf), n);
+        rstd = norm_rstd(group_stat(p, base, n, true, mean, xbuf), n, p.eps);
+      }
+      A acc = 0;
+      for (int64_t c = 0; c < p.cpg; ++c) {
+        A dot = 0, sum = 0;
+        for (int64_t j = 0; j < p.S_; j += K) {
+          A d, s;
+          channel_chunk(p, base + c * p.S_ + j, std::min(K, p.S_ - j), mean, d, s, xbuf, gbuf);
+          dot += d;
+          sum += s;
+        }
+        acc += affine_sq_norm(rstd * dot, sum, p.with_weight, p.with_bias);
+      }
+      part[i] = acc;
+    }
+  }
+
+  // Items [i0, i1) of (group, chunk) pairs of a statistics pass, i = bg·nck + k.
+  static GN_INLINE void stat_chunks(const GnProblem<S>& p, bool second, int64_t i0, int64_t i1,
+                                    int64_t nck, const A* mean, A* out) {
+    std::vector<A> buf(std::is_same_v<S, A> ? 0 : K);
+    const int64_t n = p.cpg * p.S_;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bg = i / nck, j = (i % nck) * K;
+      const int64_t m = std::min(K, n - j);
+      out[i] = group_stat(p, bg * n + j, m, second, second ? mean[bg] : A(0), buf.data());
+    }
+  }
+
+  // Items [i0, i1) of (channel, chunk) pairs, i = (b·C + c)·ncs + k.
+  static GN_INLINE void channel_chunks(const GnProblem<S>& p, int64_t i0, int64_t i1, int64_t ncs,
+                                       const A* mean, A* dot, A* sum) {
+    std::vector<A> buf(std::is_same_v<S, A> ? 0 : 2 * K);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bc = i / ncs, j = (i % ncs) * K;
+      const int64_t bg = (bc / p.C) * p.G + (bc % p.C) / p.cpg;
+      channel_chunk(p, bc * p.S_ + j, std::min(K, p.S_ - j), p.with_weight ? mean[bg] : A(0),
+                    dot[i], sum[i], buf.data(), buf.data() + K);
+    }
+  }
+
+  // Statistics of groups [bg0, bg1) from their chunks' partial sums (second
+  // pass: Σ(x − mean)² → rstd, else Σx → mean).
+  static GN_INLINE void finish_stats(const GnProblem<S>& p, bool second, int64_t bg0, int64_t bg1,
+                                     int64_t nck, const A* s, A* mean, A* rstd) {
+    const int64_t n = p.cpg * p.S_;
+    for (int64_t bg = bg0; bg < bg1; ++bg) {
+      A total = 0;
+      for (int64_t k = 0; k < nck; ++k) total += s[bg * nck + k];
+      if (second)
+        rstd[bg] = norm_rstd(total, n, p.eps);
+      else
+        mean[bg] = norm_mean(total, n);
+    }
+  }
+
+  // part[bg] for groups [bg0, bg1) from their channels' chunk sums, in the
+  // order and arithmetic of `groups`.
+  static GN_INLINE void finish_groups(const GnProblem<S>& p, int64_t bg0, int64_t bg1,
+                                      int64_t ncs, const A* rstd, const A* dot, const A* sum,
+                                      A* part) {
+    for (int64_t bg = bg0; bg < bg1; ++bg) {
+      A acc = 0;
+      for (int64_t c = 0; c < p.cpg; ++c) {
+        const int64_t i = (bg * p.cpg + c) * ncs;
+        A d = 0, s = 0;
+        for (int64_t k = 0; k < ncs; ++k) {
+          d += dot[i + k];
+          s += sum[i + k];
+        }
+        acc += affine_sq_norm(rstd[bg] * d, s, p.with_weight, p.with_bias);
+      }
+      part[bg] = acc;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Per-instruction-set entry points: the always_inline kernels above take the
+// target of the function they are inlined into.
+// ---------------------------------------------------------------------------
+#define GN_NORM_ISA(NAME, VB, TARGET)                                                         \
+  struct NAME {                                                                               \
+    template <typename S>                                                                     \
+    TARGET static void ln_samples(const LnProblem<S>& p, int64_t b0, int64_t b1,              \
+                                  acc_of<S>* out) {                                           \
+      LnKernel<VB, S>::samples(p, b0, b1, out);                                               \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void ln_chunks(const LnProblem<S>& p, int64_t i0, int64_t i1,               \
+                                 acc_of<S>* partial) {                                        \
+      LnKernel<VB, S>::chunks(p, i0, i1, partial);                                            \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void ln_combine(const LnProblem<S>& p, int64_t b0, int64_t b1,              \
+                                  acc_of<S>* partial, acc_of<S>* out) {                       \
+      LnKernel<VB, S>::combine(p, b0, b1, partial, out);                                      \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_groups(const GnProblem<S>& p, int64_t i0, int64_t i1,               \
+                                 acc_of<S>* part) {                                           \
+      GnKernel<VB, S>::groups(p, i0, i1, part);                                               \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_stat_chunks(const GnProblem<S>& p, bool second, int64_t i0,         \
+                                      int64_t i1, int64_t nck, const acc_of<S>* mean,         \
+                                      acc_of<S>* out) {                                       \
+      GnKernel<VB, S>::stat_chunks(p, second, i0, i1, nck, mean, out);                        \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_channel_chunks(const GnProblem<S>& p, int64_t i0, int64_t i1,       \
+                                         int64_t ncs, const acc_of<S>* mean, acc_of<S>* dot,  \
+                                         acc_of<S>* sum) {                                    \
+      GnKernel<VB, S>::channel_chunks(p, i0, i1, ncs, mean, dot, sum);                        \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_finish_stats(const GnProblem<S>& p, bool second, int64_t bg0,       \
+                                       int64_t bg1, int64_t nck, const acc_of<S>* s,          \
+                                       acc_of<S>* mean, acc_of<S>* rstd) {                    \
+      GnKernel<VB, S>::finish_stats(p, second, bg0, bg1, nck, s, mean, rstd);                 \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_finish_groups(const GnProblem<S>& p, int64_t bg0, int64_t bg1,      \
+                                        int64_t ncs, const acc_of<S>* rstd,                   \
+                                        const acc_of<S>* dot, const acc_of<S>* sum,           \
+                                        acc_of<S>* part) {                                    \
+      GnKernel<VB, S>::finish_groups(p, bg0, bg1, ncs, rstd, dot, sum, part);                 \
+    }                                                                                         \
+  };
+
+GN_NORM_ISA(IsaAvx512, 64, __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))))
+GN_NORM_ISA(IsaAvx2, 32, __attribute__((target("avx2,fma"))))
+GN_NORM_ISA(IsaGeneric, 16, )
+#undef GN_NORM_ISA
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// Same rules as the Linear kernels (cpu/linear_cpu.cpp), read on every call so
+// that tests can switch.
+Isa norm_isa() {
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
+    const std::string want(env);
+    if (want == "generic") return Isa::kGeneric;
+    if (want == "avx2") {
+      TORCH_CHECK(avx2, "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+      return Isa::kAvx2;
+    }
+    if (want == "avx512") {
+      TORCH_CHECK(avx512, "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
+      return Isa::kAvx512;
+    }
+    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
+                want, "'");
+  }
+  return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
+}
+
+template <typename Fn>
+void with_isa(Fn&& fn) {
+  switch (norm_isa()) {
+    case Isa::kAvx512: fn(IsaAvx512{}); break;
+    case Isa::kAvx2: fn(IsaAvx2{}); break;
+    default: fn(IsaGeneric{});
+  }
+}
+
+// Whether items that are too few, or do not divide evenly over the threads,
+// are worth cutting into chunks.
+bool split_pays(int64_t items, int64_t threads) {
+  return items < threads || (items < 8 * threads && items % threads != 0);
+}
+
+// Enough items per task that a task is at least ~32k elements of work.
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, elems_per_item));
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks (messages match gradnoise/ops/norm_layers.py)
+// ---------------------------------------------------------------------------
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_pair(const at::Tensor& x, const at::Tensor& g, const char* layout) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
+    TORCH_CHECK(t.device().is_cpu(), "gradnoise: `", name,
+                "` must be a CPU tensor for the CPU kernel, got ", t.device());
+    const auto st = t.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                "gradnoise: `", name, "` has dtype ", st,
+                "; supported dtypes are float32, float64, bfloat16 and float16");
+    TORCH_CHECK(t.dim() >= 2, "gradnoise: `", name, "` must have at least 2 dimensions ", layout,
+                ", got ", t.sizes());
+  }
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradnoise: `x` is ", x.scalar_type(),
+              " but `grad_out` is ", g.scalar_type());
+  TORCH_CHECK(x.sizes() == g.sizes(), "gradnoise: `x` of shape ", x.sizes(),
+              " and `grad_out` of shape ", g.sizes(), " must have the same shape");
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0,
+              "gradnoise: `eps` must be a finite number >= 0, got ", eps);
+}
+
+// ---------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------
+at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                   int64_t normalized_numel, double eps, bool rms,
+                                   bool with_weight, bool with_bias) {
+  check_pair(x, grad_out, "[B, ..., normalized dims]");
+  check_eps(eps);
+  TORCH_CHECK(normalized_numel >= 1, "gradnoise: `normalized_numel` must be >= 1, got ",
+              normalized_numel);
+  int64_t trailing = 1;
+  bool matches = false;
+  for (int64_t k = x.dim() - 1; k >= 1 && !matches; --k) {
+    trailing *= x.size(k);
+    matches = trailing == normalized_numel;
+  }
+  TORCH_CHECK(matches, "gradnoise: `normalized_numel` = ", normalized_numel,
+              " is not the product of trailing dimensions of `x` of shape ", x.sizes(),
+              " (the first dimension is the batch)");
+  const int64_t B = x.size(0), C = normalized_numel;
+  const int64_t T = B == 0 ? 0 : x.numel() / (B * C);
+  at::Tensor out = at::zeros({B}, x.options().dtype(acc_type(x.scalar_type())));
+  if (B == 0 || T == 0 || !(with_weight || with_bias)) return out;
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "gradnoise_layer_norm_sq_norms", [&] {
+    using A = acc_of<scalar_t>;
+    LnProblem<scalar_t> p{xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), B, T, C,
+                          static_cast<A>(eps), rms, with_weight, with_bias,
+                          norm_num_chunks(T, kNormRowsPerChunk),
+                          (with_weight ? C : 0) + (with_bias ? C : 0)};
+    A* o = out.data_ptr<A>();
+    with_isa([&](auto isa) {
+      using Isa_ = decltype(isa);
+      if (p.chunks > 1 && split_pays(B, threads)) {
+        at::Tensor partial = at::empty({B * p.chunks * p.width}, out.options());
+        A* part = partial.data_ptr<A>();
+        at::parallel_for(0, B * p.chunks, grain_for(kNormRowsPerChunk * C),
+                         [&](int64_t i0, int64_t i1) {
+          Isa_::template ln_chunks<scalar_t>(p, i0, i1, part);
+        });
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          Isa_::template ln_combine<scalar_t>(p, b0, b1, part, o);
+        });
+      } else {
+        at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
+          Isa_::template ln_samples<scalar_t>(p, b0, b1, o);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor group_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out,
+                                   int64_t groups, double eps, bool with_weight,
+                                   bool with_bias) {
+  check_pair(x, grad_out, "[B, C, *spatial]");
+  check_eps(eps);
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "gradnoise: `groups` = ", groups,
+              " must be >= 1 and divide the ", C, " channels of `x` (dimension 1 of ",
+              x.sizes(), ")");
+  const int64_t S = B * C == 0 ? 0 : x.numel() / (B * C);
+  at::Tensor out = at::zeros({B}, x.options().dtype(acc_type(x.scalar_type())));
+  if (B == 0 || C == 0 || S == 0 || !(with_weight || with_bias)) return out;
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t G = groups, cpg = C / G, n = cpg * S;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "gradnoise_group_norm_sq_norms", [&] {
+    using A = acc_of<scalar_t>;
+    GnProblem<scalar_t> p{xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), B, C, S, G, cpg,
+                          static_cast<A>(eps), with_weight, with_bias};
+    A* o = out.data_ptr<A>();
+    std::vector<A> part(B * G);
+    with_isa([&](auto isa) {
+      using Isa_ = decltype(isa);
+      if (n > kNormElemsPerChunk && split_pays(B * G, threads)) {
+        // Few, large groups: statistics over chunks of each group, then the
+        // channels (in chunks of S), each phase split over all threads.
+        const auto opts = out.options();
+        at::Tensor mean_t = at::zeros({B * G}, opts), rstd_t = at::zeros({B * G}, opts);
+        A* mean = mean_t.data_ptr<A>();
+        A* rstd = rstd_t.data_ptr<A>();
+        if (with_weight) {
+          const int64_t nck = norm_num_chunks(n, kNormElemsPerChunk);
+          at::Tensor s_t = at::empty({B * G * nck}, opts);
+          A* s = s_t.data_ptr<A>();
+          for (const bool second : {false, true}) {
+            at::parallel_for(0, B * G * nck, grain_for(kNormElemsPerChunk),
+                             [&](int64_t i0, int64_t i1) {
+              Isa_::template gn_stat_chunks<scalar_t>(p, second, i0, i1, nck, mean, s);
+            });
+            Isa_::template gn_finish_stats<scalar_t>(p, second, 0, B * G, nck, s, mean, rstd);
+          }
+        }
+        const int64_t ncs = norm_num_chunks(S, kNormElemsPerChunk);
+        at::Tensor ds_t = at::empty({2, B * C * ncs}, opts);
+        A* dot = ds_t.data_ptr<A>();
+        A* sum = dot + B * C * ncs;
+        at::parallel_for(0, B * C * ncs, grain_for(std::min(S, kNormElemsPerChunk)),
+                         [&](int64_t i0, int64_t i1) {
+          Isa_::template gn_channel_chunks<scalar_t>(p, i0, i1, ncs, mean, dot, sum);
+        });
+        Isa_::template gn_finish_groups<scalar_t>(p, 0, B * G, ncs, rstd, dot, sum, part.data());
+      } else {
+        at::parallel_for(0, B * G, grain_for(n), [&](int64_t i0, int64_t i1) {
+          Isa_::template gn_groups<scalar_t>(p, i0, i1, part.data());
+        });
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      A total = 0;
+      for (int64_t g = 0; g < G; ++g) total += part[b * G + g];
+      o[b] = total;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
+  m.impl("layer_norm_sq_norms", &layer_norm_sq_norms_cpu);
+  m.impl("group_norm_sq_norms", &group_norm_sq_norms_cpu);
+}
+
+}  // namespace gradnoise
