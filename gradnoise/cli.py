@@ -6,6 +6,7 @@ progress bars, which the terminal user sees while long benchmarks run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -79,6 +80,110 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _demo_config(args: argparse.Namespace):
+    from .demo import DemoConfig
+
+    config = DemoConfig(max_seconds=args.minutes * 60, seed=args.seed, policy=args.policy,
+                        lr_rule=args.lr_rule, threads=args.threads)
+    if args.samples:
+        config.max_samples = args.samples
+    if args.max_batch:
+        config.max_batch = args.max_batch
+    return config
+
+
+def _live_training(console: Console, config, name: str, fixed_batch=None, log_path=None):
+    """One training run with a progress bar and a live line of its numbers."""
+    from .demo import run_training
+
+    columns = (TextColumn("[bold]{task.fields[name]}"), BarColumn(),
+               TextColumn("{task.completed:,.0f}/{task.total:,.0f} examples"),
+               TimeElapsedColumn(), TextColumn("{task.fields[line]}"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=config.max_samples, name=name, line="")
+
+        def on_step(rec):
+            bs = rec["b_simple"]
+            line = (f"step {rec['step']}  loss {rec['loss']:.3f}  "
+                    f"B_simple {'—' if bs is None else f'{bs:,.0f}'}  "
+                    f"batch {rec['batch_size']}  lr {rec['lr']:.2e}")
+            progress.update(task, completed=rec["samples"], line=line)
+
+        return run_training(config, name, fixed_batch, log_path, on_step)
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    """Train the byte-level LM with the adaptive batch; summary, plots, log."""
+    from pathlib import Path
+
+    from .demo import write_plots
+
+    config = _demo_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"Training a byte-level LM ({config.blocks} blocks, width {config.width}, "
+                  f"context {config.context}) on the Python standard library's source, "
+                  f"adaptive batch from {config.initial_batch} up to {config.max_batch}, "
+                  f"policy '{config.policy}', LR rule '{config.lr_rule}'.")
+    result = _live_training(console, config, "adaptive", log_path=out / "adaptive.csv")
+    table = Table(title=f"adaptive run: {len(result.history)} optimizer steps, "
+                        f"{result.history[-1]['samples']:,} examples, {result.seconds:.0f} s")
+    for col in ("step", "examples", "loss", "B_simple (±95%)", "batch", "accumulation", "lr"):
+        table.add_column(col, justify="right")
+    shown = sorted({0, len(result.history) - 1} | {
+        i for i in range(1, len(result.history))
+        if result.history[i]["batch_size"] != result.history[i - 1]["batch_size"]})
+    for i in shown[:25]:
+        rec = result.history[i]
+        bs, err = rec["b_simple"], rec["b_simple_stderr"]
+        table.add_row(str(rec["step"]), f"{rec['samples']:,}", f"{rec['loss']:.3f}",
+                      "—" if bs is None else (f"{bs:,.0f}" + ("" if err is None else f" ± {1.96 * err:,.0f}")),
+                      str(rec["batch_size"]), str(rec["accumulation"]), f"{rec['lr']:.2e}")
+    console.print(table)
+    for path in write_plots([result], out):
+        console.print(f"plot: {path}")
+    console.print(f"per-step log: {out / 'adaptive.csv'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    """Adaptive vs fixed small and fixed large batches: steps and examples to a target loss."""
+    from pathlib import Path
+
+    from .demo import write_plots
+
+    config = _demo_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("adaptive", None), (f"fixed {config.initial_batch}", config.initial_batch),
+            (f"fixed {config.max_batch}", config.max_batch)]
+    results = [_live_training(console, config, name, fixed, out / f"{name.replace(' ', '_')}.csv")
+               for name, fixed in runs]
+    target = args.target
+    if target is None:
+        # The best loss every run reached (20-step mean), plus a margin, so
+        # that each of them gets there.
+        def best(r):
+            w = [h["loss"] for h in r.history]
+            return min(sum(w[i - 20:i]) / 20 for i in range(20, len(w) + 1)) if len(w) >= 20 else math.inf
+        target = max(best(r) for r in results) + 0.02
+    table = Table(title=f"to a training loss of {target:.3f} nats/byte (20-step mean)")
+    for col in ("run", "optimizer steps", "examples", "seconds", "final batch", "final loss"):
+        table.add_column(col, justify="right")
+    for r in results:
+        hit = r.first_below(target)
+        final = r.history[-1]
+        seconds = sum(h["seconds"] for h in r.history[: hit["step"]]) if hit else None
+        table.add_row(r.name, f"{hit['step']:,}" if hit else "not reached",
+                      f"{hit['samples']:,}" if hit else "—",
+                      f"{seconds:.0f}" if seconds is not None else "—",
+                      str(final["batch_size"]), f"{final['loss']:.3f}")
+    console.print(table)
+    for path in write_plots(results, out):
+        console.print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradnoise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a shape to time instead of the standard set (repeatable)")
     bench.add_argument("--backend", choices=BACKENDS, default=None,
                        help=f"backend to time (default: as {ENV_VAR} or by device)")
+    for name, helptext in (("demo", "train a byte-level LM with the adaptive batch (the main job)"),
+                           ("compare", "adaptive vs fixed small and large batches, to a target loss")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--minutes", type=float, default=4.0 if name == "demo" else 5.0,
+                       help="time budget per training run")
+        p.add_argument("--samples", type=int, default=0, help="examples per run (default 60,000)")
+        p.add_argument("--max-batch", type=int, default=0, help="largest batch (default 512)")
+        p.add_argument("--policy", choices=("critical", "goodput"), default="critical")
+        p.add_argument("--lr-rule", choices=("none", "linear", "sqrt"), default="sqrt")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+        p.add_argument("--out", default="gradnoise-out", help="folder for plots and logs")
+        if name == "compare":
+            p.add_argument("--target", type=float, default=None,
+                           help="target training loss (default: reachable by every run)")
     return parser
 
 
@@ -97,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Wide enough for the tables when the output is a file or a CI log.
     console = Console(width=None if sys.stdout.isatty() else 120)
-    handler = {"info": cmd_info, "bench": cmd_bench}[args.command]
+    handler = {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo,
+               "compare": cmd_compare}[args.command]
     return handler(args, console)
 
 

@@ -65,6 +65,12 @@ struct FusedKernel {
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[r][v] = V{};
     }
+    if (sum != nullptr && !carry_out && !first_sample) {
+      // Bring this block's running sum towards L1 while the loop runs.
+#pragma GCC unroll 8
+      for (int r = 0; r < MR * NR * static_cast<int>(sizeof(T)); r += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(sum) + r, 1, 3);
+    }
 #pragma GCC unroll 4
     for (int64_t k = 0; k < kc; ++k) {
       const V b0 = load(Bp + k * NR);

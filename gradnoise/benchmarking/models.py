@@ -1,0 +1,158 @@
+"""The three models of the training-step benchmark, each with a fixed batch.
+
+Every builder returns (model, inputs, targets, loss_fn), with loss_fn(output,
+targets) -> scalar loss, mean-reduced (over samples, and over tokens for the
+LM), and the same weights and batch on every call (fixed seeds; the LM's bytes
+come from this Python's standard-library sources, so nothing is downloaded).
+
+- "mlp": 784→1024→1024→10 with ReLU, B = 256.
+- "lm":  byte-level pre-LN transformer, vocab 256, d = 256, 4 heads, 2 blocks,
+         T = 128, B = 16; token embedding tied to the LM head.
+- "cnn": three 3×3 convolutions with GroupNorm(8) on 3×32×32 images, B = 64.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Batch = tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+# ---------------------------------------------------------------------- MLP
+def build_mlp(seed: int = 0, batch: int = 256) -> Batch:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                          nn.Linear(1024, 10))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 784, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return model, x, y, F.cross_entropy
+
+
+# ----------------------------------------------------------------------- LM
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention from two nn.Linear layers, so that every
+    per-sample-gradient library sees only Linear parameters here."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q, k, v = (t.reshape(B, T, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ByteLM(nn.Module):
+    """Pre-LN transformer LM over bytes. The position embedding is an
+    nn.Embedding over positions [B, T] (batch first), so that hook-based peers
+    (Opacus, BackPACK) can handle it like any other embedding."""
+
+    def __init__(self, vocab: int = 256, d: int = 256, heads: int = 4, blocks: int = 2,
+                 context: int = 128):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.pos_emb = nn.Embedding(context, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, mean over every token of the batch."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def stdlib_bytes(min_bytes: int = 1 << 20) -> bytes:
+    """At least `min_bytes` of Python source: the standard library's top-level
+    .py files in name order."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks, total = [], 0
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= min_bytes:
+            break
+    if total < 4096:
+        raise RuntimeError(f"gradnoise benchmark: found only {total} bytes of Python source "
+                           f"under {root}")
+    return b"".join(chunks)
+
+
+def build_lm(seed: int = 0, batch: int = 16, context: int = 128) -> Batch:
+    torch.manual_seed(seed)
+    model = ByteLM(context=context)
+    data = torch.frombuffer(bytearray(stdlib_bytes()), dtype=torch.uint8).long()
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=gen)
+    windows = torch.stack([data[s:s + context + 1] for s in starts.tolist()])
+    return model, windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), lm_loss
+
+
+# ---------------------------------------------------------------------- CNN
+def build_cnn(seed: int = 0, batch: int = 64) -> Batch:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return model, x, y, F.cross_entropy
+
+
+MODELS: dict[str, Callable[..., Batch]] = {"mlp": build_mlp, "lm": build_lm, "cnn": build_cnn}
+
+DESCRIPTIONS = {
+    "mlp": "MLP 784→1024→1024→10, B=256",
+    "lm": "byte LM d=256 4 heads 2 blocks, T=128, B=16, tied embedding",
+    "cnn": "GroupNorm CNN 3×32×32, B=64",
+}
+
+
+def build(name: str, seed: int = 0) -> Batch:
+    if name not in MODELS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name](seed)
