@@ -73,10 +73,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .data import EpochSampler, StepPlan, plan_step
-from .estimators import NoiseScale, NoiseScaleEstimator, unbiased_sq_norm_and_trace
+from .estimators import NoiseScale
 
 __all__ = ["AdaptiveBatch", "BatchLimits", "CriticalBatchPolicy", "GoodputPolicy",
-           "SchedulePolicy", "PerSampleNoiseScale", "probe_micro_batch", "ramp_schedule",
+           "SchedulePolicy", "probe_micro_batch", "ramp_schedule",
            "lr_factor", "default_memory_budget", "LR_RULES", "POLICIES", "NOISE_SOURCES",
            "RECORD_FIELDS", "MIN_ESTIMATE_STEPS"]
 
@@ -572,90 +572,6 @@ def probe_micro_batch(model: nn.Module, sample_batch_fn: Callable[[int], Any], o
 
 
 # ------------------------------------------------------- per-sample source
-class PerSampleNoiseScale:
-    """B_simple from per-sample gradient norms (b = 1) over a whole
-    accumulated, possibly data-parallel, step.
-
-    After each backward (`after_backward(loss_scale)`) it adds the micro-batch's
-    per-sample ‖∇ℓ_i‖² from a GradNoiseTracker, the scale that multiplied
-    that micro-batch's mean loss undone; at the step (`step`) it compares
-    their mean with ‖G_B‖², B = every sample of the step on every rank:
-
-        ‖G‖² ≈ (B‖G_B‖² − mean_i ‖∇ℓ_i‖²) / (B − 1),
-        tr Σ ≈ (mean_i ‖∇ℓ_i‖² − ‖G_B‖²) / (1 − 1/B)
-
-    (McCandlish et al. 2018, appendix A). Under DDP one all-reduce of two
-    numbers per step gives every rank the same estimate. The same interface
-    as gradnoise.noise_scale.GradientNoiseScale (step, read, state_dict).
-    """
-    source = "per_sample"
-
-    def __init__(self, model: nn.Module, beta: float = 0.95, tracker=None, scaler=None,
-                 process_group=None, distributed: bool = False, owns_tracker: bool | None = None):
-        from .tracker import GradNoiseTracker
-        self.tracker = tracker if tracker is not None else GradNoiseTracker(model, "mean")
-        self._own_tracker = tracker is None if owns_tracker is None else owns_tracker
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.scaler = scaler
-        self.group = process_group
-        self.distributed = distributed
-        self.beta = beta
-        self.estimator = NoiseScaleEstimator(beta)
-        self.skipped_steps = 0
-        self._sum: torch.Tensor | float = 0.0
-        self._count = 0
-
-    def after_backward(self, loss_scale: float) -> None:
-        norms = self.tracker.per_sample_sq_norms()
-        # The tracker reports ‖c·∇ℓ_i‖² for a loss c·mean_i ℓ_i.
-        self._sum = self._sum + norms.double().sum() / (float(loss_scale) ** 2)
-        self._count += norms.numel()
-
-    def _scale_sq(self) -> float:
-        if self.scaler is not None and self.scaler.is_enabled():
-            return float(self.scaler.get_scale()) ** 2
-        return 1.0
-
-    def step(self, batch_size: int | None = None) -> NoiseScale | None:
-        total = torch.as_tensor(self._sum, dtype=torch.float64).detach().cpu()
-        counts = torch.tensor([float(total), float(self._count)], dtype=torch.float64)
-        self._sum, self._count = 0.0, 0
-        if self.distributed:
-            dist.all_reduce(counts, group=self.group)
-        small_sum, n = counts.tolist()
-        if n < 2:
-            return None
-        big = 0.0
-        for p in self.params:
-            if p.grad is not None:
-                big += float(p.grad.detach().float().square().sum())
-        big /= self._scale_sq()
-        g2, tr = unbiased_sq_norm_and_trace(small_sum / n, big, 1, n)
-        if not (math.isfinite(g2) and math.isfinite(tr)):
-            self.skipped_steps += 1
-            return None
-        self.estimator.update(g2, tr)
-        return self.read()
-
-    def read(self) -> NoiseScale:
-        return self.estimator.read()
-
-    def state_dict(self) -> dict:
-        return {"source": self.source, "beta": self.beta, "skipped_steps": self.skipped_steps,
-                "estimator": self.estimator.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["source"] != self.source:
-            raise ValueError(f"PerSampleNoiseScale.load_state_dict: state is from source "
-                             f"{state['source']!r}")
-        self.beta, self.skipped_steps = state["beta"], state["skipped_steps"]
-        self.estimator.load_state_dict(state["estimator"])
-
-    def close(self) -> None:
-        if self._own_tracker:
-            self.tracker.detach()
-
-
 # ------------------------------------------------------------- controller
 def _positive_int(name: str, value, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
@@ -991,11 +907,6 @@ class AdaptiveBatch:
                 raise ValueError(f"AdaptiveBatch: `noise_source` must be one of {NOISE_SOURCES} "
                                  f"or an object with the GradientNoiseScale interface; "
                                  f"{type(noise_source).__name__} lacks {missing}")
-            if (getattr(noise_source, "source", None) == "per_sample"
-                    and not hasattr(noise_source, "after_backward")):
-                raise ValueError("AdaptiveBatch: a per-sample GradientNoiseScale reads only the "
-                                 "last backward of a step, and the controller accumulates "
-                                 "micro-batches; pass noise_source='per_sample' instead")
             return noise_source, getattr(noise_source, "source", "custom"), "given"
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"AdaptiveBatch: unknown `noise_source` {noise_source!r}; expected "
@@ -1031,9 +942,9 @@ class AdaptiveBatch:
                              f"{self.world_size} DDP processes; use 'distributed' (the default) "
                              "or 'per_sample'")
         if name == "per_sample":
-            noise = PerSampleNoiseScale(self.module, beta=beta, tracker=tracker,
-                                        scaler=self.scaler, process_group=self._group,
-                                        distributed=self._distributed, owns_tracker=True)
+            noise = GradientNoiseScale(self.module, source="per_sample", beta=beta,
+                                       tracker=tracker, scaler=self.scaler,
+                                       process_group=self._group, owns_tracker=True)
         else:
             noise = GradientNoiseScale(self.module, source=name, beta=beta, scaler=self.scaler,
                                        process_group=self._group)

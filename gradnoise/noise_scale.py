@@ -60,15 +60,21 @@ class GradientNoiseScale:
         loss_reduction: "mean" or "sum", how the loss combines samples
             (per_sample: passed to the tracker; all: for ‖G‖², tr(Σ) units).
         scaler: a torch.amp.GradScaler whose scale is undone.
-        process_group: for "distributed" (default: the world).
+        process_group: for "distributed", and for "per_sample" under DDP,
+            where the per-sample sums are all-reduced (default: the world).
+        owns_tracker: detach the tracker on close() (default: if created here).
 
     Call `step(batch_size)` once per optimizer step, after the last backward
-    and before the gradients are zeroed or clipped.
+    and before the gradients are zeroed or clipped. With the per-sample
+    source and several backward passes per step (gradient accumulation),
+    call `after_backward(loss_scale)` after each of them, loss_scale being
+    the factor that multiplied that micro-batch's mean loss (e.g. 1/k).
     """
 
     def __init__(self, model: nn.Module, source: str = "per_sample", beta: float = 0.95,
                  per_layer: bool = False, tracker: GradNoiseTracker | None = None,
-                 loss_reduction: str = "mean", scaler=None, process_group=None):
+                 loss_reduction: str = "mean", scaler=None, process_group=None,
+                 owns_tracker: bool | None = None):
         if source not in SOURCES:
             raise ValueError(f"GradientNoiseScale: `source` must be one of {SOURCES}, got {source!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -93,6 +99,9 @@ class GradientNoiseScale:
         self.tracker = None
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
+            self._owns_tracker = tracker is None if owns_tracker is None else owns_tracker
+            self._ps_sums: dict[str, torch.Tensor] = {}   # layer -> Σ_i ‖∇ℓ_i‖² this step
+            self._ps_count = 0
         else:
             self._micro: list[dict[str, float]] = []   # per backward: {layer: ‖g‖²}
             self._local: dict[str, float] = {}         # distributed: ‖local accumulated‖²
@@ -135,8 +144,11 @@ class GradientNoiseScale:
             out[layer] = out[layer] + v if layer in out else v
         return out
 
+    def _scaler_on(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
     def _scale_sq(self) -> float:
-        if self.scaler is not None and self.scaler.is_enabled():
+        if self._scaler_on():
             s = float(self.scaler.get_scale())
             return s * s
         return 1.0
@@ -168,21 +180,43 @@ class GradientNoiseScale:
                 self.layer_estimators.setdefault(layer, NoiseScaleEstimator(self.beta)).update(g, s)
         return self.read()
 
-    def _per_sample_pairs(self):
+    def after_backward(self, loss_scale: float = 1.0) -> None:
+        """Per-sample source: add this backward's per-sample norms. The
+        tracker reports ‖c·∇ℓ_i‖² for a loss c·mean_i ℓ_i; c = loss_scale
+        (including a GradScaler's scale, if any) is undone here."""
+        if self.source != "per_sample":
+            return  # the other sources see each backward through their hooks
+        c2 = float(loss_scale) ** 2
         per_layer = self.tracker.per_layer_sq_norms()
-        grads = self._grad_sq_norms()
-        B = next(iter(per_layer.values())).numel()
-        if B < 2:
-            raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
-                             "samples in a batch")
-        scale = self._scale_sq()
-        # the batch gradient of a mean loss: .grad/B for a sum loss
-        batch_div = 1.0 if self.loss_reduction == "mean" else float(B * B)
-        pairs = {}
         for layer, norms in per_layer.items():
-            small = norms.double().mean().item() / scale
-            big = grads.get(layer, torch.zeros(())).item() / scale / batch_div
-            pairs[layer] = unbiased_sq_norm_and_trace(small, big, 1, B)
+            v = norms.double().sum() / c2
+            self._ps_sums[layer] = self._ps_sums[layer] + v if layer in self._ps_sums else v
+        self._ps_count += next(iter(per_layer.values())).numel() if per_layer else 0
+
+    def _per_sample_pairs(self):
+        if self._ps_count == 0:  # one backward in the step, nothing added yet
+            self.after_backward(float(self.scaler.get_scale()) if self._scaler_on() else 1.0)
+        sums, count = self._ps_sums, self._ps_count
+        self._ps_sums, self._ps_count = {}, 0
+        layers = list(sums)
+        vec = torch.tensor([float(sums[n]) for n in layers] + [float(count)], dtype=torch.float64)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            world = dist.get_world_size(self.group)
+            dist.all_reduce(vec, group=self.group)
+        N = vec[-1].item()
+        if N < 2:
+            raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
+                             "samples in a step")
+        grads = self._grad_sq_norms()
+        scale = self._scale_sq()
+        # ‖G_B‖² of the mean loss: DDP's averaged .grad of a sum loss is (N/R)·G_B
+        batch_div = 1.0 if self.loss_reduction == "mean" else (N / world) ** 2
+        pairs = {}
+        for j, layer in enumerate(layers):
+            small = vec[j].item() / N
+            big = float(grads.get(layer, 0.0)) / scale / batch_div
+            pairs[layer] = unbiased_sq_norm_and_trace(small, big, 1, N)
         return pairs
 
     def _micro_batch_pairs(self, batch_size):
@@ -262,7 +296,9 @@ class GradientNoiseScale:
             self.layer_estimators[k] = est
 
     def close(self) -> None:
-        """Remove the hooks (and detach a tracker this object created)."""
+        """Remove the hooks (and detach the tracker if this object owns it)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.tracker is not None and self._owns_tracker:
+            self.tracker.detach()

@@ -429,8 +429,11 @@ def test_auto_source_avoids_the_tracker_fallback_and_rejects_misfits():
     assert c.noise_source == "micro_batch" and "fallback" in c.noise_source_reason
     train(c, model, c.run(max_steps=2))
     model = nn.Linear(3, 1)
-    with pytest.raises(ValueError, match="noise_source='per_sample'"):
-        make(n=64, model=model, noise=GradientNoiseScale(model, source="per_sample"))
+    c, model, _ = make(n=64, model=model, noise=GradientNoiseScale(model, source="per_sample"))
+    assert c.noise_source == "per_sample"
+    train(c, model, c.run(max_steps=3))
+    with pytest.raises(ValueError, match="lacks"):
+        make(n=64, model=model, noise=object())
 
 
 def test_grad_scaler_gives_the_same_training():
