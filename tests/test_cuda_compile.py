@@ -9,8 +9,8 @@ what keeps the CUDA path honest:
   the helper the CPU and CUDA paths share is device-callable;
 * the index maths of the CUDA kernels (``csrc/cuda/linear_math.cuh``) runs on
   the host, checked against brute force;
-* the torch binding ``csrc/cuda/linear_binding.cpp`` parses against torch's
-  headers (when this torch ships its CUDA headers);
+* the torch bindings ``csrc/cuda/*.cpp`` parse against torch's headers (when
+  this torch ships its CUDA headers), warnings as errors;
 * the kernels of ``csrc/cuda/linear_kernels.cu`` run: the host compiler builds
   them against a small emulation of the CUDA features they use (each CUDA
   thread a fiber, switched at ``__syncthreads`` and warp shuffles), and their
@@ -18,9 +18,9 @@ what keeps the CUDA path honest:
   reach every code path (edges, splits, every tile configuration). This checks
   indexing, barriers and reductions, not performance or the GPU memory model.
 
-The compilers run concurrently (one job per core), started when the first test
-of this module asks for its result, so the module takes about as long as its
-slowest compile.
+All compiler runs of the selected tests start together, one per core, when the
+first of them is set up, so the module takes about as long as its slowest
+compile plus the emulated runs (~80 s of CPU in all).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 ARCHS = ("80", "90")
-BINDING = CSRC / "cuda" / "linear_binding.cpp"
+BINDINGS = sorted((CSRC / "cuda").glob("*.cpp"))  # torch-facing, host-compiled
 
 # What torch.utils.cpp_extension adds to every nvcc command (COMMON_NVCC_FLAGS):
 # without implicit half/bfloat16 conversions, so the kernels must convert
@@ -227,7 +227,6 @@ struct Block {
   std::function<void()> body;
 };
 inline Block* blk = nullptr;
-inline long blocks_run = 0;
 
 inline void wait(State s) {
   Fiber& f = blk->fibers[blk->current];
@@ -328,7 +327,6 @@ int operator^(Pending<F> p, std::tuple<A...> a) {
       for (unsigned x = 0; x < g.x; ++x) {
         b.block_idx = uint3{x, y, z};
         run_block(b);
-        ++blocks_run;
       }
   blk = saved;
   return 0;
@@ -352,7 +350,6 @@ EMU_DRIVER = textwrap.dedent("""\
     using gradnoise::cuda::DType;
 
     extern "C" {
-    long emu_blocks_run() { return ::emu::blocks_run; }
     size_t gn_workspace_bytes(int weight_grad, long B, long T, long d, long p, int dtype,
                               int bias, int method) {
       return weight_grad
@@ -432,7 +429,7 @@ class Jobs:
         elif kind == "host_math":
             fn = self._host_math
         elif kind == "binding":
-            fn = self._binding
+            fn = lambda: self._binding(Path(key[1]))  # noqa: E731
         elif kind == "emulation":
             fn = self._emulation
         else:
@@ -456,13 +453,13 @@ class Jobs:
                      str(src), "-o", str(exe)])
         return built if built.returncode != 0 else run([str(exe)])
 
-    def _binding(self):
+    def _binding(self, source: Path):
         cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                # torch ships no c10/cuda/impl/cuda_cmake_macros.h without CUDA
                "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I", str(CSRC)]
         for d in torch_include_dirs() + [cuda_include_dir(), sysconfig.get_paths()["include"]]:
             cmd += ["-isystem", d]
-        return run(cmd + [str(BINDING)])
+        return run(cmd + [str(source)])
 
     def _emulation(self):
         shim = self.out_dir / "emu_cuda.h"
@@ -486,7 +483,7 @@ def _job_key(item) -> tuple | None:
     if name == "test_linear_math_on_host":
         return ("host_math",)
     if name == "test_binding_parses_against_torch_headers":
-        return ("binding",)
+        return ("binding", str(params["source"]))
     if name == "test_kernels_on_emulated_gpu":
         return ("emulation",)
     return None
@@ -544,8 +541,10 @@ def test_linear_math_on_host(jobs):
 @pytest.mark.skipif(torch_include_dirs() is None,
                     reason="this torch ships no c10/cuda headers to check the binding against")
 @pytest.mark.skipif(cuda_include_dir() is None, reason="CUDA toolkit headers not found")
-def test_binding_parses_against_torch_headers(jobs):
-    assert_ok(jobs.result(("binding",)), f"{BINDING.relative_to(REPO)} against torch's headers")
+@pytest.mark.parametrize("source", BINDINGS, ids=lambda p: str(p.relative_to(CSRC)))
+def test_binding_parses_against_torch_headers(jobs, source):
+    assert_ok(jobs.result(("binding", str(source))),
+              f"{source.relative_to(REPO)} against torch's headers")
 
 
 # --- The kernels, run on the emulated GPU -----------------------------------

@@ -617,8 +617,8 @@ int64_t plan_groups(int64_t blocks_per_group, int64_t units, int64_t unit_rows,
   n = min_i64(n, max_groups);
   n = min_i64(n, max_i64(1, units * unit_rows / min_rows));
   n = max_i64(1, min_i64(n, units));
-  const int64_t per = ceil_div(units, n);
-  *groups = ceil_div(units, per);
+  const int64_t per = max_i64(1, ceil_div(units, n));
+  *groups = max_i64(1, ceil_div(units, per));
   return per;
 }
 
@@ -630,8 +630,9 @@ GemmPlan plan_gemm(int64_t B, int64_t T, int64_t d, int64_t p, bool norms,
   g.weight_grad = weight_grad;
   const int64_t tiles_large =
       ceil_div(p, TileLarge::BM) * ceil_div(d, TileLarge::BN);
-  // The large tile only when it alone fills the GPU: splitting the rows
-  // instead would cost a p×d partial per split for the weight gradient.
+  // The large tile (twice the arithmetic intensity) only when it alone fills
+  // the GPU; otherwise more, smaller tiles, rather than more row splits,
+  // each of which costs the weight gradient a p×d partial.
   g.large = !is_double && min_i64(d, p) > TileSmall::BM &&
             tiles_large >= kTargetBlocks / 2;
   g.tiles = g.large ? tiles_large
