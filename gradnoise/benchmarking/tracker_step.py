@@ -675,6 +675,10 @@ def print_report(rows: list[TrackerRow], console) -> int:
                f"layers='norm' ≤ 1.02×; step peak memory ≤ {PEAK_TARGET:.2f}× the plain step's.")
     console.print(targets + (" all met." if not n else f" {n} missed: " + "; ".join(missed)),
                   highlight=False)
+    if hasattr(os, "getloadavg"):
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        console.print(f"load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} CPUs",
+                      highlight=False)
     return n
 
 
@@ -684,9 +688,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="training-step benchmark against peers")
     ap.add_argument("--models", nargs="*", default=["mlp", "lm", "cnn"])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     console = Console(width=None if sys.stdout.isatty() else 200)
     res = run(a.models, a.repeats, memory=not a.no_memory,
               on_progress=lambda d, k, n: print(f"[{k}/{n}] {d}", file=sys.stderr, flush=True))

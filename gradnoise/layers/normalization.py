@@ -14,7 +14,8 @@ from .base import NormRule, register_rule
 
 
 def _rms_eps(module: nn.RMSNorm, x: torch.Tensor) -> float:
-    return module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+    # torch's RMSNorm with eps=None uses float32's epsilon for half inputs too
+    return module.eps if module.eps is not None else ops.norm_layers.rms_norm_default_eps(x.dtype)
 
 
 def _normalized_numel(module) -> int:
@@ -50,8 +51,8 @@ class _RowNormRule(NormRule):
 
     def per_sample_grads(self, module, calls, params, samples):
         x, g = self._rows(module, calls)
-        x, g = x[samples].double(), g[samples].double()
         eps = self._eps(module, x)
+        x, g = x[samples].double(), g[samples].double()
         if self.rms:
             xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
         else:
