@@ -294,3 +294,14 @@ def test_auto_picks_cheapest_method():
     assert choose_linear_norm_method(16, 128, 768, 768, True) == "fused"
     assert choose_linear_norm_method(16, 512, 768, 768, False) == "fused"
     assert choose_linear_norm_method(16, 16, 768, 768, False) == "ghost"
+
+
+def test_samples_in_several_cache_groups(variant):
+    # Large enough that the fused kernel packs the samples in several groups
+    # (8 MB of packed rows each), and the weight gradient is added across them.
+    x, grad_out = _inputs((5, 600, 512), 520)
+    truth = linear_sq_norms_truth(x, grad_out, False)
+    gw, _, norms = ops.linear_weight_grad_and_sq_norms(x, grad_out, False, "fused",
+                                                       backend=variant)
+    _check_norms(norms, truth, torch.float32)
+    _check_grad(gw, x, grad_out, torch.float32)

@@ -104,18 +104,23 @@ struct FusedKernel {
       }
   }
 
-  // C[rows, cols] = the valid mr×nr part of a packed block.
+  // C[rows, cols] (+)= the valid mr×nr part of a packed block.
   static inline void unpack_block(const T* __restrict blk, T* __restrict C, int64_t ldc, int mr,
-                                  int nr) {
+                                  int nr, bool add) {
     if (mr == MR && nr == NR) {
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, load(blk + r * NR + v * L));
+        for (int v = 0; v < NV; ++v) {
+          T* c = C + r * ldc + v * L;
+          const V b = load(blk + r * NR + v * L);
+          store(c, add ? load(c) + b : b);
+        }
       return;
     }
     for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < nr; ++j) C[r * ldc + j] = blk[r * NR + j];
+      for (int j = 0; j < nr; ++j)
+        C[r * ldc + j] = add ? C[r * ldc + j] + blk[r * NR + j] : blk[r * NR + j];
   }
 
   // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
@@ -155,12 +160,14 @@ struct FusedBlocking {
 // MR and NR, except at the edges of C), all samples. Reads the packed
 // operands: pa [ceil(p/MR)][B·T][MR] (dY) and pb [ceil(d/NR)][B·T][NR] (X).
 // A tile of C is summed in `tile_sum` (packed blocks, so that each block is
-// a few adjacent cache lines in L2) and written to C when its samples are done.
+// a few adjacent cache lines in L2) and written to C (added to it when
+// `add_to_C`: an earlier group of samples is there) when its samples are done.
 // norms: this slab's per-sample partial sums, accumulated (+=).
 template <typename T>
 void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,
                        int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,
-                       double* norms, const FusedBlocking& blk, T* tile_sum, T* carry) {
+                       double* norms, const FusedBlocking& blk, T* tile_sum, T* carry,
+                       bool add_to_C) {
   using K = FusedKernel<T>;
   constexpr int64_t kBlock = K::MR * K::NR;
   const int64_t rows = B * T_len;  // rows of each packed strip
@@ -200,7 +207,8 @@ void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64
         for (int64_t is = 0; is < m_strips; ++is) {
           const int64_t row = ic + is * K::MR;
           const int mr = static_cast<int>(p - row < K::MR ? p - row : K::MR);
-          K::unpack_block(tile_sum + (js * m_strips + is) * kBlock, C + row * d + col, d, mr, nr);
+          K::unpack_block(tile_sum + (js * m_strips + is) * kBlock, C + row * d + col, d, mr, nr,
+                          add_to_C);
         }
       }
     }

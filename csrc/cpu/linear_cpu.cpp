@@ -155,43 +155,56 @@ void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d
                int64_t ldx, int64_t ldg, T* C, double* norms) {
   using K = typename Kern::template Kernel<T>;
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
-  const int64_t rows = B * T_len;
   const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  // Pack X and dY once, into the strip order the register kernel reads
-  // (this also converts half-precision input to float).
-  AlignedBuffer packed((a_strips * K::MR + b_strips * K::NR) * rows * sizeof(T));
+  // Samples are taken in groups whose packed X and dY stay in the last-level
+  // cache while every tile of C reads them: each tile streams its group's
+  // panels once per sample, so a group that spilled to DRAM would be re-read
+  // from memory by every tile.
+  constexpr int64_t kGroupBytes = 8 << 20;
+  const int64_t row_bytes = (a_strips * K::MR + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::max<int64_t>(1, std::min(B, kGroupBytes / row_bytes / T_len));
+  const int64_t group_rows = group * T_len;
+  AlignedBuffer packed(row_bytes * group_rows);
   T* pa = static_cast<T*>(packed.ptr);
-  T* pb = pa + a_strips * K::MR * rows;
-  constexpr int64_t kPackRows = 64;
-  const int64_t row_blocks = ceil_div(rows, kPackRows);
-  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
-    const int64_t r0 = rb0 * kPackRows, r1 = std::min(rows, rb1 * kPackRows);
-    K::template pack_strips<K::MR>(g, ldg, p, r0, r1, rows, 0, a_strips, pa);
-    K::template pack_strips<K::NR>(x, ldx, d, r0, r1, rows, 0, b_strips, pb);
-  });
-
+  T* pb = pa + a_strips * K::MR * group_rows;
   std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
   const int64_t unit = plan.split_columns ? K::NR : K::MR;
   const int64_t extent = plan.split_columns ? d : p;
   const int64_t units = ceil_div(extent, unit);
-  at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
-    const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
-    AlignedBuffer scratch(2 * tile_elems * sizeof(T));
-    T* tile_sum = static_cast<T*>(scratch.ptr);
-    T* carry = tile_sum + tile_elems;
-    typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
-    for (int64_t s = begin; s < end; ++s) {
-      // Equal shares of whole register blocks, one per thread.
-      const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
-      const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
-      if (lo >= hi) continue;
-      double* nrm = partial.data() + s * B;
-      if (plan.split_columns)
-        Kern::slab(pa, pb, B, T_len, p, d, 0, p, lo, hi, C, nrm, blk, tile_sum, carry);
-      else
-        Kern::slab(pa, pb, B, T_len, p, d, lo, hi, 0, d, C, nrm, blk, tile_sum, carry);
-    }
-  });
+  const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
+  std::vector<AlignedBuffer*> scratch(static_cast<size_t>(plan.slabs), nullptr);
+  for (int64_t i0 = 0; i0 < B; i0 += group) {
+    const int64_t n = std::min(group, B - i0), rows = n * T_len;
+    // Pack this group into the strip order the register kernel reads
+    // (converting half-precision input to float on the way).
+    const in_t* xg = x + i0 * T_len * ldx;
+    const in_t* gg = g + i0 * T_len * ldg;
+    constexpr int64_t kPackRows = 64;
+    at::parallel_for(0, ceil_div(rows, kPackRows), 1, [&](int64_t rb0, int64_t rb1) {
+      const int64_t r0 = rb0 * kPackRows, r1 = std::min(rows, rb1 * kPackRows);
+      K::template pack_strips<K::MR>(gg, ldg, p, r0, r1, rows, 0, a_strips, pa);
+      K::template pack_strips<K::NR>(xg, ldx, d, r0, r1, rows, 0, b_strips, pb);
+    });
+    at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
+      typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
+      for (int64_t s = begin; s < end; ++s) {
+        if (scratch[s] == nullptr) scratch[s] = new AlignedBuffer(2 * tile_elems * sizeof(T));
+        T* tile_sum = static_cast<T*>(scratch[s]->ptr);
+        T* carry = tile_sum + tile_elems;
+        // Equal shares of whole register blocks, one per thread.
+        const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
+        const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
+        if (lo >= hi) continue;
+        double* nrm = partial.data() + s * B + i0;
+        const bool add = i0 > 0;
+        if (plan.split_columns)
+          Kern::slab(pa, pb, n, T_len, p, d, 0, p, lo, hi, C, nrm, blk, tile_sum, carry, add);
+        else
+          Kern::slab(pa, pb, n, T_len, p, d, lo, hi, 0, d, C, nrm, blk, tile_sum, carry, add);
+      }
+    });
+  }
+  for (AlignedBuffer* b : scratch) delete b;
   for (int64_t i = 0; i < B; ++i) {
     double s = 0.0;
     for (int64_t k = 0; k < plan.slabs; ++k) s += partial[k * B + i];
@@ -208,9 +221,10 @@ void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d
     template <typename T>                                                                \
     static void slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,      \
                      int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,    \
-                     double* norms, const Blocking& blk, T* tile_sum, T* carry) {        \
+                     double* norms, const Blocking& blk, T* tile_sum, T* carry,          \
+                     bool add) {                                                         \
       NS::fused_linear_slab<T>(pa, pb, B, T_len, p, d, r0, r1, c0, c1, C, norms, blk,    \
-                               tile_sum, carry);                                         \
+                               tile_sum, carry, add);                                    \
     }                                                                                    \
   };
 GN_ISA_ADAPTER(Avx512, isa_avx512)

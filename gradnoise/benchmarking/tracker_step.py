@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -62,7 +62,11 @@ _QUIET = ("Full backward hook is firing", "does not have an extension for Module
 
 
 class Unavailable(Exception):
-    """The candidate cannot run this model; the message says why."""
+    """The candidate cannot run this model; the message says why, `short` in a few words."""
+
+    def __init__(self, reason: str, short: str = ""):
+        super().__init__(reason)
+        self.short = short or reason
 
 
 @dataclass
@@ -83,6 +87,8 @@ class TrackerRow:
     candidate: str
     available: bool
     reason: str = ""
+    short_reason: str = ""
+    threads: int = 0
     median_ms: float | None = None
     ratio: float | None = None                 # median of per-repetition time / plain
     repeats: int = 0
@@ -118,7 +124,8 @@ def _check_materialise(model: nn.Module, batch: int, who: str) -> None:
     need = _per_sample_bytes(model, batch)
     if need > MATERIALISE_LIMIT_BYTES:
         raise Unavailable(f"{who} materialises per-sample gradients: {need / 2**30:.1f} GB "
-                          f"projected > {MATERIALISE_LIMIT_BYTES / 2**30:.0f} GB limit")
+                          f"projected > {MATERIALISE_LIMIT_BYTES / 2**30:.0f} GB limit",
+                          f"> {MATERIALISE_LIMIT_BYTES / 2**30:.0f} GB")
 
 
 def _is_norm_module(module: nn.Module) -> bool:
@@ -148,7 +155,7 @@ def _gradnoise(layers: str):
         from ..tracker import GradNoiseTracker
         names = norm_layer_params(model) if layers == "norm" else None
         if layers == "norm" and not names:
-            raise Unavailable("no LayerNorm/RMSNorm/GroupNorm in the model")
+            raise Unavailable("no LayerNorm/RMSNorm/GroupNorm in the model", "no norm layers")
         tracker = GradNoiseTracker(model, loss_reduction="mean", layers=layers)
 
         def step():
@@ -218,7 +225,8 @@ def _opacus_ghost(model, x, y, loss_fn) -> Prepared:
     if tied:
         # Opacus raises NotImplementedError("Parameter tying is not supported
         # with Ghost Clipping") in the forward hook.
-        raise Unavailable(f"ghost clipping refuses tied parameters ({', '.join(tied)})")
+        raise Unavailable(f"ghost clipping refuses tied parameters ({', '.join(tied)})",
+                          "tied weights")
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
                                                max_grad_norm=1.0, use_ghost_clipping=True)
     params = _params(model)
@@ -280,7 +288,7 @@ def _backpack(model, x, y, loss_fn) -> Prepared:
         detail = (f"no BatchL2Grad extension for {', '.join(kinds)}; parameters left out: "
                   f"{', '.join(missing)}") if kinds else ""
         if tied:
-            note = ", ".join(filter(None, [note, "tied weight: one use"]))
+            note = ", ".join(filter(None, [note, "tied: 1 use"]))
             detail = "; ".join(filter(None, [detail, f"tied {', '.join(tied)}: batch_l2 is set "
                                           "per module, so the last use overwrites the others "
                                           "instead of the per-sample gradients being summed"]))
@@ -504,15 +512,18 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
             prepared: dict[str, Prepared] = {}
             out: dict[str, TrackerRow] = {}
             for c in candidates:
-                out[c] = TrackerRow(mname, c, True, target=TIME_TARGETS.get((c, mname)))
+                out[c] = TrackerRow(mname, c, True, threads=torch.get_num_threads(),
+                                    target=TIME_TARGETS.get((c, mname)))
                 try:
                     prepared[c] = prepare(c, copy.deepcopy(model), x, y, loss_fn)
                 except Unavailable as e:
-                    out[c].available, out[c].reason = False, str(e)
+                    out[c].available, out[c].reason, out[c].short_reason = False, str(e), e.short
                 except ImportError as e:
                     out[c].available, out[c].reason = False, f"not installed ({e})"
+                    out[c].short_reason = "not installed"
                 except Exception as e:  # the peer refuses the model: a result too
                     out[c].available, out[c].reason = False, f"{type(e).__name__}: {e}"
+                    out[c].short_reason = type(e).__name__
             # One step each: the check of the norms, and the first warm-up.
             norms, first = {}, {}
             said: dict[str, list[str]] = {}
@@ -529,6 +540,7 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
                     said[c] = _warned(caught)
                 except Exception as e:  # a peer failing on this model is a result
                     out[c].available, out[c].reason = False, f"{type(e).__name__}: {e}"
+                    out[c].short_reason = f"fails: {type(e).__name__}"
                     del prepared[c]
             if "plain" not in prepared:
                 raise RuntimeError(f"the plain step failed on {mname}: {out['plain'].reason}")
@@ -547,16 +559,16 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
                     if len(covered) != len(all_names):
                         cov = sum(int(dict(_params(model))[k].numel()) for k in covered)
                         tot = sum(int(p.numel()) for _, p in _params(model))
-                        out[c].coverage = f"{len(covered)}/{len(all_names)} tensors, {cov / tot:.1%} of θ"
+                        out[c].coverage = f"{len(covered)}/{len(all_names)} ({cov / tot:.1%})"
                         if c == "gradnoise norm":
                             frac = statistics.median((n / gn).tolist()) if gn is not None else float("nan")
-                            out[c].coverage = f"norm layers ({cov / tot:.2%} of θ)"
-                            out[c].note = ", ".join(filter(None, [out[c].note, f"median {frac:.1%} of all"]))
+                            out[c].coverage = f"norm ({cov / tot:.2%})"
+                            out[c].note = ", ".join(filter(None, [out[c].note, f"= {frac:.1%} of all"]))
             progress(f"{mname}: checked", 1)
             for c, p in prepared.items():
                 note, detail = p.describe() if p.describe else (p.note, p.detail)
                 if any(w.startswith("no vmap batching rule") for w in said.get(c, [])):
-                    note = ", ".join(filter(None, [note, "vmap fallback loop"]))
+                    note = ", ".join(filter(None, [note, "vmap loops"]))
                 out[c].note = ", ".join(filter(None, [out[c].note, note]))
                 out[c].detail = "; ".join(filter(None, [detail] + said.get(c, [])))
             steps = {c: p.step for c, p in prepared.items()}
@@ -595,46 +607,44 @@ def _fmt(v, spec, suffix=""):
 
 
 def render_table(rows: list[TrackerRow], title: str | None = None):
-    """A rich Table: one line per (model, candidate), a section per model."""
+    """A rich Table: one line per (model, candidate), a section per model.
+    Fits 120 columns; the long texts are in `footnotes(rows)`."""
+    from rich import box
     from rich.table import Table
-    threads = torch.get_num_threads()
+    threads = max((r.threads for r in rows), default=0) or torch.get_num_threads()
     reps = max((r.repeats for r in rows), default=0)
-    table = Table(title=title or (f"Training step with per-sample gradient norms, as a multiple of "
-                                  f"the plain step ({threads} threads, median of up to {reps} "
-                                  f"interleaved repetitions)"))
+    table = Table(title=title or (f"Training step with per-sample gradient norms vs the plain step "
+                                  f"({threads} thread{'s' if threads != 1 else ''}, median of up to {reps} interleaved "
+                                  f"repetitions)"), box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     for col, just in (("model", "left"), ("candidate", "left"), ("ms/step", "right"),
-                      ("× plain", "right"), ("target", "right"), ("step peak MB", "right"),
-                      ("peak × plain", "right"), ("rel. diff vs gradnoise", "right"),
-                      ("rel. err vs fp64", "right"), ("covers", "left"), ("notes", "left")):
-        table.add_column(col, justify=just)
+                      ("reps", "right"), ("×plain", "right"), ("target", "right"),
+                      ("peak MB", "right"), ("×plain", "right"), ("Δ gn", "right"),
+                      ("Δ fp64", "right"), ("covers", "left"), ("notes", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "notes")
     last = None
     for r in rows:
         if last is not None and r.model != last:
             table.add_section()
-        first_of_model = r.model != last
+        model_cell = r.model if r.model != last else ""
         last = r.model
-        model_cell = r.model if first_of_model else ""
         if not r.available:
-            table.add_row(model_cell, r.candidate, "n/a", "", "", "", "", "", "", "",
-                          f"[yellow]{_short(r.reason)}")
+            table.add_row(model_cell, r.candidate, "n/a", "", "", "", "", "", "", "", "",
+                          f"[yellow]{r.short_reason or _short(r.reason)}")
             continue
-        ratio = _fmt(r.ratio, ".3f", "×")
+        ratio = _fmt(r.ratio, ".3f" if r.ratio is None or r.ratio < 10 else ".1f", "×")
         if r.target is not None and r.ratio is not None:
             ratio = f"[{'green' if r.ratio <= r.target else 'red'}]{ratio}"
-        peak_ratio = _fmt(r.peak_ratio, ".2f", "×")
+        peak_ratio = _fmt(r.peak_ratio, ".2f" if r.peak_ratio is None or r.peak_ratio < 10 else ".0f", "×")
         if r.candidate.startswith("gradnoise") and r.peak_ratio is not None:
             peak_ratio = f"[{'green' if r.peak_ratio <= PEAK_TARGET else 'red'}]{peak_ratio}"
-        reps = "" if r.repeats in (0, reps_max(rows)) else f" ({r.repeats} reps)"
-        table.add_row(model_cell, r.candidate, _fmt(r.median_ms, ".1f") + reps,
-                      ratio if r.candidate != "plain" else "1", _fmt(r.target, ".2f", "×"),
-                      _fmt(r.peak_mb, ".0f"), peak_ratio if r.candidate != "plain" else "1",
-                      _fmt(r.err_vs_gradnoise, ".1e"), _fmt(r.err_vs_truth, ".1e"),
-                      r.coverage, r.note)
+        plain = r.candidate == "plain"
+        table.add_row(model_cell, r.candidate, _fmt(r.median_ms, ".1f"), str(r.repeats),
+                      "1" if plain else ratio, _fmt(r.target, ".2f", "×"),
+                      _fmt(r.peak_mb, ".0f"), "1" if plain else peak_ratio,
+                      _fmt(r.err_vs_gradnoise, ".0e"), _fmt(r.err_vs_truth, ".0e"),
+                      "" if plain else r.coverage, r.note)
     return table
-
-
-def reps_max(rows: list[TrackerRow]) -> int:
-    return max((r.repeats for r in rows), default=0)
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -642,8 +652,11 @@ def _short(text: str, n: int = 70) -> str:
 
 
 def footnotes(rows: list[TrackerRow]) -> list[str]:
-    """The long texts: why a candidate is n/a, what a peer leaves out."""
-    out = []
+    """The long texts: the columns, why a candidate is n/a, what a peer leaves out."""
+    out = ["Δ gn: max over samples of |norm − gradnoise layers='all'| / gradnoise; Δ fp64: the same "
+           "against torch.func in float64, over the parameters the candidate covers; covers: parameter "
+           "tensors measured (share of all parameters); peak MB: resident-memory peak of one step "
+           "above what the process held before it, in a fresh process"]
     for r in rows:
         if not r.available:
             out.append(f"{r.model} / {r.candidate}: n/a: {r.reason}")
