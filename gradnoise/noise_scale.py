@@ -134,14 +134,17 @@ class GradientNoiseScale:
             self._pending_local.clear()
 
     # --------------------------------------------------------------- step
-    def _grad_sq_norms(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for p in self.params:
-            if p.grad is None:
-                continue
-            layer = self._owners.get(id(p), "")
-            v = p.grad.detach().float().square().sum()
-            out[layer] = out[layer] + v if layer in out else v
+    def _grad_sq_norms(self) -> dict[str, float]:
+        """{layer: ‖.grad‖²} over the parameters each layer owns, in one fused
+        pass (torch._foreach_norm) and one device-to-host copy."""
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            return {}
+        norms = torch.stack(torch._foreach_norm([p.grad.detach() for p in with_grad])).double()
+        layers = [self._owners.get(id(p), "") for p in with_grad]
+        out: dict[str, float] = {}
+        for layer, v in zip(layers, norms.square().tolist()):
+            out[layer] = out.get(layer, 0.0) + v
         return out
 
     def _scaler_on(self) -> bool:
