@@ -13,12 +13,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def linear_problem(x: torch.Tensor, grad_out: torch.Tensor, method: str = "auto"):
-    """Check a Linear layer's (input, output gradient) pair.
-
-    Returns (B, T, d, p) with T the product of the middle dimensions
-    (T = 1 for 2-D input).
-    """
+def tensor_pair(x: torch.Tensor, grad_out: torch.Tensor, layout: str) -> None:
+    """Both tensors, a supported dtype (the same), at least 2-D, one device."""
     for name, t in (("x", x), ("grad_out", grad_out)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gradnoise: `{name}` must be a torch.Tensor, got {type(t).__name__}")
@@ -28,7 +24,7 @@ def linear_problem(x: torch.Tensor, grad_out: torch.Tensor, method: str = "auto"
                 "float32, float64, bfloat16 and float16")
         if t.dim() < 2:
             raise ValueError(
-                f"gradnoise: `{name}` must have at least 2 dimensions [B, ..., features], "
+                f"gradnoise: `{name}` must have at least 2 dimensions {layout}, "
                 f"got shape {tuple(t.shape)}")
     if x.dtype != grad_out.dtype:
         raise TypeError(
@@ -37,6 +33,15 @@ def linear_problem(x: torch.Tensor, grad_out: torch.Tensor, method: str = "auto"
     if x.device != grad_out.device:
         raise ValueError(
             f"gradnoise: `x` is on {x.device} but `grad_out` is on {grad_out.device}")
+
+
+def linear_problem(x: torch.Tensor, grad_out: torch.Tensor, method: str = "auto"):
+    """Check a Linear layer's (input, output gradient) pair.
+
+    Returns (B, T, d, p) with T the product of the middle dimensions
+    (T = 1 for 2-D input).
+    """
+    tensor_pair(x, grad_out, "[B, ..., features]")
     if x.dim() != grad_out.dim() or x.shape[:-1] != grad_out.shape[:-1]:
         raise ValueError(
             f"gradnoise: `x` of shape {tuple(x.shape)} and `grad_out` of shape "

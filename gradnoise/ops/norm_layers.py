@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from ._validate import SUPPORTED_DTYPES, accumulation_dtype
+from . import _validate
+from ._validate import accumulation_dtype
 from .backends import resolve_backend
 
 __all__ = [
@@ -41,24 +42,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 def _check_pair(x, grad_out, layout: str) -> None:
-    for name, t in (("x", x), ("grad_out", grad_out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"gradnoise: `{name}` must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"gradnoise: `{name}` has dtype {t.dtype}; supported dtypes are "
-                "float32, float64, bfloat16 and float16")
-        if t.dim() < 2:
-            raise ValueError(
-                f"gradnoise: `{name}` must have at least 2 dimensions {layout}, "
-                f"got shape {tuple(t.shape)}")
-    if x.dtype != grad_out.dtype:
-        raise TypeError(
-            f"gradnoise: `x` is {x.dtype} but `grad_out` is {grad_out.dtype}; "
-            "pass both in the layer's compute dtype")
-    if x.device != grad_out.device:
-        raise ValueError(
-            f"gradnoise: `x` is on {x.device} but `grad_out` is on {grad_out.device}")
+    _validate.tensor_pair(x, grad_out, layout)
     if x.shape != grad_out.shape:
         raise ValueError(
             f"gradnoise: `x` of shape {tuple(x.shape)} and `grad_out` of shape "
