@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "cuda/binding_dtype.h"
 #include "cuda/linear_launchers.h"
 
 namespace gradnoise {
@@ -25,20 +26,6 @@ struct LinearShape {
   int64_t B, T, d, p;
 };
 
-cuda::DType launcher_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "gradnoise: unsupported dtype ", t);
-  }
-}
 
 void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "gradnoise: `", name,

@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "cuda/linear_launchers.h"
+#include "cuda/acc_types.cuh"
 #include "cuda/linear_math.cuh"
 
 #define GN_CUDA_TRY(expr)                               \
@@ -57,23 +58,6 @@ constexpr int64_t kMaxBiasGroupsWithGrad = 64;  // each group: one p partial
 constexpr int64_t kMinRowsPerBiasGroup = 32;
 constexpr size_t kWorkspaceAlign = 256;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
 
 template <typename T>
 __device__ __forceinline__ T from_acc(acc_t<T> v);

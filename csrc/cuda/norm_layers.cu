@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "cuda/acc_types.cuh"
 #include "cuda/norm_layers_launchers.h"
 #include "norm_layers_math.h"
 
@@ -52,21 +53,6 @@ constexpr int64_t kMaxGrid = 1 << 20;   // grid-stride beyond this
 constexpr int64_t kMinRowsPerChunk = 16;
 constexpr size_t kWorkspaceAlign = 256;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Butterfly: every lane ends with the same sum, added in the same order.
 template <typename A>

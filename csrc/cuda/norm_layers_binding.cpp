@@ -13,25 +13,12 @@
 #include <cstdint>
 #include <utility>
 
+#include "cuda/binding_dtype.h"
 #include "cuda/norm_layers_launchers.h"
 
 namespace gradnoise {
 namespace {
 
-cuda::DType launcher_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "gradnoise: unsupported dtype ", t);
-  }
-}
 
 // The same checks, in the same words, as cpu/norm_layers_cpu.cpp and
 // gradnoise/ops/norm_layers.py.
