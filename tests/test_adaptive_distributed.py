@@ -59,6 +59,8 @@ def _worker(rank, world, init_file, result_file):
             c.close()
         with open(f"{result_file}.{rank}", "wb") as f:
             pickle.dump(out, f)
+        # every rank done with its collectives before any tears the group down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

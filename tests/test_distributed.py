@@ -25,6 +25,14 @@ def _init(rank, world, init_file):
                             world_size=world, timeout=datetime.timedelta(seconds=15))
 
 
+def _quiesce(ddp, gns):
+    """Let every rank finish its collectives before any tears the group down
+    (a rank that exits while gloo's threads still work aborts the process)."""
+    gns.close()
+    del ddp
+    dist.barrier()
+
+
 def _global_batches(world, uneven=False):
     gen = torch.Generator().manual_seed(11)
     _, w_star = regression_model()
@@ -52,6 +60,7 @@ def _worker(rank, world, init_file, result_file, uneven, fail_rank):
             gns.step(x.shape[0])
         with open(f"{result_file}.{rank}", "wb") as f:
             pickle.dump((gns.read(), gns.estimator.state_dict()), f)
+        _quiesce(ddp, gns)
     finally:
         dist.destroy_process_group()
 
@@ -131,6 +140,7 @@ def _unused_worker(rank, world, init_file, result_file, uneven, fail_rank):
             gns.step(6)
         with open(f"{result_file}.{rank}", "wb") as f:
             pickle.dump((gns.read(), sorted(gns.read_layers())), f)
+        _quiesce(ddp, gns)
     finally:
         dist.destroy_process_group()
 
