@@ -173,6 +173,7 @@ class GradNoiseTracker:
             fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
                      and not shared)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
+        self._by_module = {id(t.module): t for t in self._tracked}
         # Each shared parameter is reported under its first owner.
         self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
         for t in self._tracked:
@@ -288,7 +289,7 @@ class GradNoiseTracker:
                         need_weight: bool, need_bias: bool):
         """Backward of a fused-Linear call: its weight and bias gradients."""
         step = self._step
-        t = next(t for t in self._tracked if t.module is module)
+        t = self._by_module[id(module)]
         if step is not None:
             self._queue_finish()
         if step is not None and len(step.calls.get(id(module), [])) == 1:
@@ -317,13 +318,12 @@ class GradNoiseTracker:
         parameters, batch-size check, loss-reduction scaling."""
         self._suspended = True
         try:
-            by_id = {id(t.module): t for t in self._tracked}
             for mid, calls in step.calls.items():
                 calls = [c for c in calls if c is not None and any(
                     g is not None for g in c.grad_outputs)]
                 if not calls:
                     continue
-                t = by_id[mid]
+                t = self._by_module[mid]
                 unshared = [p for p in t.own if p not in t.shared]
                 if unshared:
                     self._step_add(step, t, t.rule.sq_norms(t.module, calls, unshared), _batch(calls[0]))

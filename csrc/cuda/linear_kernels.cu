@@ -30,21 +30,13 @@
 
 #include "common.h"
 #include "cuda/linear_launchers.h"
-#include "cuda/acc_types.cuh"
+#include "cuda/device_common.cuh"
 #include "cuda/linear_math.cuh"
-
-#define GN_CUDA_TRY(expr)                               \
-  do {                                                  \
-    const cudaError_t gn_status_ = (expr);              \
-    if (gn_status_ != cudaSuccess) return gn_status_;   \
-  } while (0)
 
 namespace gradnoise {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // Launch-shape policy. Constants rather than device queries, so that a shape
 // is always cut the same way (see the reproducibility note above).

@@ -29,22 +29,14 @@
 #include <cstdint>
 
 #include "common.h"
-#include "cuda/acc_types.cuh"
+#include "cuda/device_common.cuh"
 #include "cuda/norm_layers_launchers.h"
 #include "norm_layers_math.h"
-
-#define GN_CUDA_TRY(expr)                             \
-  do {                                                \
-    const cudaError_t gn_status_ = (expr);            \
-    if (gn_status_ != cudaSuccess) return gn_status_; \
-  } while (0)
 
 namespace gradnoise {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 // Launch-shape policy: constants, not device queries (reproducibility).

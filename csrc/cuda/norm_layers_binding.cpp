@@ -14,38 +14,12 @@
 #include <utility>
 
 #include "cuda/binding_dtype.h"
+#include "norm_layers_checks.h"
 #include "cuda/norm_layers_launchers.h"
 
 namespace gradnoise {
 namespace {
 
-
-// The same checks, in the same words, as cpu/norm_layers_cpu.cpp and
-// gradnoise/ops/norm_layers.py.
-void check_pair(const at::Tensor& x, const at::Tensor& g, const char* layout) {
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
-    TORCH_CHECK(t.is_cuda(), "gradnoise: `", name,
-                "` must be a CUDA tensor for the CUDA kernels, got one on ", t.device());
-    const auto st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                "gradnoise: `", name, "` has dtype ", st,
-                "; supported dtypes are float32, float64, bfloat16 and float16");
-    TORCH_CHECK(t.dim() >= 2, "gradnoise: `", name, "` must have at least 2 dimensions ", layout,
-                ", got ", t.sizes());
-  }
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradnoise: `x` is ", x.scalar_type(),
-              " but `grad_out` is ", g.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), "gradnoise: `x` is on ", x.device(),
-              " but `grad_out` is on ", g.device());
-  TORCH_CHECK(x.sizes() == g.sizes(), "gradnoise: `x` of shape ", x.sizes(),
-              " and `grad_out` of shape ", g.sizes(), " must have the same shape");
-}
-
-void check_eps(double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0,
-              "gradnoise: `eps` must be a finite number >= 0, got ", eps);
-}
 
 at::ScalarType norm_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -57,21 +31,8 @@ void check_launch(cudaError_t status, const char* op) {
 at::Tensor layer_norm_sq_norms_cuda(const at::Tensor& x, const at::Tensor& grad_out,
                                     int64_t normalized_numel, double eps, bool rms,
                                     bool with_weight, bool with_bias) {
-  check_pair(x, grad_out, "[B, ..., normalized dims]");
-  check_eps(eps);
-  TORCH_CHECK(normalized_numel >= 1, "gradnoise: `normalized_numel` must be >= 1, got ",
-              normalized_numel);
-  int64_t trailing = 1;
-  bool matches = false;
-  for (int64_t k = x.dim() - 1; k >= 1 && !matches; --k) {
-    trailing *= x.size(k);
-    matches = trailing == normalized_numel;
-  }
-  TORCH_CHECK(matches, "gradnoise: `normalized_numel` = ", normalized_numel,
-              " is not the product of trailing dimensions of `x` of shape ", x.sizes(),
-              " (the first dimension is the batch)");
-  const int64_t B = x.size(0), C = normalized_numel;
-  const int64_t T = B == 0 ? 0 : x.numel() / (B * C);
+  const auto [B, T, C] =
+      layer_norm_shape(x, grad_out, normalized_numel, eps, at::kCUDA, "CUDA");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor xc = x.contiguous();
@@ -94,13 +55,7 @@ at::Tensor layer_norm_sq_norms_cuda(const at::Tensor& x, const at::Tensor& grad_
 at::Tensor group_norm_sq_norms_cuda(const at::Tensor& x, const at::Tensor& grad_out,
                                     int64_t groups, double eps, bool with_weight,
                                     bool with_bias) {
-  check_pair(x, grad_out, "[B, C, *spatial]");
-  check_eps(eps);
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "gradnoise: `groups` = ", groups,
-              " must be >= 1 and divide the ", C, " channels of `x` (dimension 1 of ",
-              x.sizes(), ")");
-  const int64_t S = B * C == 0 ? 0 : x.numel() / (B * C);
+  const auto [B, C, S] = group_norm_shape(x, grad_out, groups, eps, at::kCUDA, "CUDA");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor xc = x.contiguous();

@@ -8,6 +8,7 @@ tracker undoes the loss reduction afterwards.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,14 +29,14 @@ class Call:
     output_index: list = field(default_factory=lambda: [0])
 
 
-class NormRule:
+class NormRule(ABC):
     """Per-sample squared gradient norms of one module type's own parameters.
 
     Subclasses implement `sq_norms` (the fast path, used when none of the
-    module's parameters is shared with another module) and `per_sample_grads`
-    (chunks of materialised per-sample gradients, used for parameters that
-    are shared, whose per-sample gradient must be summed over every use
-    before it is squared).
+    module's parameters is shared with another module) and may override
+    `per_sample_grads` (chunks of materialised per-sample gradients, used for
+    parameters that are shared, whose per-sample gradient must be summed over
+    every use before it is squared).
     """
 
     #: counted by GradNoiseTracker(layers="norm")
@@ -46,17 +47,20 @@ class NormRule:
     def check(self, module: nn.Module, name: str) -> None:
         """Raise if this module's configuration is not supported."""
 
+    @abstractmethod
     def sq_norms(self, module: nn.Module, calls: list[Call], params: list[str]):
         """float32 [B]: Σ over `params` of ‖per-sample gradient‖², summed over calls
         before squaring; or {child name ("" for the module): [B]} for a rule
         that claims children."""
-        raise NotImplementedError
 
     def per_sample_grads(self, module: nn.Module, calls: list[Call], params: list[str],
                          samples: slice) -> dict[str, torch.Tensor]:
         """{param name: float32 [b, *param.shape]} for the samples in `samples`,
-        summed over calls."""
-        raise NotImplementedError
+        summed over calls. Default: exact, by torch.func over the recorded
+        calls (gradnoise.layers.generic); rules override it with a direct
+        formula."""
+        from .generic import per_sample_grads_by_torch_func
+        return per_sample_grads_by_torch_func(module, calls, params, samples)
 
 
 _RULES: dict[type, NormRule] = {}

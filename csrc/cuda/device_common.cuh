@@ -1,12 +1,23 @@
-// Accumulation types of the CUDA kernels: float for float/half/bfloat16
-// inputs, double for double (the same rule as the CPU kernels).
+// What every gradnoise CUDA kernel file shares: the accumulation types
+// (float for float/half/bfloat16 inputs, double for double, the same rule as
+// the CPU kernels), warp constants, and the launcher error macro.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#define GN_CUDA_TRY(expr)                             \
+  do {                                                \
+    const cudaError_t gn_status_ = (expr);            \
+    if (gn_status_ != cudaSuccess) return gn_status_; \
+  } while (0)
 
 namespace gradnoise {
 namespace cuda {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>
 struct AccType {
