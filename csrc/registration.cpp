@@ -30,6 +30,15 @@ TORCH_LIBRARY(gradnoise, m) {
   m.def(
       "linear_weight_grad_and_sq_norms(Tensor x, Tensor grad_out, "
       "bool with_bias=False, str method=\"auto\") -> (Tensor, Tensor, Tensor)");
+  // Convolutions (1-D to 3-D, zero padding, groups): x [B, C, *S],
+  // grad_out [B, C_out, *S_out]; the weight gradient has the weight's shape.
+  m.def(
+      "conv_sq_norms(Tensor x, Tensor grad_out, int[] kernel_size, int[] stride, "
+      "int[] padding, int[] dilation, int groups, bool with_bias=False) -> Tensor");
+  m.def(
+      "conv_weight_grad_and_sq_norms(Tensor x, Tensor grad_out, int[] kernel_size, "
+      "int[] stride, int[] padding, int[] dilation, int groups, bool with_bias=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // Normalisation layers: per-sample ‖∂ℓ_i/∂γ‖² + ‖∂ℓ_i/∂β‖² from the
   // layer's input and output gradient (x̂ recomputed from x in the same pass).
   m.def(

@@ -15,8 +15,8 @@ How: every module that directly owns trainable parameters gets a norm rule
 hook on its output receives the output gradient; the rule turns them into
 per-sample norms as soon as backward has passed the module, so no
 activation is held longer than autograd holds it. nn.Linear layers instead
-run their backward through the fused kernel, which computes the weight
-gradient and the norms in one pass. Parameters shared between modules, and
+and convolutions run their backward through the fused kernel, which
+computes the weight gradient and the norms in one pass. Parameters shared between modules, and
 modules called several times, are summed over uses before squaring, at the
 end of backward.
 """
@@ -47,7 +47,7 @@ class _Tracked:
     own: list[str]                   # its trainable parameters measured here
     shared: list[str]                # ... of which shared with another module
     fallback: bool = False
-    fused_linear: bool = False       # backward runs through the fused Linear op
+    fused: bool = False              # backward runs through the rule's fused op
 
 
 @dataclass
@@ -74,12 +74,12 @@ class GradNoiseTracker:
             but has no rule: "fallback" (exact per-sample gradients by
             torch.func, slower; see `fallback_modules`), "error", or "skip"
             (leave it out; see `skipped_modules`).
-        fused_backward: let nn.Linear layers compute their weight gradient
-            with the fused kernel, which yields the norms at 1/T of the GEMM's
-            cost. The gradient then equals autograd's to float rounding (the
-            sum runs in another order) where the cost model picks the fused
-            method; False keeps autograd's backward bit for bit and computes
-            the norms in a second pass.
+        fused_backward: let nn.Linear layers and zero-padded convolutions
+            compute their weight gradient with the fused kernel, which yields
+            the norms for the cost of the kernel's epilogue. Their weight
+            gradients then equal autograd's to float rounding (the sum runs
+            in another order); False keeps autograd's backward bit for bit
+            and computes the norms in a second pass.
 
     Constructing the tracker attaches it; `attach()` and `detach()` are
     idempotent; `with tracker:` attaches on entry and detaches on exit.
@@ -171,7 +171,7 @@ class GradNoiseTracker:
             rule.check(module, name)
             shared = [n for n in own if owners[id(module.get_parameter(n))] > 1]
             fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
-                     and not shared)
+                     and rule.supports_fused_backward(module) and not shared)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
         self._by_module = {id(t.module): t for t in self._tracked}
         # Each shared parameter is reported under its first owner.
@@ -192,8 +192,8 @@ class GradNoiseTracker:
                 self._handles.append(module.register_forward_pre_hook(
                     lambda m, args, name=name: self._on_batchnorm_forward(name, m)))
         for t in self._tracked:
-            if t.fused_linear:
-                layers.linear.install_tracked_forward(t.module, self)
+            if t.fused:
+                layers.fused_backward.install_tracked_forward(t.module, t.rule, self)
             else:
                 self._handles.append(t.module.register_forward_hook(
                     lambda m, args, kwargs, out, t=t: self._on_forward(t, args, kwargs, out),
@@ -210,8 +210,8 @@ class GradNoiseTracker:
             h.remove()
         self._handles.clear()
         for t in self._tracked:
-            if t.fused_linear:
-                layers.linear.remove_tracked_forward(t.module)
+            if t.fused:
+                layers.fused_backward.remove_tracked_forward(t.module)
         self._step = None
         self._attached = False
         return self
@@ -261,7 +261,7 @@ class GradNoiseTracker:
             o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(t, call, k, g))
 
     def wants(self, module: nn.Module, x: torch.Tensor) -> bool:
-        """Called by the fused Linear forward: is this call measured?"""
+        """Called by a fused-backward module's forward: is this call measured?"""
         if not self._measuring(module):
             return False
         self._step.calls.setdefault(id(module), []).append(None)
@@ -285,27 +285,22 @@ class GradNoiseTracker:
             self._step_add(step, t, t.rule.sq_norms(t.module, [call], t.own), _batch(call))
             step.calls[id(t.module)].remove(call)
 
-    def linear_backward(self, module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor,
+    def module_backward(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
                         need_weight: bool, need_bias: bool):
-        """Backward of a fused-Linear call: its weight and bias gradients."""
+        """Backward of a fused-backward module's call: its weight and bias gradients."""
         step = self._step
         t = self._by_module[id(module)]
         if step is not None:
             self._queue_finish()
         if step is not None and len(step.calls.get(id(module), [])) == 1:
-            gw, gb, norms = layers.linear.LinearRule.fused_backward(module, x, grad_out, t.own)
+            gw, gb, norms = t.rule.fused_backward(module, x, grad_out, t.own)
             self._step_add(step, t, norms, x.shape[0])
         else:
             # Called several times: the per-sample gradient sums over calls,
             # so keep (x, dY) until the end of backward.
             if step is not None:
                 step.calls[id(module)].append(Call((x,), {}, [grad_out]))
-            x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            gw = g2.T @ x2 if need_weight else None
-            gb = g2.sum(0) if need_bias else None
-        if gb is not None:
-            gb = gb.to(module.bias.dtype)
+            gw, gb = t.rule.param_grads(module, x, grad_out, need_weight, need_bias)
         return (gw if need_weight else None), (gb if need_bias else None)
 
     def _is_simple(self, t: _Tracked) -> bool:
@@ -420,6 +415,12 @@ class GradNoiseTracker:
     @property
     def tracked_modules(self) -> list[str]:
         return [t.name for t in self._tracked]
+
+    @property
+    def fused_modules(self) -> list[str]:
+        """Modules whose weight gradient comes from the fused kernel, with the
+        norms (nn.Linear and zero-padded convolutions not sharing parameters)."""
+        return [t.name for t in self._tracked if t.fused]
 
 
 def _tensors(out) -> Iterable[torch.Tensor]:

@@ -66,3 +66,24 @@ def model_per_sample_sq_norms(model: torch.nn.Module, inputs: torch.Tensor, targ
 
     grads = vmap(grad(loss_i), in_dims=(None, 0, 0))(theta, x, targets)
     return sum(g.flatten(1).square().sum(1) for g in grads.values())
+
+
+def conv_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, weight_shape, stride,
+                          padding, dilation, groups: int, with_bias: bool):
+    """Per-sample (weight [B, *weight_shape], bias [B, C_out] or None) gradients of
+    a zero-padded convolution in float64, differentiating ⟨conv(x_i), dY_i⟩."""
+    x64, g64 = x.detach().double(), grad_out.detach().double()
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
+            5: torch.nn.functional.conv3d}[x.dim()]
+    params = (torch.zeros(weight_shape, dtype=torch.float64),)
+    if with_bias:
+        params += (torch.zeros(weight_shape[0], dtype=torch.float64),)
+
+    def sample_loss(params, xi, gi):
+        bias = params[1] if with_bias else None
+        out = conv(xi[None], params[0], bias, stride=stride, padding=padding, dilation=dilation,
+                   groups=groups)
+        return (out[0] * gi).sum()
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x64, g64)
+    return grads[0], (grads[1] if with_bias else None)

@@ -284,8 +284,9 @@ def _forward_backward(model, x, batch_loss):
     return out
 
 
-def test_outputs_unchanged_and_grads_match():
-    model, x, y, batch_loss, _ = make_case("lm", 4, "mean")
+@pytest.mark.parametrize("name", ["lm", "cnn"])
+def test_outputs_unchanged_and_grads_match(name):
+    model, x, y, batch_loss, _ = make_case(name, 4, "mean")
     out_plain = _forward_backward(model, x, batch_loss)
     grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -299,8 +300,40 @@ def test_outputs_unchanged_and_grads_match():
     assert tracker.per_sample_sq_norms().shape == (4,)
 
 
-def test_bitwise_unchanged_grads_without_fused_backward():
-    model, x, y, batch_loss, _ = make_case("lm", 4, "mean")
+def test_fused_backward_covers_linear_and_zero_padded_convs():
+    model, x, y, batch_loss, _ = make_case("cnn", 3, "sum")
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    # reflect padding is measured after backward instead
+    assert tracker.fused_modules == ["features.0", "features.3", "head"]
+    assert GradNoiseTracker(model, fused_backward=False).fused_modules == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_conv_called_twice_sums_over_calls(reduction):
+    class TwiceConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = TwiceConv(), torch.randn(5, 4, 6, 6)
+    y, batch_loss, sample_loss = classification_case(model, x, 3, reduction)
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    grads_plain = torch.autograd.grad(batch_loss(model(x)), list(model.parameters()))
+    tracker = GradNoiseTracker(model, loss_reduction=reduction)
+    batch_loss(model(x)).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+    for p, g in zip(model.parameters(), grads_plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lm", "cnn"])
+def test_bitwise_unchanged_grads_without_fused_backward(name):
+    model, x, y, batch_loss, _ = make_case(name, 4, "mean")
     out_plain = _forward_backward(model, x, batch_loss)
     grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -471,9 +504,10 @@ def test_bad_arguments():
         GradNoiseTracker(lambda x: x)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_model_norms_in_float32(dtype):
-    model, x, y, batch_loss, sample_loss = make_case("mlp", 4, "sum")
+def test_half_precision_model_norms_in_float32(dtype, name):
+    model, x, y, batch_loss, sample_loss = make_case(name, 4, "sum")
     truth = model_per_sample_sq_norms(model.to(dtype).float(), x.to(dtype).float(), y, sample_loss)
     model.to(dtype)
     tracker = GradNoiseTracker(model, loss_reduction="sum")
@@ -484,8 +518,9 @@ def test_half_precision_model_norms_in_float32(dtype):
     torch.testing.assert_close(norms.double(), truth, rtol=0.1, atol=1e-3)
 
 
-def test_autocast():
-    model, x, y, batch_loss, sample_loss = make_case("mlp", 4, "sum")
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_autocast(name):
+    model, x, y, batch_loss, sample_loss = make_case(name, 4, "sum")
     truth = model_per_sample_sq_norms(model, x, y, sample_loss)
     tracker = GradNoiseTracker(model, loss_reduction="sum")
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -235,3 +235,23 @@ def test_invalid_input_is_rejected_by_the_op_too():
         torch.ops.gradnoise_triton.linear_sq_norms(x, g, False, "fused")
     with pytest.raises(ValueError, match="goodfellow"):
         torch.ops.gradnoise_triton.linear_sq_norms(x, torch.randn(2, 3, 4), False, "goodfellow")
+
+
+def test_conv_ops_run_through_the_triton_linear_kernels():
+    """On the Triton backend a convolution is its unfolded patches through the
+    fused Linear kernel, group by group."""
+    from tests.ground_truth import conv_per_sample_grads
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 5, 6, generator=gen)
+    g = torch.randn(2, 6, 3, 3, generator=gen)  # kernel 3, stride 2, padding 1
+    gw_t, gb_t = conv_per_sample_grads(x, g, (6, 2, 3, 3), 2, 1, 1, 2, True)
+    norms_t = gw_t.flatten(1).square().sum(1) + gb_t.square().sum(1)
+    gw, gb, norms = ops.conv_weight_grad_and_sq_norms(x, g, 3, 2, 1, 1, 2, with_bias=True,
+                                                      backend="triton")
+    torch.testing.assert_close(norms.double(), norms_t, rtol=NORM_RTOL[torch.float32], atol=0)
+    torch.testing.assert_close(gw.double(), gw_t.sum(0), rtol=0,
+                               atol=GRAD_ATOL[torch.float32] * gw_t.abs().max())
+    torch.testing.assert_close(gb.double(), gb_t.sum(0), rtol=0,
+                               atol=GRAD_ATOL[torch.float32] * gb_t.abs().max())
+    only = ops.conv_sq_norms(x, g, 3, 2, 1, 1, 2, with_bias=True, backend="triton")
+    torch.testing.assert_close(only.double(), norms_t, rtol=NORM_RTOL[torch.float32], atol=0)

@@ -123,6 +123,196 @@ struct FusedKernel {
         C[r * ldc + j] = add ? C[r * ldc + j] + blk[r * NR + j] : blk[r * NR + j];
   }
 
+  // Pack rows [row0 + r0, row0 + r1) of the operand `src` ([B·T, n], see
+  // OperandSource) into strips of W columns: out[strip][r][W] for r in
+  // [r0, r1), `rows_total` rows per strip, zero-padded to whole strips.
+  template <int W, typename in_t>
+  static void pack(const OperandSource& src, int64_t T_len, int64_t row0, int64_t n, int64_t r0,
+                   int64_t r1, int64_t rows_total, int64_t n_strips, T* __restrict out) {
+    const in_t* data = static_cast<const in_t*>(src.data);
+    switch (src.kind) {
+      case OperandSource::Kind::kRows:
+        pack_strips<W>(data + row0 * src.ld, src.ld, n, r0, r1, rows_total, 0, n_strips, out);
+        return;
+      case OperandSource::Kind::kChannelsFirst:
+        pack_channels_first<W>(data, src.ld, T_len, row0, n, r0, r1, rows_total, n_strips, out);
+        return;
+      case OperandSource::Kind::kPatches:
+        pack_patches<W>(data, src.ld, *src.conv, T_len, row0, n, r0, r1, rows_total, n_strips,
+                        out);
+        return;
+    }
+  }
+
+  // [B, n, T] layout: a packed column is a contiguous run of one channel.
+  // Runs never cross a sample; each packed row is written whole, reading W
+  // channel streams in step.
+  template <int W, typename in_t>
+  static void pack_channels_first(const in_t* __restrict data, int64_t ld, int64_t T_len,
+                                  int64_t row0, int64_t n, int64_t r0, int64_t r1,
+                                  int64_t rows_total, int64_t n_strips, T* __restrict out) {
+    for (int64_t s = 0; s < n_strips; ++s) {
+      T* o = out + s * rows_total * W;
+      for (int64_t r = r0; r < r1;) {
+        const int64_t b = (row0 + r) / T_len, t = (row0 + r) % T_len;
+        const int64_t run = T_len - t < r1 - r ? T_len - t : r1 - r;
+        const in_t* base = data + b * ld + t + s * W * T_len;
+        T* orow = o + r * W;
+        if ((s + 1) * W <= n) {
+          for (int64_t k = 0; k < run; ++k)
+#pragma GCC unroll 16
+            for (int j = 0; j < W; ++j) orow[k * W + j] = static_cast<T>(base[j * T_len + k]);
+        } else {
+          for (int64_t k = 0; k < run; ++k)
+            for (int j = 0; j < W; ++j)
+              orow[k * W + j] = s * W + j < n ? static_cast<T>(base[j * T_len + k]) : T(0);
+        }
+        r += run;
+      }
+    }
+  }
+
+  // Implicit im2col from a channels-last image: row b·T + t is the patch of
+  // output position t of image b, columns ordered (tap, channel), so that a
+  // tap's channels are one contiguous run of the image (and, with dilation 1
+  // along the last dim and one group, a whole row of taps is). Zeros in the
+  // padding. Output positions advance along the last dim without division.
+  template <int W, typename in_t>
+  static void pack_patches(const in_t* __restrict data, int64_t ld, const ConvGeometry& cg,
+                           int64_t T_len, int64_t row0, int64_t n, int64_t r0, int64_t r1,
+                           int64_t rows_total, int64_t n_strips, T* __restrict out) {
+    const int64_t ch = cg.channels, pix = cg.pixel_stride;  // channel_stride is 1
+    const int64_t row_pitch = cg.in[2] * pix, plane_pitch = cg.in[1] * row_pitch;
+    const int64_t k2 = cg.kernel[2], dil2 = cg.dilation[2];
+    const bool merge_taps = dil2 == 1 && pix == ch;  // a row of taps is contiguous
+    // One packed row is assembled here, then copied out strip by strip.
+    constexpr int64_t kRowMax = 4096;
+    T row_buf[kRowMax];
+    const bool buffered = n_strips * W <= kRowMax;
+    T* row_out = nullptr;  // where column 0 of the current row goes, if buffered
+    // Copies `len` columns starting at column `col` of packed row r.
+    auto put = [&](int64_t r, int64_t col, const in_t* src, int64_t len) {
+      if (buffered) {
+        T* o = row_out + col;
+        if (src != nullptr)
+          for (int64_t q = 0; q < len; ++q) o[q] = static_cast<T>(src[q]);
+        else
+          for (int64_t q = 0; q < len; ++q) o[q] = T(0);
+        return;
+      }
+      while (len > 0) {
+        const int64_t s = col / W, j = col % W, m = W - j < len ? W - j : len;
+        T* o = out + (s * rows_total + r) * W + j;
+        if (src != nullptr) {
+          for (int64_t q = 0; q < m; ++q) o[q] = static_cast<T>(src[q]);
+          src += m;
+        } else {
+          for (int64_t q = 0; q < m; ++q) o[q] = T(0);
+        }
+        col += m;
+        len -= m;
+      }
+    };
+    int64_t b = (row0 + r0) / T_len, t = (row0 + r0) % T_len;
+    int64_t o2 = t % cg.out[2], o1 = t / cg.out[2] % cg.out[1], o0 = t / cg.out[2] / cg.out[1];
+    for (int64_t r = r0; r < r1; ++r) {
+      row_out = row_buf;
+      const in_t* img = data + b * ld;
+      const int64_t z0 = o0 * cg.stride[0] - cg.padding[0];
+      const int64_t y0 = o1 * cg.stride[1] - cg.padding[1];
+      const int64_t x0 = o2 * cg.stride[2] - cg.padding[2];
+      const bool x_inside = x0 >= 0 && x0 + (k2 - 1) * dil2 < cg.in[2];
+      int64_t col = 0;
+      for (int64_t a = 0; a < cg.kernel[0]; ++a) {
+        const int64_t z = z0 + a * cg.dilation[0];
+        for (int64_t c = 0; c < cg.kernel[1]; ++c, col += k2 * ch) {
+          const int64_t y = y0 + c * cg.dilation[1];
+          if (z < 0 || z >= cg.in[0] || y < 0 || y >= cg.in[1]) {
+            put(r, col, nullptr, k2 * ch);
+            continue;
+          }
+          const in_t* line = img + z * plane_pitch + y * row_pitch;
+          if (merge_taps && x_inside) {
+            put(r, col, line + x0 * pix, k2 * ch);
+            continue;
+          }
+          for (int64_t e = 0; e < k2; ++e) {
+            const int64_t x = x0 + e * dil2;
+            put(r, col + e * ch, x >= 0 && x < cg.in[2] ? line + x * pix : nullptr, ch);
+          }
+        }
+      }
+      if (col < n_strips * W) put(r, col, nullptr, n_strips * W - col);
+      if (buffered)
+        for (int64_t s = 0; s < n_strips; ++s) {
+          T* o = out + (s * rows_total + r) * W;
+#pragma GCC unroll 16
+          for (int j = 0; j < W; ++j) o[j] = row_buf[s * W + j];
+        }
+      if (++o2 == cg.out[2]) {
+        o2 = 0;
+        if (++o1 == cg.out[1]) {
+          o1 = 0;
+          if (++o0 == cg.out[0]) {
+            o0 = 0;
+            ++b;
+          }
+        }
+      }
+    }
+    (void)n;
+  }
+
+  // dst[q·channels + c] = src[c·cs + q] for pixels q in [q0, q1): one
+  // channels-first sample made channels-last.
+  template <typename in_t>
+  static void to_channels_last(const in_t* __restrict src, int64_t cs, int64_t channels,
+                               int64_t q0, int64_t q1, in_t* __restrict dst) {
+    int64_t c0 = 0;
+#if GN_VEC_BYTES >= 32
+    if constexpr (std::is_same_v<in_t, float>) {
+      for (; c0 + 8 <= channels; c0 += 8) {
+        int64_t q = q0;
+        for (; q + 8 <= q1; q += 8) transpose8x8(src + c0 * cs + q, cs, dst + q * channels + c0, channels);
+        for (; q < q1; ++q)
+          for (int64_t c = c0; c < c0 + 8; ++c) dst[q * channels + c] = src[c * cs + q];
+      }
+    }
+#endif
+    for (; c0 < channels; c0 += 16) {
+      const int64_t c1 = c0 + 16 < channels ? c0 + 16 : channels;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t q = q0; q < q1; ++q) dst[q * channels + c] = src[c * cs + q];
+    }
+  }
+
+#if GN_VEC_BYTES >= 32
+  // d[j·ld + i] = s[i·ls + j] for an 8×8 block of floats.
+  static inline void transpose8x8(const float* __restrict s, int64_t ls, float* __restrict d,
+                                  int64_t ld) {
+    __m256 r[8], t[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ls);
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 8; h += 4) {
+      r[h] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(d + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      _mm256_storeu_ps(d + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+  }
+#endif
+
   // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
   // of W columns: out[strip][row][W] with `rows_total` rows per strip,
   // zero-padded to whole strips. Strips [s0, s1) only.

@@ -4,10 +4,7 @@
 //   goodfellow  T = 1: ‖G_i‖² = ‖x_i‖²‖dy_i‖²                (Goodfellow 2015)
 //   ghost       ‖G_i‖² = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F             (Li et al. 2021)
 //   fused       G_i tile by tile inside the weight-gradient GEMM, squared in
-//               registers at each sample boundary (fused_linear_impl.h)
-// The fused kernel is compiled for AVX-512, AVX2+FMA and portable vectors;
-// the widest one the CPU supports is chosen at run time
-// (GRADNOISE_CPU_ISA=avx512|avx2|generic overrides, for tests).
+//               registers at each sample boundary (fused_engine.h)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -23,236 +20,10 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/fused_engine.h"
 
 namespace gradnoise {
 namespace {
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
-namespace isa_avx512 {
-#define GN_VEC_BYTES 64
-#include "fused_linear_impl.h"
-#undef GN_VEC_BYTES
-}  // namespace isa_avx512
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#define GN_VEC_BYTES 32
-#include "fused_linear_impl.h"
-#undef GN_VEC_BYTES
-}  // namespace isa_avx2
-#pragma GCC pop_options
-
-namespace isa_generic {
-#define GN_VEC_BYTES 16
-#include "fused_linear_impl.h"
-#undef GN_VEC_BYTES
-}  // namespace isa_generic
-
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
-    const std::string want(env);
-    if (want == "generic") return Isa::kGeneric;
-    if (want == "avx2") {
-      TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                  "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-      return Isa::kAvx2;
-    }
-    if (want == "avx512") {
-      TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl"),
-                  "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
-      return Isa::kAvx512;
-    }
-    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
-                want, "'");
-  }
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kGeneric;
-}
-
-Isa current_isa() {
-  // Read on every call (cheap) so that tests can switch the instruction set.
-  return detect_isa();
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
-
-int64_t cache_bytes(int name, int64_t fallback) {
-  const long v = sysconf(name);
-  return v > 0 ? static_cast<int64_t>(v) : fallback;
-}
-
-struct AlignedBuffer {
-  void* ptr = nullptr;
-  explicit AlignedBuffer(size_t bytes) {
-    if (posix_memalign(&ptr, 64, std::max<size_t>(bytes, 64)) != 0) ptr = nullptr;
-    TORCH_CHECK(ptr != nullptr, "gradnoise: out of memory allocating ", bytes, " bytes");
-  }
-  ~AlignedBuffer() { std::free(ptr); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
-// How the output C [p, d] is cut among threads and into cache tiles.
-struct FusedPlan {
-  int64_t slabs;        // one per thread
-  bool split_columns;   // slabs are column ranges (else row ranges)
-  int64_t mc, nc, kc;   // tile rows, tile columns, reduction chunk
-};
-
-// Block sizes from the cache sizes and the shape: the B micro-panel
-// (kc × NR) fits half of L1; the C tile, its carry scratch and the packed
-// panels fit in L2; slabs split C into equal parts, one per thread.
-FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t mr, int64_t nr) {
-  const int64_t l1 = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
-  const int64_t l2 = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 512 * 1024);
-  FusedPlan plan{};
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Split the dimension that gives every thread whole register blocks.
-  const int64_t col_blocks = ceil_div(d, nr), row_blocks = ceil_div(p, mr);
-  plan.split_columns = col_blocks >= threads && (col_blocks % threads == 0 ||
-                                                 row_blocks % threads != 0 || d >= p);
-  const int64_t blocks = plan.split_columns ? col_blocks : row_blocks;
-  plan.slabs = std::max<int64_t>(1, std::min(threads, blocks));
-  const int64_t kc_max = std::max<int64_t>(16, (l1 / 2) / (nr * elem));
-  plan.kc = std::min(T_len, kc_max);
-  // Tile of C: about a quarter of L2 each for the tile and for its scratch.
-  const int64_t tile_elems = std::max<int64_t>(mr * nr, l2 / 4 / elem);
-  const int64_t slab_cols = plan.split_columns ? ceil_div(col_blocks, plan.slabs) * nr : d;
-  const int64_t slab_rows = plan.split_columns ? p : ceil_div(row_blocks, plan.slabs) * mr;
-  int64_t nc = std::min<int64_t>(slab_cols, std::max<int64_t>(nr, 256 / nr * nr));
-  int64_t mc = std::max<int64_t>(mr, tile_elems / nc / mr * mr);
-  mc = std::min(mc, slab_rows);
-  if (const char* env = std::getenv("GRADNOISE_FUSED_BLOCKS")) {  // tuning knob: "mc,nc,kc"
-    long a = 0, b = 0, c = 0;
-    if (std::sscanf(env, "%ld,%ld,%ld", &a, &b, &c) == 3 && a > 0 && b > 0 && c > 0) {
-      mc = ceil_div(a, mr) * mr;
-      nc = ceil_div(b, nr) * nr;
-      plan.kc = std::min<int64_t>(T_len, c);
-    }
-  }
-  plan.mc = mc;
-  plan.nc = nc;
-  return plan;
-}
-
-template <typename Kern, typename in_t, typename T>
-void run_fused(const in_t* x, const in_t* g, int64_t B, int64_t T_len, int64_t d, int64_t p,
-               int64_t ldx, int64_t ldg, T* C, double* norms) {
-  using K = typename Kern::template Kernel<T>;
-  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
-  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  // Samples are taken in groups whose packed X and dY stay in the last-level
-  // cache while every tile of C reads them: each tile streams its group's
-  // panels once per sample, so a group that spilled to DRAM would be re-read
-  // from memory by every tile.
-  constexpr int64_t kGroupBytes = 8 << 20;
-  const int64_t row_bytes = (a_strips * K::MR + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
-  const int64_t group = std::max<int64_t>(1, std::min(B, kGroupBytes / row_bytes / T_len));
-  const int64_t group_rows = group * T_len;
-  AlignedBuffer packed(row_bytes * group_rows);
-  T* pa = static_cast<T*>(packed.ptr);
-  T* pb = pa + a_strips * K::MR * group_rows;
-  std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
-  const int64_t unit = plan.split_columns ? K::NR : K::MR;
-  const int64_t extent = plan.split_columns ? d : p;
-  const int64_t units = ceil_div(extent, unit);
-  const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
-  std::vector<AlignedBuffer*> scratch(static_cast<size_t>(plan.slabs), nullptr);
-  for (int64_t i0 = 0; i0 < B; i0 += group) {
-    const int64_t n = std::min(group, B - i0), rows = n * T_len;
-    // Pack this group into the strip order the register kernel reads
-    // (converting half-precision input to float on the way).
-    const in_t* xg = x + i0 * T_len * ldx;
-    const in_t* gg = g + i0 * T_len * ldg;
-    constexpr int64_t kPackRows = 64;
-    at::parallel_for(0, ceil_div(rows, kPackRows), 1, [&](int64_t rb0, int64_t rb1) {
-      const int64_t r0 = rb0 * kPackRows, r1 = std::min(rows, rb1 * kPackRows);
-      K::template pack_strips<K::MR>(gg, ldg, p, r0, r1, rows, 0, a_strips, pa);
-      K::template pack_strips<K::NR>(xg, ldx, d, r0, r1, rows, 0, b_strips, pb);
-    });
-    at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
-      typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
-      for (int64_t s = begin; s < end; ++s) {
-        if (scratch[s] == nullptr) scratch[s] = new AlignedBuffer(2 * tile_elems * sizeof(T));
-        T* tile_sum = static_cast<T*>(scratch[s]->ptr);
-        T* carry = tile_sum + tile_elems;
-        // Equal shares of whole register blocks, one per thread.
-        const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
-        const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
-        if (lo >= hi) continue;
-        double* nrm = partial.data() + s * B + i0;
-        const bool add = i0 > 0;
-        if (plan.split_columns)
-          Kern::slab(pa, pb, n, T_len, p, d, 0, p, lo, hi, C, nrm, blk, tile_sum, carry, add);
-        else
-          Kern::slab(pa, pb, n, T_len, p, d, lo, hi, 0, d, C, nrm, blk, tile_sum, carry, add);
-      }
-    });
-  }
-  for (AlignedBuffer* b : scratch) delete b;
-  for (int64_t i = 0; i < B; ++i) {
-    double s = 0.0;
-    for (int64_t k = 0; k < plan.slabs; ++k) s += partial[k * B + i];
-    norms[i] = s;
-  }
-}
-
-// Adapters naming each instruction set's templates uniformly.
-#define GN_ISA_ADAPTER(NAME, NS)                                                         \
-  struct NAME {                                                                          \
-    template <typename T>                                                                \
-    using Kernel = NS::FusedKernel<T>;                                                   \
-    using Blocking = NS::FusedBlocking;                                                  \
-    template <typename T>                                                                \
-    static void slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,      \
-                     int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,    \
-                     double* norms, const Blocking& blk, T* tile_sum, T* carry,          \
-                     bool add) {                                                         \
-      NS::fused_linear_slab<T>(pa, pb, B, T_len, p, d, r0, r1, c0, c1, C, norms, blk,    \
-                               tile_sum, carry, add);                                    \
-    }                                                                                    \
-  };
-GN_ISA_ADAPTER(Avx512, isa_avx512)
-GN_ISA_ADAPTER(Avx2, isa_avx2)
-GN_ISA_ADAPTER(Generic, isa_generic)
-#undef GN_ISA_ADAPTER
-
-// x3 [B, T, d], g3 [B, T, p] with unit stride in the last dim. C is [p, d]
-// contiguous (or undefined for norms only), norms [B] double.
-template <typename in_t, typename T>
-void fused_dispatch_isa(const at::Tensor& x3, const at::Tensor& g3, T* C, double* norms) {
-  const int64_t B = x3.size(0), T_len = x3.size(1), d = x3.size(2), p = g3.size(2);
-  const in_t* x = x3.data_ptr<in_t>();
-  const in_t* g = g3.data_ptr<in_t>();
-  // Row r = b·T + t of the flattened [B·T, f] problem starts at r·ld.
-  const int64_t ldx = T_len == 1 ? x3.stride(0) : x3.stride(1);
-  const int64_t ldg = T_len == 1 ? g3.stride(0) : g3.stride(1);
-  switch (current_isa()) {
-    case Isa::kAvx512:
-      run_fused<Avx512, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
-      break;
-    case Isa::kAvx2:
-      run_fused<Avx2, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
-      break;
-    default:
-      run_fused<Generic, in_t, T>(x, g, B, T_len, d, p, ldx, ldg, C, norms);
-  }
-}
 
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -320,10 +91,16 @@ at::Tensor fused_norms(const at::Tensor& x3, const at::Tensor& g3, at::Tensor* g
     C = (st == at::kFloat || st == at::kDouble) ? at::empty({p, d}, x3.options())
                                                  : at::empty({p, d}, x3.options().dtype(at::kFloat));
   }
+  // Row r = b·T + t of the flattened [B·T, f] problem starts at r·ld.
+  const int64_t T_len = x3.size(1);
+  const OperandSource xs{OperandSource::Kind::kRows, x3.data_ptr(),
+                         T_len == 1 ? x3.stride(0) : x3.stride(1)};
+  const OperandSource gs{OperandSource::Kind::kRows, g3.data_ptr(),
+                         T_len == 1 ? g3.stride(0) : g3.stride(1)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_fused_linear", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     acc_t* cptr = C.defined() ? C.data_ptr<acc_t>() : nullptr;
-    fused_dispatch_isa<scalar_t, acc_t>(x3, g3, cptr, nptr);
+    run_fused_kernel<scalar_t, acc_t>(xs, gs, B, T_len, d, p, cptr, nptr);
   });
   if (grad_weight != nullptr) *grad_weight = C.scalar_type() == st ? C : C.to(st);
   return norms;
@@ -473,12 +250,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_weight_grad_and_sq_norms_c
 }
 
 }  // namespace
-
-std::string cpu_kernel_isa() {
-  std::string s = isa_name(current_isa());
-  s += " (compiled: avx512, avx2, generic)";
-  return s;
-}
 
 TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
   m.impl("linear_sq_norms", &linear_sq_norms_cpu);

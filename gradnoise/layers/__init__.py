@@ -1,16 +1,16 @@
 """Per-layer norm rules, one per module type, in a registry keyed by type.
 
-Built-in rules: Linear (fused backward), Embedding, Conv1d/2d/3d,
+Built-in rules: Linear and Conv1d/2d/3d (fused backward), Embedding,
 MultiheadAttention, LayerNorm,
 RMSNorm, GroupNorm, eval-mode BatchNorm, and the exact torch.func fallback
 for any other module with parameters of its own. Users add rules for their
 own module types with `register_rule`.
 """
-from . import attention, conv, embedding, linear, normalization
+from . import attention, conv, embedding, fused_backward, linear, normalization
 from .base import Call, NormRule, find_rule, register_rule
 from .generic import GenericRule
 
 GENERIC_RULE = GenericRule()
 
 __all__ = ["Call", "NormRule", "register_rule", "find_rule", "GENERIC_RULE",
-           "linear", "embedding", "conv", "normalization"]
+           "linear", "embedding", "conv", "normalization", "fused_backward"]

@@ -1,10 +1,13 @@
-"""nn.Conv1d/2d/3d as Linear problems (Rochette et al. 2019): unfold the
-input into patches, X_i [L, C_in/G · k], with L output positions, and the
-output gradient into dY_i [L, C_out/G]; each of the G groups is its own
-Linear problem, so groups are folded into the batch and the per-sample norm
-is the sum over groups. Stride, dilation, any padding (including "same" and
-non-zero padding modes) are honoured by padding explicitly as the module
-does and taking strided windows.
+"""nn.Conv1d/2d/3d: per-sample gradients G_i,g = dY_i,gᵀ X_i,g over the
+patches X_i,g of each group g (Rochette et al. 2019; gradnoise.ops.conv).
+
+With zero padding that is the same on both sides of every dim (any stride,
+dilation, groups; "same" when it is symmetric), a convolution called once
+per step has its backward replaced like nn.Linear's: the fused op gives the
+weight gradient and the per-sample norms in one pass, and the input
+gradient is autograd's own. Other padding modes ("reflect", "replicate",
+"circular", asymmetric "same") pad the recorded input the way the module
+does and measure the norms after backward.
 """
 from __future__ import annotations
 
@@ -13,72 +16,129 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
-from .base import NormRule, register_rule
+from ..ops.conv import conv_patches, grouped_grad_out
+from .base import register_rule
+from .fused_backward import FusedBackwardRule
 
 
-def unfold_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """[B, C, *S] -> [B, G, L, C/G · prod(k)], ordered as the weight's (C/G, *k)."""
-    nd = len(module.kernel_size)
+def _symmetric_zero_padding(module: nn.modules.conv._ConvNd) -> list[int] | None:
+    """The module's padding as one int per dim, or None if it is not zero
+    padding equal on both sides."""
+    if module.padding_mode != "zeros":
+        return None
+    if isinstance(module.padding, str):
+        pairs = module._reversed_padding_repeated_twice
+        before, after = pairs[0::2], pairs[1::2]
+        if list(before) != list(after):
+            return None
+        return list(reversed(before))
+    return list(module.padding)
+
+
+def _padded_input(module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """(x, padding) such that a zero-padded convolution with `padding` is the module's."""
+    padding = _symmetric_zero_padding(module)
+    if padding is not None:
+        return x, padding
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    for i in range(nd):
-        k, dil, st = module.kernel_size[i], module.dilation[i], module.stride[i]
-        x = x.unfold(2 + i, dil * (k - 1) + 1, st)[..., ::dil]
-    B, C = x.shape[:2]
-    out_sizes = x.shape[2:2 + nd]
-    # [B, C, *L, *k] -> [B, *L, C, *k]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    x = x.permute(perm)
-    L = 1
-    for s in out_sizes:
-        L *= s
-    G = module.groups
-    x = x.reshape(B, L, G, -1).transpose(1, 2)
-    return x
+    return (F.pad(x, module._reversed_padding_repeated_twice, mode=mode),
+            [0] * len(module.kernel_size))
 
 
-def _problems(module, calls):
-    """X [B·G, ΣL, C_in/G·k] and dY [B·G, ΣL, C_out/G], over calls with a gradient."""
-    G = module.groups
-    xs, gs = [], []
+def _geometry(module) -> tuple[list[int], list[int], list[int], int]:
+    return list(module.kernel_size), list(module.stride), list(module.dilation), module.groups
+
+
+def _recorded(module, calls):
+    """[(padded x, padding, dY)] over the calls that received a gradient."""
+    out = []
     for c in calls:
-        g = c.grad_outputs[0]
-        if g is None:
-            continue
-        B = g.shape[0]
-        patches = unfold_patches(module, c.args[0].to(g.dtype))
-        xs.append(patches.reshape(B * G, patches.shape[2], -1))
-        gs.append(g.reshape(B, G, g.shape[1] // G, -1).transpose(2, 3).reshape(B * G, -1, g.shape[1] // G))
-    if len(xs) == 1:  # one call: no copy
-        return xs[0], gs[0]
-    return torch.cat(xs, 1), torch.cat(gs, 1)
+        g = c.grad_outputs[0] if c.grad_outputs else None
+        if g is not None:
+            x, padding = _padded_input(module, c.args[0].to(g.dtype))
+            out.append((x, padding, g))
+    return out
+
+
+def _bias_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ_positions dY per sample [B, C_out], in float32."""
+    return g.flatten(2).sum(2, dtype=torch.float32)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class ConvRule(NormRule):
+class ConvRule(FusedBackwardRule):
+    def supports_fused_backward(self, module):
+        return _symmetric_zero_padding(module) is not None
+
     def sq_norms(self, module, calls, params):
-        x, g = _problems(module, calls)
-        B = x.shape[0] // module.groups
+        recorded = _recorded(module, calls)
+        kernel_size, stride, dilation, groups = _geometry(module)
         with_bias = "bias" in params
+        if len(recorded) == 1:
+            x, padding, g = recorded[0]
+            if "weight" in params:
+                return ops.conv_sq_norms(x, g, kernel_size, stride, padding, dilation, groups,
+                                         with_bias=with_bias).float()
+            return _bias_sum(g).square().sum(1)
+        # Several calls: one Linear problem per group with the calls' positions
+        # concatenated, so that each sample's gradient is summed over calls.
+        norms = 0
         if "weight" in params:
-            n = ops.linear_sq_norms(x, g, with_bias=with_bias)
-        else:
-            n = g.sum(1, dtype=torch.float32).square().sum(1)
-        return n.float().view(B, module.groups).sum(1)
+            xs, gs = [], []
+            for x, padding, g in recorded:
+                xs.append(conv_patches(x, kernel_size, stride, padding, dilation, groups))
+                gs.append(grouped_grad_out(g, groups))
+            X, G = torch.cat(xs, 2), torch.cat(gs, 2)
+            for k in range(groups):
+                norms = norms + ops.linear_sq_norms(X[:, k], G[:, k]).float()
+        if with_bias:
+            norms = norms + sum(_bias_sum(g) for _, _, g in recorded).square().sum(1)
+        return norms
 
     def per_sample_grads(self, module, calls, params, samples):
-        x, g = _problems(module, calls)
-        G = module.groups
-        B = x.shape[0] // G
-        x = x.view(B, G, *x.shape[1:])[samples].float()
-        g = g.view(B, G, *g.shape[1:])[samples].float()
-        b = x.shape[0]
+        kernel_size, stride, dilation, groups = _geometry(module)
         out = {}
-        if "weight" in params:
-            w = torch.einsum("bgtp,bgtd->bgpd", g, x)
-            out["weight"] = w.reshape(b, *module.weight.shape)
-        if "bias" in params:
-            out["bias"] = g.sum(2).reshape(b, -1)
+        for x, padding, g in _recorded(module, calls):
+            x, g = x[samples].float(), g[samples].float()
+            b = x.shape[0]
+            grads = {}
+            if "weight" in params:
+                X = conv_patches(x, kernel_size, stride, padding, dilation, groups)
+                G = grouped_grad_out(g, groups)
+                grads["weight"] = torch.einsum("bglp,bgld->bgpd", G, X).reshape(
+                    b, *module.weight.shape)
+            if "bias" in params:
+                grads["bias"] = g.flatten(2).sum(2)
+            for name, v in grads.items():
+                out[name] = v if name not in out else out[name] + v
         return out
+
+    def forward(self, module, x, weight, bias):
+        return module._conv_forward(x, weight, bias)
+
+    def _backward(self, module, x, weight, grad_out, mask):
+        dt = grad_out.dtype
+        kernel_size, stride, dilation, groups = _geometry(module)
+        return torch.ops.aten.convolution_backward(
+            grad_out, x.to(dt), weight.to(dt), [weight.shape[0]], stride, _symmetric_zero_padding(module),
+            dilation, False, [0] * len(kernel_size), groups, mask)
+
+    def input_grad(self, module, x, weight, grad_out):
+        return self._backward(module, x, weight, grad_out, [True, False, False])[0].to(x.dtype)
+
+    def fused_backward(self, module, x, grad_out, params):
+        x = x.to(grad_out.dtype)
+        kernel_size, stride, dilation, groups = _geometry(module)
+        with_bias = "bias" in params
+        if "weight" in params:
+            gw, gb, norms = ops.conv_weight_grad_and_sq_norms(
+                x, grad_out, kernel_size, stride, _symmetric_zero_padding(module), dilation,
+                groups, with_bias=with_bias)
+            return gw, gb, norms.float()
+        per_sample = _bias_sum(grad_out)
+        return None, per_sample.sum(0).to(grad_out.dtype), per_sample.square().sum(1)
+
+    def param_grads(self, module, x, grad_out, need_weight, need_bias):
+        _, gw, gb = self._backward(module, x, module.weight, grad_out,
+                                   [False, need_weight, need_bias])
+        return gw, gb

@@ -2,9 +2,10 @@
 
 Per-sample gradients G_i = dY_iᵀ X_i and Σ_t dY_i,t (DESIGN.md section 1).
 When the layer runs once per step and its weight is not shared, its backward
-is replaced: the fused op computes the weight gradient and the per-sample
-norms in one pass (gradnoise.ops.linear_weight_grad_and_sq_norms), so that
-tracking costs 1/T of the weight-gradient GEMM instead of a second pass.
+is replaced (gradnoise.layers.fused_backward): the fused op computes the
+weight gradient and the per-sample norms in one pass
+(gradnoise.ops.linear_weight_grad_and_sq_norms), so that tracking costs 1/T
+of the weight-gradient GEMM instead of a second pass.
 A layer called several times contributes G_i = Σ_calls dY_iᵀ X_i, which is
 the same problem with the calls' positions concatenated along T.
 """
@@ -14,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Call, NormRule, register_rule
+from .base import Call, register_rule
+from .fused_backward import FusedBackwardRule
 
 
 def _flat3(t: torch.Tensor) -> torch.Tensor:
@@ -35,15 +37,13 @@ def concat_calls(calls: list[Call]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register_rule(nn.Linear)
-class LinearRule(NormRule):
-    replaces_backward = True
-
+class LinearRule(FusedBackwardRule):
     def sq_norms(self, module, calls, params):
         x, g = concat_calls(calls)
         with_bias = "bias" in params
         if "weight" in params:
             return ops.linear_sq_norms(x, g, with_bias=with_bias)
-        return g.sum(1, dtype=torch.float32).square().sum(1) if with_bias else x.new_zeros(x.shape[0])
+        return _bias_sq_norms(g) if with_bias else x.new_zeros(x.shape[0])
 
     def per_sample_grads(self, module, calls, params, samples):
         x, g = concat_calls(calls)
@@ -55,58 +55,29 @@ class LinearRule(NormRule):
             out["bias"] = g.sum(1)
         return out
 
-    @staticmethod
-    def fused_backward(module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor,
-                       params: list[str]):
-        """(grad_weight or None, grad_bias or None, per-sample sq norms [B]) in one pass."""
+    def forward(self, module, x, weight, bias):
+        return nn.functional.linear(x, weight, bias)
+
+    def input_grad(self, module, x, weight, grad_out):
+        return grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
+
+    def fused_backward(self, module, x, grad_out, params):
         x = x.to(grad_out.dtype)
         with_bias = "bias" in params
         if "weight" in params:
             gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, grad_out, with_bias=with_bias)
         else:
             gw, gb = None, grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-            norms = _flat3(grad_out).sum(1, dtype=torch.float32).square().sum(1)
+            norms = _bias_sq_norms(_flat3(grad_out))
         return gw, gb, norms.float()
 
-
-class _TrackedLinearFunction(torch.autograd.Function):
-    """F.linear whose backward hands (x, dY) to the tracker, which returns
-    the weight and bias gradients (from the fused op, with the norms)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, module, sink):
-        ctx.save_for_backward(x, weight)
-        ctx.module, ctx.sink, ctx.has_bias = module, sink, bias is not None
-        ctx.autocast = torch.is_autocast_enabled(x.device.type)
-        return nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
-        grad_w, grad_b = ctx.sink.linear_backward(
-            ctx.module, x, grad_out, ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2])
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+    def param_grads(self, module, x, grad_out, need_weight, need_bias):
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gw = g2.T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype) if need_weight else None
+        gb = g2.sum(0) if need_bias else None
+        return gw, gb
 
 
-def install_tracked_forward(module: nn.Linear, sink) -> None:
-    """Route the module's training-step forward through _TrackedLinearFunction.
-
-    `sink.wants(module)` says whether this call is measured; `sink.linear_backward`
-    computes the parameter gradients. Outputs are those of nn.Linear.forward.
-    """
-    def forward(x):
-        if sink.wants(module, x):
-            return _TrackedLinearFunction.apply(x, module.weight, module.bias, module, sink)
-        return nn.functional.linear(x, module.weight, module.bias)
-    module.forward = forward
-
-
-def remove_tracked_forward(module: nn.Linear) -> None:
-    if "forward" in module.__dict__:
-        del module.forward
+def _bias_sq_norms(g3: torch.Tensor) -> torch.Tensor:
+    """‖Σ_t dY_i,t‖² per sample, in float32."""
+    return g3.sum(1, dtype=torch.float32).square().sum(1)

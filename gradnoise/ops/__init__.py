@@ -12,6 +12,8 @@ import torch
 
 from . import _validate
 from .backends import resolve_backend
+from .conv import (conv_sq_norms, conv_sq_norms_ref, conv_weight_grad_and_sq_norms,
+                   conv_weight_grad_and_sq_norms_ref)
 from .norm_layers import (group_norm_sq_norms, group_norm_sq_norms_ref, layer_norm_sq_norms,
                           layer_norm_sq_norms_ref)
 from .reference import linear_sq_norms_ref, linear_weight_grad_and_sq_norms_ref
@@ -21,6 +23,10 @@ __all__ = [
     "linear_weight_grad_and_sq_norms",
     "linear_sq_norms_ref",
     "linear_weight_grad_and_sq_norms_ref",
+    "conv_sq_norms",
+    "conv_weight_grad_and_sq_norms",
+    "conv_sq_norms_ref",
+    "conv_weight_grad_and_sq_norms_ref",
     "layer_norm_sq_norms",
     "layer_norm_sq_norms_ref",
     "group_norm_sq_norms",

@@ -21,6 +21,23 @@ def register() -> None:
         norms = x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
         return grad_weight, grad_bias, norms
 
+    from .conv import check_conv_args
+
+    @torch.library.register_fake("gradnoise::conv_sq_norms")
+    def _conv_sq_norms_fake(x, grad_out, kernel_size, stride, padding, dilation, groups,
+                            with_bias=False):
+        check_conv_args(x, grad_out, kernel_size, stride, padding, dilation, groups)
+        return x.new_empty((x.shape[0],), dtype=_validate.accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("gradnoise::conv_weight_grad_and_sq_norms")
+    def _conv_weight_grad_and_sq_norms_fake(x, grad_out, kernel_size, stride, padding, dilation,
+                                            groups, with_bias=False):
+        check_conv_args(x, grad_out, kernel_size, stride, padding, dilation, groups)
+        grad_weight = x.new_empty((grad_out.shape[1], x.shape[1] // groups, *kernel_size))
+        grad_bias = x.new_empty((grad_out.shape[1],) if with_bias else (0,))
+        norms = x.new_empty((x.shape[0],), dtype=_validate.accumulation_dtype(x.dtype))
+        return grad_weight, grad_bias, norms
+
     from .norm_layers import check_group_norm_args, check_layer_norm_args
 
     @torch.library.register_fake("gradnoise::layer_norm_sq_norms")

@@ -1,0 +1,297 @@
+// The fused engine: instruction-set selection, cache blocking and the
+// threaded driver around the register kernel of fused_linear_impl.h
+// (compiled once per instruction set below). See fused_engine.h.
+#include "fused_engine.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <immintrin.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace gradnoise {
+namespace {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+namespace isa_avx512 {
+#define GN_VEC_BYTES 64
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define GN_VEC_BYTES 32
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+namespace isa_generic {
+#define GN_VEC_BYTES 16
+#include "fused_linear_impl.h"
+#undef GN_VEC_BYTES
+}  // namespace isa_generic
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
+    const std::string want(env);
+    if (want == "generic") return Isa::kGeneric;
+    if (want == "avx2") {
+      TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                  "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+      return Isa::kAvx2;
+    }
+    if (want == "avx512") {
+      TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl"),
+                  "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
+      return Isa::kAvx512;
+    }
+    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
+                want, "'");
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+
+Isa current_isa() {
+  // Read on every call (cheap) so that tests can switch the instruction set.
+  return detect_isa();
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+int64_t cache_bytes(int name, int64_t fallback) {
+  const long v = sysconf(name);
+  return v > 0 ? static_cast<int64_t>(v) : fallback;
+}
+
+struct AlignedBuffer {
+  void* ptr = nullptr;
+  explicit AlignedBuffer(size_t bytes) {
+    if (posix_memalign(&ptr, 64, std::max<size_t>(bytes, 64)) != 0) ptr = nullptr;
+    TORCH_CHECK(ptr != nullptr, "gradnoise: out of memory allocating ", bytes, " bytes");
+  }
+  ~AlignedBuffer() { std::free(ptr); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// How the output C [p, d] is cut among threads and into cache tiles.
+struct FusedPlan {
+  int64_t slabs;        // one per thread
+  bool split_columns;   // slabs are column ranges (else row ranges)
+  int64_t mc, nc, kc;   // tile rows, tile columns, reduction chunk
+};
+
+// Block sizes from the cache sizes and the shape: the B micro-panel
+// (kc × NR) fits half of L1; the C tile, its carry scratch and the packed
+// panels fit in L2; slabs split C into equal parts, one per thread.
+FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t mr, int64_t nr) {
+  const int64_t l1 = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
+  const int64_t l2 = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 512 * 1024);
+  FusedPlan plan{};
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Split the dimension that gives every thread whole register blocks.
+  const int64_t col_blocks = ceil_div(d, nr), row_blocks = ceil_div(p, mr);
+  plan.split_columns = col_blocks >= threads && (col_blocks % threads == 0 ||
+                                                 row_blocks % threads != 0 || d >= p);
+  const int64_t blocks = plan.split_columns ? col_blocks : row_blocks;
+  plan.slabs = std::max<int64_t>(1, std::min(threads, blocks));
+  const int64_t kc_max = std::max<int64_t>(16, (l1 / 2) / (nr * elem));
+  plan.kc = std::min(T_len, kc_max);
+  // Tile of C: about a quarter of L2 each for the tile and for its scratch.
+  const int64_t tile_elems = std::max<int64_t>(mr * nr, l2 / 4 / elem);
+  const int64_t slab_cols = plan.split_columns ? ceil_div(col_blocks, plan.slabs) * nr : d;
+  const int64_t slab_rows = plan.split_columns ? p : ceil_div(row_blocks, plan.slabs) * mr;
+  int64_t nc = std::min<int64_t>(slab_cols, std::max<int64_t>(nr, 256 / nr * nr));
+  int64_t mc = std::max<int64_t>(mr, tile_elems / nc / mr * mr);
+  mc = std::min(mc, slab_rows);
+  if (const char* env = std::getenv("GRADNOISE_FUSED_BLOCKS")) {  // tuning knob: "mc,nc,kc"
+    long a = 0, b = 0, c = 0;
+    if (std::sscanf(env, "%ld,%ld,%ld", &a, &b, &c) == 3 && a > 0 && b > 0 && c > 0) {
+      mc = ceil_div(a, mr) * mr;
+      nc = ceil_div(b, nr) * nr;
+      plan.kc = std::min<int64_t>(T_len, c);
+    }
+  }
+  plan.mc = mc;
+  plan.nc = nc;
+  return plan;
+}
+
+template <typename Kern, typename in_t, typename T>
+void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T_len,
+               int64_t d, int64_t p, T* C, double* norms) {
+  using K = typename Kern::template Kernel<T>;
+  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
+  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
+  // Samples are taken in groups whose packed X and dY stay in the last-level
+  // cache while every tile of C reads them: each tile streams its group's
+  // panels once per sample, so a group that spilled to DRAM would be re-read
+  // from memory by every tile.
+  constexpr int64_t kGroupBytes = 8 << 20;
+  const int64_t row_bytes = (a_strips * K::MR + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
+  // A channels-first image is made channels-last a group of samples at a
+  // time (the patch packer reads a tap's channels as one run), so no copy of
+  // the whole input is ever held.
+  const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
+  ConvGeometry last{};
+  int64_t image = 0;  // elements of one relaid sample
+  if (relayout) {
+    last = *x.conv;
+    image = last.channels * last.in[0] * last.in[1] * last.in[2];
+    last.channel_stride = 1;
+    last.pixel_stride = last.channels;
+  }
+  const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
+  const int64_t group = std::max<int64_t>(1, std::min(B, kGroupBytes / sample_bytes));
+  const int64_t group_rows = group * T_len;
+  AlignedBuffer relaid(relayout ? group * image * sizeof(in_t) : 0);
+  AlignedBuffer packed(row_bytes * group_rows);
+  T* pa = static_cast<T*>(packed.ptr);
+  T* pb = pa + a_strips * K::MR * group_rows;
+  std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
+  const int64_t unit = plan.split_columns ? K::NR : K::MR;
+  const int64_t extent = plan.split_columns ? d : p;
+  const int64_t units = ceil_div(extent, unit);
+  const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
+  std::vector<AlignedBuffer*> scratch(static_cast<size_t>(plan.slabs), nullptr);
+  for (int64_t i0 = 0; i0 < B; i0 += group) {
+    const int64_t n = std::min(group, B - i0), rows = n * T_len;
+    // Pack this group into the strip order the register kernel reads
+    // (converting half-precision input to float on the way).
+    OperandSource xs = x;
+    int64_t x_row0 = i0 * T_len;
+    if (relayout) {
+      const in_t* src = static_cast<const in_t*>(x.data) + i0 * x.ld;
+      in_t* dst = static_cast<in_t*>(relaid.ptr);
+      const int64_t pixels = image / last.channels;
+      constexpr int64_t kPixels = 256;
+      const int64_t blocks = ceil_div(pixels, kPixels);
+      at::parallel_for(0, n * blocks, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t b = w / blocks, q0 = w % blocks * kPixels;
+          K::template to_channels_last<in_t>(src + b * x.ld, x.conv->channel_stride,
+                                             last.channels, q0, std::min(pixels, q0 + kPixels),
+                                             dst + b * image);
+        }
+      });
+      xs = OperandSource{OperandSource::Kind::kPatches, relaid.ptr, image, &last};
+      x_row0 = 0;
+    }
+    constexpr int64_t kPackRows = 64;
+    at::parallel_for(0, ceil_div(rows, kPackRows), 1, [&](int64_t rb0, int64_t rb1) {
+      const int64_t r0 = rb0 * kPackRows, r1 = std::min(rows, rb1 * kPackRows);
+      K::template pack<K::MR, in_t>(g, T_len, i0 * T_len, p, r0, r1, rows, a_strips, pa);
+      K::template pack<K::NR, in_t>(xs, T_len, x_row0, d, r0, r1, rows, b_strips, pb);
+    });
+    at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
+      typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
+      for (int64_t s = begin; s < end; ++s) {
+        if (scratch[s] == nullptr) scratch[s] = new AlignedBuffer(2 * tile_elems * sizeof(T));
+        T* tile_sum = static_cast<T*>(scratch[s]->ptr);
+        T* carry = tile_sum + tile_elems;
+        // Equal shares of whole register blocks, one per thread.
+        const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
+        const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
+        if (lo >= hi) continue;
+        double* nrm = partial.data() + s * B + i0;
+        const bool add = i0 > 0;
+        if (plan.split_columns)
+          Kern::slab(pa, pb, n, T_len, p, d, 0, p, lo, hi, C, nrm, blk, tile_sum, carry, add);
+        else
+          Kern::slab(pa, pb, n, T_len, p, d, lo, hi, 0, d, C, nrm, blk, tile_sum, carry, add);
+      }
+    });
+  }
+  for (AlignedBuffer* b : scratch) delete b;
+  for (int64_t i = 0; i < B; ++i) {
+    double s = 0.0;
+    for (int64_t k = 0; k < plan.slabs; ++k) s += partial[k * B + i];
+    norms[i] = s;
+  }
+}
+
+// Adapters naming each instruction set's templates uniformly.
+#define GN_ISA_ADAPTER(NAME, NS)                                                         \
+  struct NAME {                                                                          \
+    template <typename T>                                                                \
+    using Kernel = NS::FusedKernel<T>;                                                   \
+    using Blocking = NS::FusedBlocking;                                                  \
+    template <typename T>                                                                \
+    static void slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,      \
+                     int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,    \
+                     double* norms, const Blocking& blk, T* tile_sum, T* carry,          \
+                     bool add) {                                                         \
+      NS::fused_linear_slab<T>(pa, pb, B, T_len, p, d, r0, r1, c0, c1, C, norms, blk,    \
+                               tile_sum, carry, add);                                    \
+    }                                                                                    \
+  };
+GN_ISA_ADAPTER(Avx512, isa_avx512)
+GN_ISA_ADAPTER(Avx2, isa_avx2)
+GN_ISA_ADAPTER(Generic, isa_generic)
+#undef GN_ISA_ADAPTER
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void run_fused_kernel(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T,
+                      int64_t d, int64_t p, acc_t* C, double* norms) {
+  switch (current_isa()) {
+    case Isa::kAvx512:
+      run_fused<Avx512, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+      break;
+    case Isa::kAvx2:
+      run_fused<Avx2, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+      break;
+    default:
+      run_fused<Generic, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+  }
+}
+
+template void run_fused_kernel<float, float>(const OperandSource&, const OperandSource&, int64_t,
+                                             int64_t, int64_t, int64_t, float*, double*);
+template void run_fused_kernel<double, double>(const OperandSource&, const OperandSource&,
+                                               int64_t, int64_t, int64_t, int64_t, double*,
+                                               double*);
+template void run_fused_kernel<c10::BFloat16, float>(const OperandSource&, const OperandSource&,
+                                                     int64_t, int64_t, int64_t, int64_t, float*,
+                                                     double*);
+template void run_fused_kernel<c10::Half, float>(const OperandSource&, const OperandSource&,
+                                                 int64_t, int64_t, int64_t, int64_t, float*,
+                                                 double*);
+
+std::string cpu_kernel_isa() {
+  std::string s = isa_name(current_isa());
+  s += " (compiled: avx512, avx2, generic)";
+  return s;
+}
+
+}  // namespace gradnoise
