@@ -174,6 +174,7 @@ class GradNoiseTracker:
                      and rule.supports_fused_backward(module) and not shared)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
         self._by_module = {id(t.module): t for t in self._tracked}
+        self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.
         self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
         for t in self._tracked:
@@ -378,7 +379,10 @@ class GradNoiseTracker:
                 f"differs between layers in this backward ({detail}). Per-sample norms need "
                 "every tracked module to see the samples along dim 0; move the batch to dim 0 "
                 "(e.g. batch_first=True) or leave the other modules out with `layers=`.")
-        order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
+        order = self._module_order
+        if any(name not in order for name in step.norms):
+            order = self._module_order = {n: k for k, (n, _) in
+                                          enumerate(self.model.named_modules())}
         out = {}
         for name in sorted(step.norms, key=order.__getitem__):
             n = step.norms[name]

@@ -106,23 +106,28 @@ at::Tensor fused_norms(const at::Tensor& x3, const at::Tensor& g3, at::Tensor* g
   return norms;
 }
 
+// Σ v_j², with 16 independent partial sums (which the compiler keeps in
+// vector registers) rather than one serial chain.
 template <typename in_t, typename acc_t>
 acc_t sq_sum(const in_t* v, int64_t n) {
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  constexpr int kLanes = 16;
+  acc_t part[kLanes] = {};
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const acc_t a = v[j], b = v[j + 1], c = v[j + 2], e = v[j + 3];
-    s0 += a * a;
-    s1 += b * b;
-    s2 += c * c;
-    s3 += e * e;
-  }
-  for (; j < n; ++j) s0 += static_cast<acc_t>(v[j]) * static_cast<acc_t>(v[j]);
-  return (s0 + s1) + (s2 + s3);
+  for (; j + kLanes <= n; j += kLanes)
+#pragma GCC unroll 16
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t a = static_cast<acc_t>(v[j + l]);
+      part[l] += a * a;
+    }
+  for (; j < n; ++j) part[0] += static_cast<acc_t>(v[j]) * static_cast<acc_t>(v[j]);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
 }
 
-// T = 1: ‖dy_i x_iᵀ‖² = ‖x_i‖²·‖dy_i‖² (Goodfellow 2015). Cost 2B(d + p).
-at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3) {
+// T = 1: ‖dy_i x_iᵀ‖² = ‖x_i‖²·‖dy_i‖² (Goodfellow 2015), plus the bias's
+// ‖dy_i‖² when `with_bias`: (‖x_i‖² + 1)·‖dy_i‖². Cost 2B(d + p).
+at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3, bool with_bias) {
   const int64_t B = x3.size(0), d = x3.size(2), p = g3.size(2);
   at::Tensor xc = x3.reshape({B, d}).contiguous(), gc = g3.reshape({B, p}).contiguous();
   at::Tensor norms = at::empty({B}, x3.options().dtype(at::kDouble));
@@ -134,7 +139,7 @@ at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3) {
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d + p)),
                      [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i)
-        out[i] = static_cast<double>(sq_sum<scalar_t, acc_t>(xp + i * d, d)) *
+        out[i] = (static_cast<double>(sq_sum<scalar_t, acc_t>(xp + i * d, d)) + (with_bias ? 1.0 : 0.0)) *
                  static_cast<double>(sq_sum<scalar_t, acc_t>(gp + i * p, p));
     });
   });
@@ -178,8 +183,9 @@ at::Tensor ghost_norms(const at::Tensor& x3, const at::Tensor& g3) {
 // and its sum over samples is the bias gradient.
 std::pair<at::Tensor, at::Tensor> bias_grad_and_sq_norms(const at::Tensor& g3) {
   const auto acc = acc_type(g3.scalar_type());
-  at::Tensor per_sample = g3.sum(1, /*keepdim=*/false, acc);  // [B, p]
-  at::Tensor sq = per_sample.square().sum(1, false, at::kDouble);
+  // [B, p]; T = 1 needs no reduction (nor a copy, in the accumulation dtype).
+  at::Tensor per_sample = g3.size(1) == 1 ? g3.select(1, 0).to(acc) : g3.sum(1, false, acc);
+  at::Tensor sq = per_sample.square().sum(1).to(at::kDouble);
   at::Tensor grad_bias = per_sample.sum(0).to(g3.scalar_type());
   return {grad_bias, sq};
 }
@@ -204,7 +210,7 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out, 
   const at::Tensor x3 = as_btf(x), g3 = as_btf(grad_out);
   at::Tensor norms;
   switch (resolve_method(method, pr, /*with_weight_grad=*/false)) {
-    case NormMethod::kGoodfellow: norms = goodfellow_norms(x3, g3); break;
+    case NormMethod::kGoodfellow: return finish_norms(goodfellow_norms(x3, g3, with_bias), x);
     case NormMethod::kGhost: norms = ghost_norms(x3, g3); break;
     default: norms = fused_norms(x3, g3, nullptr);
   }
@@ -235,10 +241,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_weight_grad_and_sq_norms_c
     norms = fused_norms(x3, g3, &grad_weight);
   } else {
     // The norms are cheap next to the GEMM here: leave the GEMM to BLAS.
-    norms = m == NormMethod::kGoodfellow ? goodfellow_norms(x3, g3) : ghost_norms(x3, g3);
     const auto acc = acc_type(st);
     at::Tensor g2 = g3.reshape({-1, pr.p}), x2 = x3.reshape({-1, pr.d});
     grad_weight = acc == st ? at::mm(g2.t(), x2) : at::mm(g2.t().to(acc), x2.to(acc)).to(st);
+    if (m == NormMethod::kGoodfellow) {  // the bias's norm is folded in
+      norms = goodfellow_norms(x3, g3, with_bias);
+      at::Tensor grad_bias = with_bias ? g2.sum(0, false, acc).to(st) : empty_bias;
+      return {grad_weight, grad_bias, finish_norms(norms, x)};
+    }
+    norms = ghost_norms(x3, g3);
   }
   at::Tensor grad_bias = empty_bias;
   if (with_bias) {

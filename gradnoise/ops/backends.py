@@ -42,11 +42,24 @@ def backend_status(name: str, device: torch.device | None = None) -> str | None:
     raise ValueError(f"gradnoise: unknown backend {name!r}; choose one of {BACKENDS}")
 
 
+_RESOLVED: dict[tuple[str, str | None], str] = {}
+
+
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     """The backend for inputs on `device`: the requested one (argument, then
     GRADNOISE_BACKEND) or, by default, the compiled kernels of that device
     with the pure-PyTorch reference as the fallback."""
     requested = requested or os.environ.get(ENV_VAR) or None
+    # Called for every op on every step: a resolved choice is remembered
+    # (what can run where does not change within a process).
+    key = (device.type, requested)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    _RESOLVED[key] = be = _resolve(device, requested)
+    return be
+
+
+def _resolve(device: torch.device, requested: str | None) -> str:
     if requested is not None:
         requested = requested.lower()
         if requested not in BACKENDS:
