@@ -285,6 +285,7 @@ class GradNoiseTracker:
         if step.pending[id(call)] == 0 and self._is_simple(t):
             self._step_add(step, t, t.rule.sq_norms(t.module, [call], t.own), _batch(call))
             step.calls[id(t.module)].remove(call)
+            call.release()
 
     def module_backward(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
                         need_weight: bool, need_bias: bool):
@@ -328,6 +329,10 @@ class GradNoiseTracker:
             self._finish_shared(step)
             self._results = self._scaled(step)
         finally:
+            for calls in step.calls.values():
+                for c in calls:
+                    if c is not None:
+                        c.release()
             self._suspended = False
             step.calls.clear()
             step.pending.clear()

@@ -116,6 +116,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_impl(
   at::Tensor norms = at::zeros({pr.B}, x.options().dtype(at::kDouble));
   if (pr.B > 0 && pr.L > 0 && d > 0 && p > 0) {
     const int64_t esize = x.element_size();
+    // The packed patches outgrow the image by the kernel volume: scratch is
+    // held to a quarter of the tensors read (within the engine's default and
+    // 1 MB), so that measuring adds little to a step's peak memory.
+    const int64_t scratch = std::clamp<int64_t>((x.nbytes() + g.nbytes()) / 4, 1 << 20,
+                                                kDefaultScratchBytes);
     at::Tensor part = groups > 1 ? at::empty({pr.B}, norms.options()) : norms;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const OperandSource xs{
@@ -128,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_impl(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_conv", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         acc_t* cptr = C.defined() ? C.data_ptr<acc_t>() + gi * p * d : nullptr;
-        run_fused_kernel<scalar_t, acc_t>(xs, gs, pr.B, pr.L, d, p, cptr, part.data_ptr<double>());
+        run_fused_kernel<scalar_t, acc_t>(xs, gs, pr.B, pr.L, d, p, cptr, part.data_ptr<double>(),
+                                          scratch);
       });
       if (groups > 1) norms += part;
     }

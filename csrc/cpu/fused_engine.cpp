@@ -148,7 +148,7 @@ FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t 
 
 template <typename Kern, typename in_t, typename T>
 void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T_len,
-               int64_t d, int64_t p, T* C, double* norms) {
+               int64_t d, int64_t p, T* C, double* norms, int64_t scratch_bytes) {
   using K = typename Kern::template Kernel<T>;
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
   const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
@@ -156,7 +156,6 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
   // cache while every tile of C reads them: each tile streams its group's
   // panels once per sample, so a group that spilled to DRAM would be re-read
   // from memory by every tile.
-  constexpr int64_t kGroupBytes = 8 << 20;
   const int64_t row_bytes = (a_strips * K::MR + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
   // A channels-first image is made channels-last a group of samples at a
   // time (the patch packer reads a tap's channels as one run), so no copy of
@@ -171,7 +170,7 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
     last.pixel_stride = last.channels;
   }
   const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
-  const int64_t group = std::max<int64_t>(1, std::min(B, kGroupBytes / sample_bytes));
+  const int64_t group = std::max<int64_t>(1, std::min(B, scratch_bytes / sample_bytes));
   const int64_t group_rows = group * T_len;
   AlignedBuffer relaid(relayout ? group * image * sizeof(in_t) : 0);
   AlignedBuffer packed(row_bytes * group_rows);
@@ -263,30 +262,30 @@ GN_ISA_ADAPTER(Generic, isa_generic)
 
 template <typename in_t, typename acc_t>
 void run_fused_kernel(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T,
-                      int64_t d, int64_t p, acc_t* C, double* norms) {
+                      int64_t d, int64_t p, acc_t* C, double* norms, int64_t scratch_bytes) {
   switch (current_isa()) {
     case Isa::kAvx512:
-      run_fused<Avx512, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+      run_fused<Avx512, in_t, acc_t>(x, g, B, T, d, p, C, norms, scratch_bytes);
       break;
     case Isa::kAvx2:
-      run_fused<Avx2, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+      run_fused<Avx2, in_t, acc_t>(x, g, B, T, d, p, C, norms, scratch_bytes);
       break;
     default:
-      run_fused<Generic, in_t, acc_t>(x, g, B, T, d, p, C, norms);
+      run_fused<Generic, in_t, acc_t>(x, g, B, T, d, p, C, norms, scratch_bytes);
   }
 }
 
 template void run_fused_kernel<float, float>(const OperandSource&, const OperandSource&, int64_t,
-                                             int64_t, int64_t, int64_t, float*, double*);
+                                             int64_t, int64_t, int64_t, float*, double*, int64_t);
 template void run_fused_kernel<double, double>(const OperandSource&, const OperandSource&,
                                                int64_t, int64_t, int64_t, int64_t, double*,
-                                               double*);
+                                               double*, int64_t);
 template void run_fused_kernel<c10::BFloat16, float>(const OperandSource&, const OperandSource&,
                                                      int64_t, int64_t, int64_t, int64_t, float*,
-                                                     double*);
+                                                     double*, int64_t);
 template void run_fused_kernel<c10::Half, float>(const OperandSource&, const OperandSource&,
                                                  int64_t, int64_t, int64_t, int64_t, float*,
-                                                 double*);
+                                                 double*, int64_t);
 
 std::string cpu_kernel_isa() {
   std::string s = isa_name(current_isa());

@@ -26,6 +26,10 @@ struct ConvGeometry {
   int64_t in[3], out[3], kernel[3], stride[3], padding[3], dilation[3];
 };
 
+// Packed operands of up to this many bytes stay in the last-level cache
+// while every tile of C reads them.
+constexpr int64_t kDefaultScratchBytes = 8 << 20;
+
 struct OperandSource {
   enum class Kind {
     kRows,           // element (r, c) at data[r·ld + c]
@@ -41,10 +45,12 @@ struct OperandSource {
 
 // C [p, d] row-major (nullptr: norms only), overwritten; norms [B] overwritten.
 // in_t: float, double, c10::BFloat16 or c10::Half; acc_t: float (double for
-// double input).
+// double input). `scratch_bytes` bounds the packed operands of one group of
+// samples (the engine's main scratch memory).
 template <typename in_t, typename acc_t>
 void run_fused_kernel(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T,
-                      int64_t d, int64_t p, acc_t* C, double* norms);
+                      int64_t d, int64_t p, acc_t* C, double* norms,
+                      int64_t scratch_bytes = kDefaultScratchBytes);
 
 std::string cpu_kernel_isa();
 

@@ -455,6 +455,11 @@ def peak_memory_mb(model_name: str, candidate: str, timeout: float = 600.0) -> f
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # A fixed mmap threshold: every allocation over 128 KiB is a mapping of its
+    # own, returned to the OS when freed, so resident memory follows the live
+    # allocations (scratch inside ops included) instead of glibc's adaptive
+    # heap, whose reuse pattern would move the peak by ±10 MB from run to run.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     code = ("import json, torch, warnings; warnings.simplefilter('ignore'); "
             f"torch.set_num_threads({torch.get_num_threads()}); "
             "from gradnoise.benchmarking.tracker_step import measure_step_peak; "

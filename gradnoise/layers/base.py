@@ -28,6 +28,11 @@ class Call:
     #: positions, among the call's flattened tensor outputs, of those in grad_outputs
     output_index: list = field(default_factory=lambda: [0])
 
+    def release(self) -> None:
+        """Drop the tensors once the call is measured: the gradient hooks that
+        refer to this call live as long as the autograd graph."""
+        self.args, self.kwargs, self.grad_outputs = (), {}, []
+
 
 class NormRule(ABC):
     """Per-sample squared gradient norms of one module type's own parameters.
