@@ -47,6 +47,12 @@ TORCH_LIBRARY(gradnoise, m) {
   m.def(
       "group_norm_sq_norms(Tensor x, Tensor grad_out, int groups, float eps, "
       "bool with_weight, bool with_bias) -> Tensor");
+  // GroupNorm's whole backward (input, γ and β gradients) with the norms
+  // above from the same passes; mean and rstd as native_group_norm returns.
+  m.def(
+      "group_norm_backward_and_sq_norms(Tensor x, Tensor grad_out, Tensor mean, Tensor rstd, "
+      "Tensor? weight, int groups, bool need_input_grad, bool with_weight, bool with_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Not tensor ops: the cost model and what this build contains, for the
   // Python layer and `python -m gradnoise info`.
   m.def("linear_norm_method(int B, int T, int d, int p, bool with_weight_grad) -> int",

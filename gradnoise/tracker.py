@@ -287,23 +287,27 @@ class GradNoiseTracker:
             step.calls[id(t.module)].remove(call)
             call.release()
 
-    def module_backward(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
-                        need_weight: bool, need_bias: bool):
-        """Backward of a fused-backward module's call: its weight and bias gradients."""
+    def module_backward(self, module: nn.Module, x: torch.Tensor, weight, saved: tuple,
+                        grad_out: torch.Tensor, need_input_grad: bool, need_weight: bool,
+                        need_bias: bool):
+        """Backward of a fused-backward module's call: (grad_x, grad_weight, grad_bias)."""
         step = self._step
         t = self._by_module[id(module)]
         if step is not None:
             self._queue_finish()
         if step is not None and len(step.calls.get(id(module), [])) == 1:
-            gw, gb, norms = t.rule.fused_backward(module, x, grad_out, t.own)
+            gx, gw, gb, norms = t.rule.fused_backward(module, x, weight, saved, grad_out, t.own,
+                                                      need_input_grad)
             self._step_add(step, t, norms, x.shape[0])
         else:
             # Called several times: the per-sample gradient sums over calls,
             # so keep (x, dY) until the end of backward.
             if step is not None:
                 step.calls[id(module)].append(Call((x,), {}, [grad_out]))
-            gw, gb = t.rule.param_grads(module, x, grad_out, need_weight, need_bias)
-        return (gw if need_weight else None), (gb if need_bias else None)
+            gx, gw, gb = t.rule.plain_backward(module, x, weight, saved, grad_out,
+                                               need_input_grad, need_weight, need_bias)
+        return ((gx if need_input_grad else None), (gw if need_weight else None),
+                (gb if need_bias else None))
 
     def _is_simple(self, t: _Tracked) -> bool:
         calls = self._step.calls.get(id(t.module), [])

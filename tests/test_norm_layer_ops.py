@@ -258,6 +258,93 @@ def test_group_norm_dtypes(backend, case, dtype):
            truth(group_norm_module(groups, shape[1]), x, dy, True, True), dtype)
 
 
+def _gn_backward_truth(groups, x, dy, flags):
+    """(dX, dγ, dβ) by autograd in float64, and the norms by torch.func."""
+    module = group_norm_module(groups, x.shape[1])
+    x64 = x.detach().double().requires_grad_()
+    gx, gw, gb = torch.autograd.grad(module(x64), (x64, module.weight, module.bias),
+                                     dy.double())
+    return module, gx, gw, gb, truth(module, x, dy, *flags)
+
+
+def _gn_forward_stats(module, x):
+    B, C = x.shape[:2]
+    S = x[0, 0].numel() if B and C else 0
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x, module.weight.to(x.dtype), module.bias.to(x.dtype), B, C, S, module.num_groups,
+        module.eps)
+    return mean, rstd
+
+
+# dX is compared with an absolute tolerance on the scale of its terms
+# (rstd·|γ|·|dY|, about 1 here): float32 rounding of sums over ≤ 5·10^3 points.
+GN_GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2,
+                torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
+@pytest.mark.parametrize("case", [c for c in GN_CASES if c != "1d-B0"])
+def test_group_norm_backward_matches_autograd_and_torch_func(backend, case, flags):
+    shape, groups = GN_CASES[case]
+    x, dy = _inputs(shape, torch.float32, seed=6)
+    module, gx_t, gw_t, gb_t, norms_t = _gn_backward_truth(groups, x, dy, flags)
+    mean, rstd = _gn_forward_stats(module.float(), x)
+    gx, gw, gb, norms = nl.group_norm_backward_and_sq_norms(
+        x, dy, mean, rstd, module.weight.float(), groups, 1e-5, True, *flags, backend=backend)
+    _check(norms, norms_t, torch.float32)
+    atol = GN_GRAD_ATOL[torch.float32]
+    torch.testing.assert_close(gx.double(), gx_t, rtol=0, atol=atol)
+    assert (gw is None) == (not flags[0]) and (gb is None) == (not flags[1])
+    if flags[0]:
+        torch.testing.assert_close(gw.double(), gw_t, rtol=0, atol=atol * gw_t.abs().max())
+    if flags[1]:
+        torch.testing.assert_close(gb.double(), gb_t, rtol=0, atol=atol * gb_t.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_backward_dtypes_threads_and_no_input_grad(backend, dtype):
+    shape, groups = GN_CASES["2d-B2-C8-S35-G4"]
+    x, dy = _inputs(shape, dtype, seed=7)
+    module, gx_t, _, _, norms_t = _gn_backward_truth(groups, x, dy, (True, True))
+    mean, rstd = _gn_forward_stats(module.to(dtype), x)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(nl.group_norm_backward_and_sq_norms(
+                x, dy, mean, rstd, module.weight, groups, 1e-5, True, backend=backend))
+    finally:
+        torch.set_num_threads(before)
+    for gx, _, _, norms in results:
+        assert gx.dtype == dtype and torch.equal(norms, results[0][3])
+        torch.testing.assert_close(gx.double(), gx_t, rtol=0, atol=GN_GRAD_ATOL[dtype])
+    # half-precision statistics from the forward bound the norms' accuracy
+    torch.testing.assert_close(results[0][3].double(), norms_t,
+                               rtol=RTOL[dtype] if dtype in (torch.float32, torch.float64)
+                               else 3e-2, atol=1e-12)
+    gx, gw, gb, norms = nl.group_norm_backward_and_sq_norms(
+        x, dy, mean, rstd, module.weight, groups, 1e-5, False, backend=backend)
+    assert gx is None and torch.equal(norms, results[0][3])
+
+
+@needs_compiled
+def test_group_norm_backward_op_checks():
+    x, dy = _inputs((2, 4, 3, 3), torch.float32)
+    module = group_norm_module(2, 4).float()
+    mean, rstd = _gn_forward_stats(module, x)
+    torch.library.opcheck(torch.ops.gradnoise.group_norm_backward_and_sq_norms.default,
+                          (x, dy, mean, rstd, module.weight.detach(), 2, True, True, True))
+    with pytest.raises(RuntimeError, match="mean"):
+        torch.ops.gradnoise.group_norm_backward_and_sq_norms(
+            x, dy, mean[:1], rstd, module.weight, 2, True, True, True)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.gradnoise.group_norm_backward_and_sq_norms(
+            x, dy, mean, rstd, module.weight[:3], 2, True, True, True)
+
+
 # ---------------------------------------------------------------------------
 # Layouts, inputs, threads, dtypes at the edge
 # ---------------------------------------------------------------------------

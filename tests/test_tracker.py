@@ -300,24 +300,27 @@ def test_outputs_unchanged_and_grads_match(name):
     assert tracker.per_sample_sq_norms().shape == (4,)
 
 
-def test_fused_backward_covers_linear_and_zero_padded_convs():
+def test_fused_backward_covers_linear_zero_padded_convs_and_group_norm():
     model, x, y, batch_loss, _ = make_case("cnn", 3, "sum")
     tracker = GradNoiseTracker(model, loss_reduction="sum")
-    # reflect padding is measured after backward instead
-    assert tracker.fused_modules == ["features.0", "features.3", "head"]
+    # reflect padding (features.6) is measured after backward instead
+    assert tracker.fused_modules == ["features.0", "features.1", "features.3", "features.4",
+                                     "head"]
     assert GradNoiseTracker(model, fused_backward=False).fused_modules == []
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_conv_called_twice_sums_over_calls(reduction):
+def test_conv_and_group_norm_called_twice_sum_over_calls(reduction):
     class TwiceConv(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 4)
             self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
+            h = torch.tanh(self.norm(self.conv(x)))
+            return self.head(self.norm(self.conv(h)).mean((2, 3)))
 
     torch.manual_seed(0)
     model, x = TwiceConv(), torch.randn(5, 4, 6, 6)

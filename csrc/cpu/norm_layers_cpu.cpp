@@ -482,6 +482,51 @@ struct GnKernel {
 };
 
 // ---------------------------------------------------------------------------
+// GroupNorm backward with the norms (group_norm_backward_and_sq_norms):
+//   pass 1, per channel i = (n, c):  dsc_i = Σ_s dY·(x − μ),  db_i = Σ_s dY
+//   pass 2, per channel:             dX = a·dY + b·x + c
+// with a, b, c from the group's sums (see group_norm_backward_and_sq_norms_cpu).
+// ---------------------------------------------------------------------------
+template <int VB, typename S>
+struct GnBackwardKernel {
+  using A = acc_of<S>;
+
+  static GN_INLINE void sums(const S* x, const S* g, int64_t Sp, int64_t C, int64_t G,
+                             int64_t i0, int64_t i1, const A* mean, A* dsc, A* db) {
+    const int64_t D = C / G;
+    std::vector<A> bx(std::is_same_v<S, A> ? 0 : Sp), bg(std::is_same_v<S, A> ? 0 : Sp);
+    for (int64_t i = i0; i < i1; ++i) {
+      const A* xa = as_acc(x + i * Sp, Sp, bx.data());
+      const A* ga = as_acc(g + i * Sp, Sp, bg.data());
+      dot_dev_and_sum<VB, A>(xa, ga, Sp, mean[i / C * G + i % C / D], dsc[i], db[i]);
+    }
+  }
+
+  static GN_INLINE void input_grad(const S* x, const S* g, S* dx, int64_t Sp, int64_t C,
+                                   int64_t i0, int64_t i1, const A* a, const A* b, const A* c,
+                                   int64_t D, int64_t G) {
+    using V = typename Vec<VB, A>::type;
+    constexpr int64_t L = VB / sizeof(A);
+    std::vector<A> bx(std::is_same_v<S, A> ? 0 : Sp), bg(std::is_same_v<S, A> ? 0 : Sp);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ng = i / C * G + i % C / D;
+      const A ai = a[i], bi = b[ng], ci = c[ng];
+      const A* xa = as_acc(x + i * Sp, Sp, bx.data());
+      const A* ga = as_acc(g + i * Sp, Sp, bg.data());
+      S* o = dx + i * Sp;
+      int64_t j = 0;
+      if constexpr (std::is_same_v<S, A>) {
+        for (; j + L <= Sp; j += L) {
+          const V v = ai * vload<VB>(ga + j) + bi * vload<VB>(xa + j) + ci;
+          std::memcpy(o + j, &v, VB);
+        }
+      }
+      for (; j < Sp; ++j) o[j] = static_cast<S>(ai * ga[j] + bi * xa[j] + ci);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Per-instruction-set entry points: the always_inline kernels above take the
 // target of the function they are inlined into.
 // ---------------------------------------------------------------------------
@@ -531,6 +576,20 @@ struct GnKernel {
                                         const acc_of<S>* dot, const acc_of<S>* sum,           \
                                         acc_of<S>* part) {                                    \
       GnKernel<VB, S>::finish_groups(p, bg0, bg1, ncs, rstd, dot, sum, part);                 \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_backward_sums(const S* x, const S* g, int64_t Sp, int64_t C,        \
+                                        int64_t G, int64_t i0, int64_t i1,                    \
+                                        const acc_of<S>* mean, acc_of<S>* dsc,                \
+                                        acc_of<S>* db) {                                      \
+      GnBackwardKernel<VB, S>::sums(x, g, Sp, C, G, i0, i1, mean, dsc, db);                   \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_backward_input(const S* x, const S* g, S* dx, int64_t Sp,           \
+                                         int64_t C, int64_t i0, int64_t i1,                   \
+                                         const acc_of<S>* a, const acc_of<S>* b,              \
+                                         const acc_of<S>* c, int64_t D, int64_t G) {          \
+      GnBackwardKernel<VB, S>::input_grad(x, g, dx, Sp, C, i0, i1, a, b, c, D, G);            \
     }                                                                                         \
   };
 
@@ -694,11 +753,105 @@ at::Tensor group_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_o
   return out;
 }
 
+// GroupNorm's backward with the per-sample norms of γ and β folded in. For
+// sample n, group g (mean μ, rstd r from the forward), channel c (D channels
+// of S points per group, s = 1/(D·S)):
+//   pass 1:  dsc_nc = Σ_s dY·(x − μ),  db_nc = Σ_s dY
+//            gγ_nc = r·dsc_nc, gβ_nc = db_nc;  n_n = Σ_c gγ_nc² + gβ_nc²
+//            dγ_c = Σ_n gγ_nc,  dβ_c = Σ_n gβ_nc
+//   per group:  A = Σ_c γ_c·dsc_nc,  Bg = Σ_c γ_c·db_nc,
+//            c2 = −A·r³·s,  c3 = −c2·μ − Bg·r·s
+//   pass 2:  dX = r·γ_c·dY + c2·x + c3
+// which is torch's input gradient up to the order of the sums: the norms cost
+// O(N·C) on top of the two passes the backward makes anyway. Each channel is
+// reduced by one thread in a fixed order, so the result does not depend on
+// the number of threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_and_sq_norms_cpu(
+    const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& mean,
+    const at::Tensor& rstd, const c10::optional<at::Tensor>& weight_opt, int64_t groups,
+    bool need_input_grad, bool with_weight, bool with_bias) {
+  const auto [N, C, Sp] = group_norm_shape(x, grad_out, groups, 0.0, at::kCPU, "CPU");
+  const int64_t G = groups, D = C / G;
+  const auto st = x.scalar_type();
+  const auto acc = st == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(mean.numel() == N * G && rstd.numel() == N * G, "gradnoise: `mean` and `rstd` must "
+              "have N·groups = ", N * G, " entries (as native_group_norm returns), got ",
+              mean.numel(), " and ", rstd.numel());
+  const at::Tensor* weight = weight_opt.has_value() && weight_opt->defined() ? &*weight_opt : nullptr;
+  TORCH_CHECK(weight == nullptr || weight->numel() == C, "gradnoise: `weight` must have C = ", C,
+              " entries, got ", weight == nullptr ? 0 : weight->numel());
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  const at::Tensor mu_t = mean.reshape({N * G}).to(acc).contiguous();
+  const at::Tensor r_t = rstd.reshape({N * G}).to(acc).contiguous();
+  const at::Tensor w_t = weight != nullptr ? weight->reshape({C}).to(acc).contiguous()
+                                           : at::ones({C}, x.options().dtype(acc));
+  at::Tensor grad_input = need_input_grad ? at::empty_like(xc) : at::empty({0}, x.options());
+  at::Tensor norms = at::zeros({N}, x.options().dtype(acc));
+  at::Tensor grad_weight = at::zeros({C}, x.options().dtype(acc));
+  at::Tensor grad_bias = at::zeros({C}, x.options().dtype(acc));
+  if (N > 0 && C > 0 && Sp > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_group_norm_backward", [&] {
+      using A = acc_of<scalar_t>;
+      const scalar_t* xp = xc.data_ptr<scalar_t>();
+      const scalar_t* gp = gc.data_ptr<scalar_t>();
+      const A* mu = mu_t.data_ptr<A>();
+      const A* r = r_t.data_ptr<A>();
+      const A* w = w_t.data_ptr<A>();
+      std::vector<A> dsc(N * C), db(N * C), a_in(N * C);
+      with_isa([&](auto isa) {
+        at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
+          decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
+                                                             dsc.data(), db.data());
+        });
+      });
+      A* nrm = norms.data_ptr<A>();
+      A* dw = grad_weight.data_ptr<A>();
+      A* dbias = grad_bias.data_ptr<A>();
+      std::vector<A> c2(N * G), c3(N * G);
+      const A s = A(1) / static_cast<A>(D * Sp);
+      for (int64_t n = 0; n < N; ++n) {
+        A total = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t ng = n * G + g;
+          A a = 0, bg = 0;
+          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+            const int64_t i = n * C + c;
+            const A gamma_grad = r[ng] * dsc[i];
+            if (with_weight) total += gamma_grad * gamma_grad;
+            if (with_bias) total += db[i] * db[i];
+            dw[c] += gamma_grad;
+            dbias[c] += db[i];
+            a += w[c] * dsc[i];
+            bg += w[c] * db[i];
+            a_in[i] = r[ng] * w[c];
+          }
+          c2[ng] = -a * r[ng] * r[ng] * r[ng] * s;
+          c3[ng] = -c2[ng] * mu[ng] - bg * r[ng] * s;
+        }
+        nrm[n] = total;
+      }
+      if (need_input_grad) {
+        scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        with_isa([&](auto isa) {
+          at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
+            decltype(isa)::template gn_backward_input<scalar_t>(
+                xp, gp, dx, Sp, C, i0, i1, a_in.data(), c2.data(), c3.data(), D, G);
+          });
+        });
+      }
+    });
+  }
+  const auto wdt = weight != nullptr ? weight->scalar_type() : st;
+  return {grad_input, with_weight ? grad_weight.to(wdt) : at::empty({0}, x.options()),
+          with_bias ? grad_bias.to(wdt) : at::empty({0}, x.options()), norms};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
   m.impl("layer_norm_sq_norms", &layer_norm_sq_norms_cpu);
   m.impl("group_norm_sq_norms", &group_norm_sq_norms_cpu);
+  m.impl("group_norm_backward_and_sq_norms", &group_norm_backward_and_sq_norms_cpu);
 }
 
 }  // namespace gradnoise

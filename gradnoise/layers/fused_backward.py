@@ -1,14 +1,15 @@
 """Rules whose module's backward the tracker replaces by one fused op.
 
-For a layer y = f(x; W, b) whose per-sample gradients are a GEMM over the
-positions of each sample (nn.Linear, convolutions), the weight gradient
-Σ_i G_i and the per-sample norms ‖G_i‖² come out of one pass of the fused
-kernel (DESIGN.md section 1), so measuring the norms costs the kernel's
-epilogue instead of a second pass over (x, dY). The module's forward is
-routed through `_FusedBackwardFunction`, whose backward computes the input
-gradient as autograd would and asks the tracker (the "sink") for the
-parameter gradients; the sink runs the rule's fused op when the call is
-the module's only one in the step, and a plain weight-gradient otherwise.
+For nn.Linear and convolutions the weight gradient Σ_i G_i and the
+per-sample norms ‖G_i‖² come out of one pass of the fused kernel (DESIGN.md
+section 1); for GroupNorm the per-sample γ and β gradients are by-products
+of the sums its backward computes anyway. Either way, measuring the norms
+costs the kernel's epilogue instead of a second pass over (x, dY). The
+module's forward is routed through `_FusedBackwardFunction`, whose backward
+asks the tracker (the "sink") for the gradients; the sink runs the rule's
+fused backward when the call is the module's only one in the step, and the
+plain backward otherwise (the norms of a module called several times are
+computed at the end of backward, over all its calls).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .base import NormRule
 
 
 class FusedBackwardRule(NormRule):
-    """A NormRule that can also stand in for its module's weight-gradient."""
+    """A NormRule that can also stand in for its module's backward."""
 
     replaces_backward = True
 
@@ -30,46 +31,45 @@ class FusedBackwardRule(NormRule):
         return True
 
     @abstractmethod
-    def forward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-        """The module's forward, bit for bit."""
+    def forward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        """(the module's output, bit for bit; tensors the backward needs besides
+        x and weight, e.g. normalisation statistics)."""
 
     @abstractmethod
-    def input_grad(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
-                   grad_out: torch.Tensor) -> torch.Tensor:
-        """∂L/∂x as the module's own backward computes it."""
+    def fused_backward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
+                       saved: tuple, grad_out: torch.Tensor, params: list[str],
+                       need_input_grad: bool):
+        """(grad_x or None, grad_weight or None, grad_bias or None, float32
+        per-sample sq norms [B] of the parameters in `params`)."""
 
     @abstractmethod
-    def fused_backward(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
-                       params: list[str]):
-        """(grad_weight or None, grad_bias or None, float32 per-sample sq norms [B])
-        of the parameters in `params`, in one pass."""
-
-    @abstractmethod
-    def param_grads(self, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
-                    need_weight: bool, need_bias: bool):
-        """(grad_weight or None, grad_bias or None) without norms."""
+    def plain_backward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
+                       saved: tuple, grad_out: torch.Tensor, need_input_grad: bool,
+                       need_weight: bool, need_bias: bool):
+        """(grad_x or None, grad_weight or None, grad_bias or None) without norms."""
 
 
 class _FusedBackwardFunction(torch.autograd.Function):
     """The module's forward; backward hands (x, dY) to the sink, which returns
-    the weight and bias gradients (from the fused op, with the norms)."""
+    the gradients (from the rule's fused backward, with the norms)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, module, rule, sink):
-        ctx.save_for_backward(x, weight)
-        ctx.module, ctx.rule, ctx.sink, ctx.has_bias = module, rule, sink, bias is not None
-        return rule.forward(module, x, weight, bias)
+        out, saved = rule.forward(module, x, weight, bias)
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.module, ctx.sink, ctx.has_bias = module, sink, bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.rule.input_grad(ctx.module, x, weight, grad_out)
-        grad_w, grad_b = ctx.sink.module_backward(
-            ctx.module, x, grad_out, ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2])
+        x, weight, *saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = ctx.sink.module_backward(
+            ctx.module, x, weight, tuple(saved), grad_out, need_x, need_w,
+            ctx.has_bias and need_b)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -81,8 +81,8 @@ def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink) ->
     """Route the module's training-step forward through _FusedBackwardFunction.
 
     `sink.wants(module, x)` says whether this call is measured;
-    `sink.module_backward(module, x, grad_out, need_weight, need_bias)`
-    computes the parameter gradients. Outputs are those of the module.
+    `sink.module_backward(module, x, weight, saved, grad_out, need_input_grad,
+    need_weight, need_bias)` computes the gradients. Outputs are the module's.
     """
     plain_forward = type(module).forward
 

@@ -56,12 +56,14 @@ class LinearRule(FusedBackwardRule):
         return out
 
     def forward(self, module, x, weight, bias):
-        return nn.functional.linear(x, weight, bias)
+        return nn.functional.linear(x, weight, bias), ()
 
-    def input_grad(self, module, x, weight, grad_out):
-        return grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
+    @staticmethod
+    def _input_grad(x, weight, grad_out):
+        return grad_out.matmul(weight.to(grad_out.dtype))
 
-    def fused_backward(self, module, x, grad_out, params):
+    def fused_backward(self, module, x, weight, saved, grad_out, params, need_input_grad):
+        grad_x = self._input_grad(x, weight, grad_out) if need_input_grad else None
         x = x.to(grad_out.dtype)
         with_bias = "bias" in params
         if "weight" in params:
@@ -69,13 +71,15 @@ class LinearRule(FusedBackwardRule):
         else:
             gw, gb = None, grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
             norms = _bias_sq_norms(_flat3(grad_out))
-        return gw, gb, norms.float()
+        return grad_x, gw, gb, norms.float()
 
-    def param_grads(self, module, x, grad_out, need_weight, need_bias):
+    def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
+                       need_bias):
+        grad_x = self._input_grad(x, weight, grad_out) if need_input_grad else None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gw = g2.T @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype) if need_weight else None
         gb = g2.sum(0) if need_bias else None
-        return gw, gb
+        return grad_x, gw, gb
 
 
 def _bias_sq_norms(g3: torch.Tensor) -> torch.Tensor:

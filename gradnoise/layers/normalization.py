@@ -2,7 +2,9 @@
 gradients of the affine parameters (Gray et al. 2024),
     γ-grad_i = Σ_t dY_i,t ⊙ x̂_i,t,    β-grad_i = Σ_t dY_i,t,
 with x̂ the normalised input. The fused ops (gradnoise.ops.layer_norm_sq_norms,
-group_norm_sq_norms) recompute x̂ from x and reduce in one pass over x and dY.
+group_norm_sq_norms) recompute x̂ from x and reduce in one pass over x and dY;
+GroupNorm's backward is replaced by one that yields the norms from the sums
+it computes anyway (gradnoise.ops.group_norm_backward_and_sq_norms).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from .base import NormRule, register_rule
+from .fused_backward import FusedBackwardRule
 
 
 def _rms_eps(module: nn.RMSNorm, x: torch.Tensor) -> float:
@@ -79,11 +82,54 @@ class RMSNormRule(_RowNormRule):
         return _rms_eps(module, x)
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout torch's group_norm keeps (channels-last stays channels-last)."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _group_norm_dims(module: nn.GroupNorm, x: torch.Tensor) -> tuple[int, int, int]:
+    B, C = x.shape[0], x.shape[1]
+    S = 1
+    for size in x.shape[2:]:
+        S *= size
+    return B, C, S
+
+
 @register_rule(nn.GroupNorm)
-class GroupNormRule(NormRule):
+class GroupNormRule(FusedBackwardRule):
     """Statistics per (sample, group) of each call: several calls add
-    per-sample gradient vectors (they cannot be concatenated)."""
+    per-sample gradient vectors (they cannot be concatenated). A call that
+    is the module's only one in the step has its whole backward run by
+    gradnoise.ops.group_norm_backward_and_sq_norms, whose passes over
+    (x, dY) give the norms along with the gradients."""
     is_norm_layer = True
+
+    def forward(self, module, x, weight, bias):
+        B, C, S = _group_norm_dims(module, x)
+        out, mean, rstd = torch.ops.aten.native_group_norm(
+            x.contiguous(memory_format=_memory_format(x)), weight, bias, B, C, S,
+            module.num_groups, module.eps)
+        return out, (mean, rstd)
+
+    def fused_backward(self, module, x, weight, saved, grad_out, params, need_input_grad):
+        mean, rstd = saved
+        gx, gw, gb, norms = ops.group_norm_backward_and_sq_norms(
+            x, grad_out.to(x.dtype), mean, rstd, weight, module.num_groups, module.eps,
+            need_input_grad, "weight" in params, "bias" in params)
+        return gx, gw, gb, norms.float()
+
+    def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
+                       need_bias):
+        mean, rstd = saved
+        B, C, S = _group_norm_dims(module, x)
+        return tuple(torch.ops.aten.native_group_norm_backward(
+            grad_out.to(x.dtype), x, mean, rstd, weight, B, C, S, module.num_groups,
+            [need_input_grad, need_weight, need_bias]))
 
     def sq_norms(self, module, calls, params):
         recorded = _recorded(calls)

@@ -30,6 +30,8 @@ from .backends import resolve_backend
 __all__ = [
     "layer_norm_sq_norms",
     "group_norm_sq_norms",
+    "group_norm_backward_and_sq_norms",
+    "group_norm_backward_and_sq_norms_ref",
     "layer_norm_sq_norms_ref",
     "group_norm_sq_norms_ref",
     "rms_norm_default_eps",
@@ -234,3 +236,59 @@ def group_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, groups: int, ep
                                                       with_bias)
     return torch.ops.gradnoise.group_norm_sq_norms(x, grad_out, groups, eps, with_weight,
                                                    with_bias)
+
+
+def group_norm_backward_and_sq_norms_ref(x, grad_out, mean, rstd, weight, groups,
+                                         need_input_grad=True, with_weight=True, with_bias=True):
+    """Pure-PyTorch twin of :func:`group_norm_backward_and_sq_norms`: torch's
+    GroupNorm backward, and the norms from the forward's statistics."""
+    B, C, S = check_group_norm_args(x, grad_out, groups, 0.0)
+    acc = accumulation_dtype(x.dtype)
+    gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+        grad_out, x, mean, rstd, weight, B, C, S, groups,
+        [need_input_grad, with_weight and weight is not None, with_bias])
+    norms = torch.zeros(B, dtype=acc, device=x.device)
+    if B * C * S and (with_weight or with_bias):
+        g3 = grad_out.reshape(B, C, S).to(acc)
+        per_channel = lambda t: t.reshape(B, groups, 1).expand(B, groups, C // groups).reshape(B, C, 1)
+        if with_weight:
+            xhat = (x.reshape(B, C, S).to(acc) - per_channel(mean.to(acc))) * per_channel(rstd.to(acc))
+            norms = norms + (g3 * xhat).sum(2).square().sum(1)
+        if with_bias:
+            norms = norms + g3.sum(2).square().sum(1)
+    return (gx if need_input_grad else None, gw if with_weight else None,
+            gb if with_bias else None, norms)
+
+
+def group_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor,
+                                     rstd: torch.Tensor, weight: torch.Tensor | None, groups: int,
+                                     eps: float, need_input_grad: bool = True,
+                                     with_weight: bool = True, with_bias: bool = True,
+                                     backend: str | None = None):
+    """GroupNorm's backward with the per-sample norms of γ and β from the same passes.
+
+    x [B, C, *spatial] is the layer's input, grad_out its output gradient,
+    mean and rstd [B, groups] the statistics native_group_norm returned in
+    the forward, weight γ [C] (None: γ = 1), eps the layer's ε. Returns (grad_input or None,
+    grad_weight or None, grad_bias or None, n [B]) with n as in
+    :func:`group_norm_sq_norms`. The CPU kernel reduces each channel once for
+    γ, β, the norms and the input gradient's coefficients, then writes the
+    input gradient: the two passes torch's own backward makes. Other devices
+    run torch's backward and their backend's norms op.
+    """
+    B, C, S = check_group_norm_args(x, grad_out, groups, eps)
+    be = resolve_backend(x.device, backend)
+    if be == "cpu":
+        gx, gw, gb, n = torch.ops.gradnoise.group_norm_backward_and_sq_norms(
+            x, grad_out, mean, rstd, weight, groups, need_input_grad, with_weight, with_bias)
+        return (gx if need_input_grad else None, gw if with_weight else None,
+                gb if with_bias else None, n)
+    if be == "reference":
+        return group_norm_backward_and_sq_norms_ref(x, grad_out, mean, rstd, weight, groups,
+                                                    need_input_grad, with_weight, with_bias)
+    gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+        grad_out, x, mean, rstd, weight, B, C, S, groups,
+        [need_input_grad, with_weight and weight is not None, with_bias])
+    n = group_norm_sq_norms(x, grad_out, groups, eps, with_weight, with_bias, backend=be)
+    return (gx if need_input_grad else None, gw if with_weight else None,
+            gb if with_bias else None, n)
