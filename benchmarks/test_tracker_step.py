@@ -98,8 +98,11 @@ def test_step(benchmark, model_name, candidate):
         return
     B = x.shape[0]
     assert result.shape == (B,) and bool(torch.isfinite(result).all())
-    if candidate == "gradnoise all":
-        _close(result, sum(_truth(model_name).values()), TRUTH_RTOL, "gradnoise all vs torch.func fp64")
+    if candidate in ("gradnoise all", "gradnoise + noise scale"):
+        _close(result, sum(_truth(model_name).values()), TRUTH_RTOL,
+               f"{candidate} vs torch.func fp64")
+        if prepared.estimator_times is not None:
+            assert len(prepared.estimator_times) >= 1  # the estimator ran every step
     elif candidate == "gradnoise norm":
         truth = _truth(model_name)
         _close(result, sum(truth[k] for k in norm_layer_params(model)), TRUTH_RTOL,

@@ -8,6 +8,8 @@ for a mean-reduced loss, or None for the plain step):
 
 - "plain": the step without norms (the baseline of every ratio);
 - "gradnoise all", "gradnoise norm": GradNoiseTracker(layers="all" / "norm");
+- "gradnoise + noise scale": layers="all" feeding GradientNoiseScale (per-sample
+  source); the estimator's own share of the step is reported beside it;
 - "torch.func vmap": functional_call + vmap(grad) over the batch; the batch
   gradient is the mean of the per-sample gradients;
 - "opacus hooks": opacus.GradSampleModule (per-sample gradients in
@@ -46,14 +48,17 @@ from torch import nn
 
 from . import models as models_mod
 
-CANDIDATES = ("plain", "gradnoise all", "gradnoise norm", "torch.func vmap", "opacus hooks",
-              "opacus ghost", "backpack")
+CANDIDATES = ("plain", "gradnoise all", "gradnoise norm", "gradnoise + noise scale",
+              "torch.func vmap", "opacus hooks", "opacus ghost", "backpack")
 # Targets of gradnoise's step time as a multiple of the plain step, and of its
 # step peak memory.
 TIME_TARGETS = {("gradnoise all", "mlp"): 1.03, ("gradnoise all", "lm"): 1.08,
                 ("gradnoise all", "cnn"): 1.15, ("gradnoise norm", "mlp"): 1.02,
                 ("gradnoise norm", "lm"): 1.02, ("gradnoise norm", "cnn"): 1.02}
 PEAK_TARGET = 1.10
+# The noise-scale estimator's own time per step (its reductions and
+# communication), as a share of the plain step.
+ESTIMATOR_TARGET = 0.01
 # Peers that materialise per-sample gradients are refused above this projection.
 MATERIALISE_LIMIT_BYTES = 8 * 2**30
 
@@ -79,6 +84,8 @@ class Prepared:
     detail: str = ""
     #: (note, detail) known only after a step; overrides the two above
     describe: Callable[[], tuple[str, str]] | None = None
+    #: seconds of each step spent in the noise-scale estimator, if it runs one
+    estimator_times: list[float] | None = None
 
 
 @dataclass
@@ -100,6 +107,7 @@ class TrackerRow:
     note: str = ""
     detail: str = ""
     target: float | None = None
+    estimator_share: float | None = None       # median estimator time / plain step time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +175,27 @@ def _gradnoise(layers: str):
             note = f"torch.func fallback: {', '.join(tracker.fallback_modules)}"
         return Prepared(step, lambda: names, note=note)
     return prepare
+
+
+def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
+    """GradNoiseTracker(layers="all") feeding GradientNoiseScale(source="per_sample"):
+    the whole measurement an adaptive-batch run makes each step."""
+    from ..noise_scale import GradientNoiseScale
+    from ..tracker import GradNoiseTracker
+    tracker = GradNoiseTracker(model, loss_reduction="mean")
+    gns = GradientNoiseScale(model, source="per_sample", tracker=tracker)
+    spent: list[float] = []
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        norms = tracker.per_sample_sq_norms()
+        t = time.perf_counter()
+        gns.step()
+        spent.append(time.perf_counter() - t)
+        return norms
+    return Prepared(step, estimator_times=spent,
+                    detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad")
 
 
 def _vmap(model, x, y, loss_fn) -> Prepared:
@@ -300,6 +329,7 @@ PREPARE: dict[str, Callable] = {
     "plain": _plain,
     "gradnoise all": _gradnoise("all"),
     "gradnoise norm": _gradnoise("norm"),
+    "gradnoise + noise scale": _gradnoise_noise_scale,
     "torch.func vmap": _vmap,
     "opacus hooks": _opacus_hooks,
     "opacus ghost": _opacus_ghost,
@@ -577,12 +607,21 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
                 out[c].note = ", ".join(filter(None, [out[c].note, note]))
                 out[c].detail = "; ".join(filter(None, [detail] + said.get(c, [])))
             steps = {c: p.step for c, p in prepared.items()}
+            for p in prepared.values():
+                if p.estimator_times is not None:
+                    p.estimator_times.clear()  # the check and warm-up steps do not count
             times = _interleaved(steps, first, repeats, warmup, slow_budget_s, min_repeats,
                                  lambda: progress(f"{mname}: timing", 1))
             for c, ts in times.items():
                 out[c].repeats = len(ts)
                 out[c].median_ms = statistics.median(ts) * 1e3
                 out[c].ratio = statistics.median(a / b for a, b in zip(ts, times["plain"]))
+                est = prepared[c].estimator_times
+                if est:
+                    # the last len(ts) entries are the timed steps (warm-up ran first)
+                    share = statistics.median(e / b for e, b in zip(est[-len(ts):], times["plain"]))
+                    out[c].estimator_share = share
+                    out[c].note = ", ".join(filter(None, [out[c].note, f"estimator {share:.2%}"]))
             del steps, prepared
             _trim()
             if mem_why is None:
@@ -680,6 +719,9 @@ def verdict(rows: list[TrackerRow]) -> tuple[int, list[str]]:
             missed.append(f"{r.model} / {r.candidate}: {r.ratio:.3f}× > {r.target:.2f}×")
         if r.peak_ratio is not None and r.peak_ratio > PEAK_TARGET:
             missed.append(f"{r.model} / {r.candidate}: peak {r.peak_ratio:.2f}× > {PEAK_TARGET:.2f}×")
+        if r.estimator_share is not None and r.estimator_share > ESTIMATOR_TARGET:
+            missed.append(f"{r.model} / {r.candidate}: estimator {r.estimator_share:.2%} of the "
+                          f"plain step > {ESTIMATOR_TARGET:.0%}")
     return len(missed), missed
 
 
@@ -690,7 +732,8 @@ def print_report(rows: list[TrackerRow], console) -> int:
         console.print(f"  {line}", highlight=False)
     n, missed = verdict(rows)
     targets = ("targets for gradnoise: layers='all' ≤ 1.03× (mlp), ≤ 1.08× (lm), ≤ 1.15× (cnn); "
-               f"layers='norm' ≤ 1.02×; step peak memory ≤ {PEAK_TARGET:.2f}× the plain step's.")
+               f"layers='norm' ≤ 1.02×; step peak memory ≤ {PEAK_TARGET:.2f}× the plain step's; "
+               f"noise-scale estimator ≤ {ESTIMATOR_TARGET:.0%} of the plain step.")
     console.print(targets + (" all met." if not n else f" {n} missed: " + "; ".join(missed)),
                   highlight=False)
     if hasattr(os, "getloadavg"):
