@@ -34,8 +34,9 @@ from .layers.base import Call, NormRule
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # Memory allowed for one chunk of materialised per-sample gradients of a
-# shared parameter.
-_SHARED_CHUNK_BYTES = 256 * 2**20
+# shared parameter (each use's and their sum are alive at once): small, so
+# that a tied embedding adds little to the step's peak memory.
+_SHARED_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass

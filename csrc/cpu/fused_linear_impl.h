@@ -315,25 +315,34 @@ struct FusedKernel {
 
   // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
   // of W columns: out[strip][row][W] with `rows_total` rows per strip,
-  // zero-padded to whole strips. Strips [s0, s1) only.
+  // zero-padded to whole strips. Strips [s0, s1) only. Rows go in blocks
+  // small enough to stay in L1 while every strip takes its piece of them, so
+  // that each source line is fetched once and each strip is written in order.
   template <int W, typename in_t>
   static void pack_strips(const in_t* __restrict src, int64_t ld, int64_t n, int64_t r0,
                           int64_t r1, int64_t rows_total, int64_t s0, int64_t s1,
                           T* __restrict out) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t cols = n - s * W < W ? n - s * W : W;
-      T* o = out + s * rows_total * W;
-      const in_t* base = src + s * W;
-      if (cols == W) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const in_t* row = base + r * ld;
+    const int64_t row_bytes = (n > 0 ? n : 1) * static_cast<int64_t>(sizeof(in_t));
+    int64_t block = (16 << 10) / row_bytes;
+    block = block < 4 ? 4 : (block > 64 ? 64 : block);
+    const int64_t full = n / W < s1 ? n / W : s1;  // strips with W valid columns
+    for (int64_t rb = r0; rb < r1; rb += block) {
+      const int64_t re = rb + block < r1 ? rb + block : r1;
+      for (int64_t s = s0; s < s1; ++s) {
+        T* o = out + s * rows_total * W;
+        const in_t* base = src + s * W;
+        if (s < full) {
+          for (int64_t r = rb; r < re; ++r) {
+            const in_t* row = base + r * ld;
 #pragma GCC unroll 16
-          for (int j = 0; j < W; ++j) o[r * W + j] = static_cast<T>(row[j]);
-        }
-      } else {
-        for (int64_t r = r0; r < r1; ++r) {
-          const in_t* row = base + r * ld;
-          for (int j = 0; j < W; ++j) o[r * W + j] = j < cols ? static_cast<T>(row[j]) : T(0);
+            for (int j = 0; j < W; ++j) o[r * W + j] = static_cast<T>(row[j]);
+          }
+        } else {
+          const int64_t cols = n - s * W;
+          for (int64_t r = rb; r < re; ++r) {
+            const in_t* row = base + r * ld;
+            for (int j = 0; j < W; ++j) o[r * W + j] = j < cols ? static_cast<T>(row[j]) : T(0);
+          }
         }
       }
     }
