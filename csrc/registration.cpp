@@ -47,6 +47,12 @@ TORCH_LIBRARY(gradnoise, m) {
   m.def(
       "group_norm_sq_norms(Tensor x, Tensor grad_out, int groups, float eps, "
       "bool with_weight, bool with_bias) -> Tensor");
+  // LayerNorm's (RMSNorm's, with rms) whole backward with the norms above,
+  // the row statistics recomputed from x.
+  m.def(
+      "layer_norm_backward_and_sq_norms(Tensor x, Tensor grad_out, int normalized_numel, "
+      "float eps, bool rms, Tensor? weight, bool need_input_grad, bool with_weight, "
+      "bool with_bias) -> (Tensor, Tensor, Tensor, Tensor)");
   // GroupNorm's whole backward (input, γ and β gradients) with the norms
   // above from the same passes; mean and rstd as native_group_norm returns.
   m.def(

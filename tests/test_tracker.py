@@ -334,6 +334,32 @@ def test_conv_and_group_norm_called_twice_sum_over_calls(reduction):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_row_norm_called_twice_sums_over_calls(norm):
+    class TwiceNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 6)
+            self.norm = norm(6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.norm(torch.tanh(self.norm(self.inp(x)))).mean(1))
+
+    torch.manual_seed(0)
+    model, x = TwiceNorm(), torch.randn(4, 7, 5)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    y, batch_loss, sample_loss = classification_case(model, x, 3, "sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    grads_plain = torch.autograd.grad(batch_loss(model(x)), list(model.parameters()))
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    batch_loss(model(x)).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+    for p, g in zip(model.parameters(), grads_plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["lm", "cnn"])
 def test_bitwise_unchanged_grads_without_fused_backward(name):
     model, x, y, batch_loss, _ = make_case(name, 4, "mean")

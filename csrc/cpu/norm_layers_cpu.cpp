@@ -217,6 +217,12 @@ struct LnProblem {
   bool rms, with_weight, with_bias;
   int64_t chunks;  // of kNormRowsPerChunk rows, per sample
   int64_t width;   // accumulators per chunk: C for γ and/or C for β
+  // The backward (layer_norm_backward_and_sq_norms): γ (nullptr: 1), the
+  // input gradient to write (nullptr: none), and where each sample's γ/β
+  // gradients go ([B, width]; nullptr: nowhere).
+  const acc_of<S>* gamma = nullptr;
+  S* dx = nullptr;
+  acc_of<S>* totals = nullptr;
 };
 
 template <int VB, typename S>
@@ -235,7 +241,7 @@ struct LnKernel {
     const int64_t C = p.C;
     const A* dy[NR];
     for (int r = 0; r < NR; ++r) dy[r] = as_acc(p.g + (r0 + r) * C, C, gbuf + r * C);
-    if (!p.with_weight) {
+    if (!p.with_weight && p.dx == nullptr) {
       for (int64_t c = 0; c < C; ++c) {
         A sb = 0;
         for (int r = 0; r < NR; ++r) sb += dy[r][c];
@@ -261,7 +267,7 @@ struct LnKernel {
       reduce_rows<VB, NR>(xr, C, dev, rstd);
       for (int r = 0; r < NR; ++r) rstd[r] = norm_rstd(rstd[r], C, p.eps);
     }
-    if (p.with_bias) {
+    if (p.with_weight && p.with_bias) {
       for (int64_t c = 0; c < C; ++c) {
         A sg = 0, sb = 0;
         for (int r = 0; r < NR; ++r) {
@@ -271,12 +277,54 @@ struct LnKernel {
         gg[c] += sg;
         gb[c] += sb;
       }
-    } else {
+    } else if (p.with_weight) {
       for (int64_t c = 0; c < C; ++c) {
         A sg = 0;
         for (int r = 0; r < NR; ++r) sg += dy[r][c] * norm_xhat(xr[r][c], mean[r], rstd[r]);
         gg[c] += sg;
       }
+    } else if (p.with_bias) {
+      for (int64_t c = 0; c < C; ++c) {
+        A sb = 0;
+        for (int r = 0; r < NR; ++r) sb += dy[r][c];
+        gb[c] += sb;
+      }
+    }
+    if (p.dx != nullptr)
+      for (int r = 0; r < NR; ++r)
+        input_grad_row(p, xr[r], dy[r], mean[r], rstd[r], p.dx + (r0 + r) * C);
+  }
+
+  // dX = r·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) with ĝ = γ ⊙ dY (RMSNorm: without
+  // the mean(ĝ) term), the row already in L1.
+  static GN_INLINE void input_grad_row(const LnProblem<S>& p, const A* __restrict x,
+                                       const A* __restrict dy, A mean, A rstd, S* __restrict out) {
+    const int64_t C = p.C;
+    constexpr int kLanes = 16;
+    A s1[kLanes] = {}, s2[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+#pragma GCC unroll 16
+      for (int l = 0; l < kLanes; ++l) {
+        const A gh = p.gamma != nullptr ? p.gamma[c + l] * dy[c + l] : dy[c + l];
+        s1[l] += gh;
+        s2[l] += gh * norm_xhat(x[c + l], mean, rstd);
+      }
+    for (; c < C; ++c) {
+      const A gh = p.gamma != nullptr ? p.gamma[c] * dy[c] : dy[c];
+      s1[0] += gh;
+      s2[0] += gh * norm_xhat(x[c], mean, rstd);
+    }
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) {
+        s1[l] += s1[l + w];
+        s2[l] += s2[l + w];
+      }
+    const A inv_c = A(1) / static_cast<A>(C);
+    const A a = p.rms ? A(0) : s1[0] * inv_c, b = s2[0] * inv_c;
+    for (int64_t k = 0; k < C; ++k) {
+      const A gh = p.gamma != nullptr ? p.gamma[k] * dy[k] : dy[k];
+      out[k] = static_cast<S>(rstd * (gh - a - norm_xhat(x[k], mean, rstd) * b));
     }
   }
 
@@ -325,6 +373,7 @@ struct LnKernel {
         add_into(total, part, w);
       }
       out[b] = norm(p, total);
+      if (p.totals != nullptr) std::copy(total, total + w, p.totals + b * w);
     }
   }
 
@@ -343,6 +392,7 @@ struct LnKernel {
       A* total = partial + b * p.chunks * p.width;
       for (int64_t k = 1; k < p.chunks; ++k) add_into(total, total + k * p.width, p.width);
       out[b] = norm(p, total);
+      if (p.totals != nullptr) std::copy(total, total + p.width, p.totals + b * p.width);
     }
   }
 };
@@ -691,6 +741,70 @@ at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_o
   return out;
 }
 
+// LayerNorm's (RMSNorm's) whole backward with the per-sample norms: each row
+// is read once; its statistics, its share of the sample's γ/β gradients and
+// its input gradient are computed while it is in L1. dγ, dβ are the sums of
+// the per-sample gradients over the samples, in order (the same for any
+// number of threads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_and_sq_norms_cpu(
+    const at::Tensor& x, const at::Tensor& grad_out, int64_t normalized_numel, double eps,
+    bool rms, const c10::optional<at::Tensor>& weight_opt, bool need_input_grad,
+    bool with_weight, bool with_bias) {
+  const auto [B, T, C] =
+      layer_norm_shape(x, grad_out, normalized_numel, eps, at::kCPU, "CPU");
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor* weight = weight_opt.has_value() && weight_opt->defined() ? &*weight_opt : nullptr;
+  TORCH_CHECK(weight == nullptr || weight->numel() == C, "gradnoise: `weight` must have ",
+              "normalized_numel = ", C, " entries, got ", weight == nullptr ? 0 : weight->numel());
+  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
+  const at::Tensor w_t = weight != nullptr ? weight->reshape({C}).to(acc).contiguous() : at::Tensor();
+  at::Tensor out = at::zeros({B}, x.options().dtype(acc));
+  at::Tensor grad_input = need_input_grad ? at::empty_like(xc) : at::empty({0}, x.options());
+  const int64_t width = (with_weight ? C : 0) + (with_bias ? C : 0);
+  at::Tensor totals = at::zeros({B, width}, x.options().dtype(acc));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (B > 0 && T > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                    "gradnoise_layer_norm_backward", [&] {
+      using A = acc_of<scalar_t>;
+      LnProblem<scalar_t> p{xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), B, T, C,
+                            static_cast<A>(eps), rms, with_weight, with_bias,
+                            norm_num_chunks(T, kNormRowsPerChunk), width};
+      p.gamma = w_t.defined() ? w_t.data_ptr<A>() : nullptr;
+      p.dx = need_input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
+      p.totals = width > 0 ? totals.data_ptr<A>() : nullptr;
+      A* o = out.data_ptr<A>();
+      with_isa([&](auto isa) {
+        using Isa_ = decltype(isa);
+        if (p.chunks > 1 && split_pays(B, threads)) {
+          at::Tensor partial = at::empty({B * p.chunks * std::max<int64_t>(1, p.width)}, out.options());
+          A* part = partial.data_ptr<A>();
+          at::parallel_for(0, B * p.chunks, grain_for(kNormRowsPerChunk * C),
+                           [&](int64_t i0, int64_t i1) {
+            Isa_::template ln_chunks<scalar_t>(p, i0, i1, part);
+          });
+          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+            Isa_::template ln_combine<scalar_t>(p, b0, b1, part, o);
+          });
+        } else {
+          at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
+            Isa_::template ln_samples<scalar_t>(p, b0, b1, o);
+          });
+        }
+      });
+    });
+  }
+  if (!(with_weight || with_bias)) out.zero_();
+  const at::Tensor summed = totals.sum(0);  // [width], over the samples in order
+  const auto wdt = weight != nullptr ? weight->scalar_type() : x.scalar_type();
+  // Copies, not views of `summed`: the outputs must not alias.
+  at::Tensor grad_weight = with_weight ? summed.narrow(0, 0, C).to(wdt, false, true)
+                                       : at::empty({0}, x.options());
+  at::Tensor grad_bias = with_bias ? summed.narrow(0, with_weight ? C : 0, C).to(wdt, false, true)
+                                   : at::empty({0}, x.options());
+  return {grad_input, grad_weight, grad_bias, out};
+}
+
 at::Tensor group_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out,
                                    int64_t groups, double eps, bool with_weight,
                                    bool with_bias) {
@@ -852,6 +966,7 @@ TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
   m.impl("layer_norm_sq_norms", &layer_norm_sq_norms_cpu);
   m.impl("group_norm_sq_norms", &group_norm_sq_norms_cpu);
   m.impl("group_norm_backward_and_sq_norms", &group_norm_backward_and_sq_norms_cpu);
+  m.impl("layer_norm_backward_and_sq_norms", &layer_norm_backward_and_sq_norms_cpu);
 }
 
 }  // namespace gradnoise

@@ -88,7 +88,8 @@ def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink) ->
 
     def forward(x):
         if sink.wants(module, x):
-            return _FusedBackwardFunction.apply(x, module.weight, module.bias, module, rule, sink)
+            return _FusedBackwardFunction.apply(x, module.weight, getattr(module, "bias", None),
+                                                module, rule, sink)
         return plain_forward(module, x)
     module.forward = forward
 

@@ -32,11 +32,41 @@ def _recorded(calls):
     return [(c.args[0], c.grad_outputs[0]) for c in calls if c.grad_outputs[0] is not None]
 
 
-class _RowNormRule(NormRule):
+class _RowNormRule(FusedBackwardRule):
     """LayerNorm and RMSNorm: statistics per row of the normalised dims, so
-    several calls concatenate along the rows."""
+    several calls concatenate along the rows. A call that is the module's
+    only one in the step has its whole backward run by
+    gradnoise.ops.layer_norm_backward_and_sq_norms, which reads each row
+    once for the input gradient, the γ/β gradients and the norms."""
     is_norm_layer = True
     rms = False
+
+    def forward(self, module, x, weight, bias):
+        if self.rms:
+            return nn.functional.rms_norm(x, module.normalized_shape, weight, module.eps), ()
+        return nn.functional.layer_norm(x, module.normalized_shape, weight, bias, module.eps), ()
+
+    def fused_backward(self, module, x, weight, saved, grad_out, params, need_input_grad):
+        gx, gw, gb, norms = ops.layer_norm_backward_and_sq_norms(
+            x, grad_out.to(x.dtype), _normalized_numel(module), self._eps(module, x), self.rms,
+            weight, need_input_grad, "weight" in params, "bias" in params)
+        if gw is not None:
+            gw = gw.view(module.weight.shape)
+        if gb is not None:
+            gb = gb.view(module.bias.shape)
+        return gx, gw, gb, norms.float()
+
+    def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
+                       need_bias):
+        bias = module.bias if not self.rms else None
+        inputs = [x.detach().requires_grad_(need_input_grad),
+                  None if weight is None else weight.detach().requires_grad_(need_weight),
+                  None if bias is None else bias.detach().requires_grad_(need_bias)]
+        with torch.enable_grad():
+            out, _ = self.forward(module, *inputs)
+            wanted = [t for t in inputs if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
     def _eps(self, module, x):
         return module.eps

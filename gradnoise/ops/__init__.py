@@ -15,7 +15,9 @@ from .backends import resolve_backend
 from .conv import (conv_sq_norms, conv_sq_norms_ref, conv_weight_grad_and_sq_norms,
                    conv_weight_grad_and_sq_norms_ref)
 from .norm_layers import (group_norm_backward_and_sq_norms, group_norm_backward_and_sq_norms_ref,
-                          group_norm_sq_norms, group_norm_sq_norms_ref, layer_norm_sq_norms,
+                          group_norm_sq_norms, group_norm_sq_norms_ref,
+                          layer_norm_backward_and_sq_norms, layer_norm_backward_and_sq_norms_ref,
+                          layer_norm_sq_norms,
                           layer_norm_sq_norms_ref)
 from .reference import linear_sq_norms_ref, linear_weight_grad_and_sq_norms_ref
 
@@ -34,6 +36,8 @@ __all__ = [
     "group_norm_sq_norms_ref",
     "group_norm_backward_and_sq_norms",
     "group_norm_backward_and_sq_norms_ref",
+    "layer_norm_backward_and_sq_norms",
+    "layer_norm_backward_and_sq_norms_ref",
 ]
 
 

@@ -46,6 +46,17 @@ def register() -> None:
         B, _, _ = check_layer_norm_args(x, grad_out, normalized_numel, eps)
         return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
 
+    @torch.library.register_fake("gradnoise::layer_norm_backward_and_sq_norms")
+    def _layer_norm_backward_and_sq_norms_fake(x, grad_out, normalized_numel, eps, rms, weight,
+                                               need_input_grad, with_weight, with_bias):
+        B, _, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+        grad_input = torch.empty_like(x) if need_input_grad else x.new_empty((0,))
+        wdt = weight.dtype if weight is not None else x.dtype
+        grad_weight = x.new_empty((C,) if with_weight else (0,), dtype=wdt)
+        grad_bias = x.new_empty((C,) if with_bias else (0,), dtype=wdt)
+        return grad_input, grad_weight, grad_bias, x.new_empty(
+            (B,), dtype=_validate.accumulation_dtype(x.dtype))
+
     @torch.library.register_fake("gradnoise::group_norm_backward_and_sq_norms")
     def _group_norm_backward_and_sq_norms_fake(x, grad_out, mean, rstd, weight, groups,
                                                need_input_grad, with_weight, with_bias):

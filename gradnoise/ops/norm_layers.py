@@ -32,6 +32,8 @@ __all__ = [
     "group_norm_sq_norms",
     "group_norm_backward_and_sq_norms",
     "group_norm_backward_and_sq_norms_ref",
+    "layer_norm_backward_and_sq_norms",
+    "layer_norm_backward_and_sq_norms_ref",
     "layer_norm_sq_norms_ref",
     "group_norm_sq_norms_ref",
     "rms_norm_default_eps",
@@ -292,3 +294,68 @@ def group_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, me
     n = group_norm_sq_norms(x, grad_out, groups, eps, with_weight, with_bias, backend=be)
     return (gx if need_input_grad else None, gw if with_weight else None,
             gb if with_bias else None, n)
+
+
+def layer_norm_backward_and_sq_norms_ref(x, grad_out, normalized_numel, eps, rms=False,
+                                         weight=None, need_input_grad=True, with_weight=True,
+                                         with_bias=True):
+    """Pure-PyTorch twin of :func:`layer_norm_backward_and_sq_norms`: autograd
+    through torch's own LayerNorm (RMSNorm) of the rows, and the norms op's twin."""
+    B, T, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+    if eps is None:
+        eps = rms_norm_default_eps(x.dtype)
+    xr = x.detach().reshape(B, T, C).requires_grad_(need_input_grad)
+    w = None if weight is None else weight.detach().reshape(C).requires_grad_(with_weight)
+    b = None
+    if not rms and with_bias:
+        b = torch.zeros(C, dtype=w.dtype if w is not None else x.dtype, device=x.device,
+                        requires_grad=True)
+    with torch.enable_grad():
+        out = (torch.nn.functional.rms_norm(xr, (C,), w, eps) if rms else
+               torch.nn.functional.layer_norm(xr, (C,), w, b, eps))
+        wanted = [t for t in (xr, w, b) if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.reshape(B, T, C)) if wanted else ())
+    gx = next(grads).reshape(x.shape) if need_input_grad else None
+    gw = next(grads) if w is not None and with_weight else None
+    gb = next(grads) if b is not None else None
+    if rms and with_bias:  # RMSNorm has no β: its "bias" term is Σ dY
+        gb = grad_out.reshape(B * T, C).sum(0, dtype=accumulation_dtype(x.dtype)).to(x.dtype)
+    norms = layer_norm_sq_norms_ref(x, grad_out, normalized_numel, eps, rms, with_weight,
+                                    with_bias)
+    return gx, gw, gb, norms
+
+
+def layer_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
+                                     normalized_numel: int, eps: float | None,
+                                     rms: bool = False, weight: torch.Tensor | None = None,
+                                     need_input_grad: bool = True, with_weight: bool = True,
+                                     with_bias: bool = True, backend: str | None = None):
+    """LayerNorm's (RMSNorm's, ``rms=True``) backward with the per-sample norms of
+    γ and β from the same pass.
+
+    x and grad_out as in :func:`layer_norm_sq_norms`, weight γ (None: γ = 1).
+    Returns (grad_input or None, grad_weight or None, grad_bias or None, n [B]);
+    per row, with ĝ = γ ⊙ dY,
+
+        dX = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))      (RMSNorm: no mean(ĝ) term)
+
+    The CPU kernel reads each row once and computes its statistics, its share
+    of the sample's γ/β gradients and its input gradient while it is in L1;
+    the parameter gradients are the per-sample ones summed over samples.
+    Other devices run autograd through torch's layer and their norms op.
+    """
+    check_layer_norm_args(x, grad_out, normalized_numel, eps)
+    if eps is None:
+        eps = rms_norm_default_eps(x.dtype)
+    be = resolve_backend(x.device, backend)
+    if be == "cpu":
+        gx, gw, gb, n = torch.ops.gradnoise.layer_norm_backward_and_sq_norms(
+            x, grad_out, normalized_numel, float(eps), rms, weight, need_input_grad, with_weight,
+            with_bias)
+        return (gx if need_input_grad else None, gw if with_weight else None,
+                gb if with_bias else None, n)
+    gx, gw, gb, _ = layer_norm_backward_and_sq_norms_ref(
+        x, grad_out, normalized_numel, eps, rms, weight, need_input_grad, with_weight, with_bias)
+    n = layer_norm_sq_norms(x, grad_out, normalized_numel, eps, rms, with_weight, with_bias,
+                            backend=be)
+    return gx, gw, gb, n
