@@ -217,7 +217,7 @@ struct LnProblem {
   bool rms, with_weight, with_bias;
   int64_t chunks;  // of kNormRowsPerChunk rows, per sample
   int64_t width;   // accumulators per chunk: C for γ and/or C for β
-  // The backward (layer_norm_backward_and_sq_norms): γ (nullptr: 1), the
+  // The backward (layer_norm_backward_and_sq_norms): γ (all ones without), the
   // input gradient to write (nullptr: none), and where each sample's γ/β
   // gradients go ([B, width]; nullptr: nowhere).
   const acc_of<S>* gamma = nullptr;
@@ -300,32 +300,33 @@ struct LnKernel {
   static GN_INLINE void input_grad_row(const LnProblem<S>& p, const A* __restrict x,
                                        const A* __restrict dy, A mean, A rstd, S* __restrict out) {
     const int64_t C = p.C;
-    constexpr int kLanes = 16;
-    A s1[kLanes] = {}, s2[kLanes] = {};
+    const A* __restrict gamma = p.gamma;  // never null here (ones when the layer has no γ)
+    using V = typename Vec<VB, A>::type;
+    constexpr int64_t L = VB / sizeof(A);
+    A s1 = 0, s2 = 0;
     int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes)
-#pragma GCC unroll 16
-      for (int l = 0; l < kLanes; ++l) {
-        const A gh = p.gamma != nullptr ? p.gamma[c + l] * dy[c + l] : dy[c + l];
-        s1[l] += gh;
-        s2[l] += gh * norm_xhat(x[c + l], mean, rstd);
+    if (C >= 2 * L) {
+      V a0{}, a1{}, b0{}, b1{};
+      for (; c + 2 * L <= C; c += 2 * L) {
+        const V g0 = vload<VB>(gamma + c) * vload<VB>(dy + c);
+        const V g1 = vload<VB>(gamma + c + L) * vload<VB>(dy + c + L);
+        a0 += g0;
+        a1 += g1;
+        b0 += g0 * ((vload<VB>(x + c) - mean) * rstd);
+        b1 += g1 * ((vload<VB>(x + c + L) - mean) * rstd);
       }
+      s1 = hsum<VB, A>(a0 + a1);
+      s2 = hsum<VB, A>(b0 + b1);
+    }
     for (; c < C; ++c) {
-      const A gh = p.gamma != nullptr ? p.gamma[c] * dy[c] : dy[c];
-      s1[0] += gh;
-      s2[0] += gh * norm_xhat(x[c], mean, rstd);
+      const A gh = gamma[c] * dy[c];
+      s1 += gh;
+      s2 += gh * norm_xhat(x[c], mean, rstd);
     }
-    for (int w = kLanes / 2; w > 0; w /= 2)
-      for (int l = 0; l < w; ++l) {
-        s1[l] += s1[l + w];
-        s2[l] += s2[l + w];
-      }
     const A inv_c = A(1) / static_cast<A>(C);
-    const A a = p.rms ? A(0) : s1[0] * inv_c, b = s2[0] * inv_c;
-    for (int64_t k = 0; k < C; ++k) {
-      const A gh = p.gamma != nullptr ? p.gamma[k] * dy[k] : dy[k];
-      out[k] = static_cast<S>(rstd * (gh - a - norm_xhat(x[k], mean, rstd) * b));
-    }
+    const A a = p.rms ? A(0) : s1 * inv_c, b = s2 * inv_c;
+    for (int64_t k = 0; k < C; ++k)
+      out[k] = static_cast<S>(rstd * (gamma[k] * dy[k] - a - norm_xhat(x[k], mean, rstd) * b));
   }
 
   // Rows [t0, t1) of sample b.
@@ -757,7 +758,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_a
   TORCH_CHECK(weight == nullptr || weight->numel() == C, "gradnoise: `weight` must have ",
               "normalized_numel = ", C, " entries, got ", weight == nullptr ? 0 : weight->numel());
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  const at::Tensor w_t = weight != nullptr ? weight->reshape({C}).to(acc).contiguous() : at::Tensor();
+  const at::Tensor w_t = weight != nullptr ? weight->reshape({C}).to(acc).contiguous()
+                                           : at::ones({C}, x.options().dtype(acc));
   at::Tensor out = at::zeros({B}, x.options().dtype(acc));
   at::Tensor grad_input = need_input_grad ? at::empty_like(xc) : at::empty({0}, x.options());
   const int64_t width = (with_weight ? C : 0) + (with_bias ? C : 0);
@@ -770,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_a
       LnProblem<scalar_t> p{xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), B, T, C,
                             static_cast<A>(eps), rms, with_weight, with_bias,
                             norm_num_chunks(T, kNormRowsPerChunk), width};
-      p.gamma = w_t.defined() ? w_t.data_ptr<A>() : nullptr;
+      p.gamma = w_t.data_ptr<A>();
       p.dx = need_input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
       p.totals = width > 0 ? totals.data_ptr<A>() : nullptr;
       A* o = out.data_ptr<A>();
