@@ -35,6 +35,9 @@ from .estimators import NoiseScale, NoiseScaleEstimator, unbiased_sq_norm_and_tr
 from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
+# Gradients at least this large are reduced by a BLAS dot product each (the
+# fastest pass over memory); smaller ones together by one foreach call.
+_DOT_MIN_NUMEL = 1 << 16
 
 
 def _owner_names(model: nn.Module) -> dict[int, str]:
@@ -100,7 +103,7 @@ class GradientNoiseScale:
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
             self._owns_tracker = tracker is None if owns_tracker is None else owns_tracker
-            self._ps_sums: dict[str, torch.Tensor] = {}   # layer -> Σ_i ‖∇ℓ_i‖² this step
+            self._ps_sums: dict[str, float] = {}          # layer -> Σ_i ‖∇ℓ_i‖² this step
             self._ps_count = 0
         else:
             self._micro: list[dict[str, float]] = []   # per backward: {layer: ‖g‖²}
@@ -144,17 +147,18 @@ class GradientNoiseScale:
         if not with_grad:
             return {}
         sq = []
-        half = []
+        rest = []
         for p in with_grad:
             g = p.grad.detach()
-            if not g.is_sparse and g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
+            if (not g.is_sparse and g.dtype in (torch.float32, torch.float64)
+                    and g.is_contiguous() and g.numel() >= _DOT_MIN_NUMEL):
                 flat = g.view(-1)
                 sq.append(torch.dot(flat, flat).double())
             else:
                 sq.append(None)
-                half.append(g)
-        if half:
-            it = iter(torch._foreach_norm(half))
+                rest.append(g)
+        if rest:  # small, half-precision or strided gradients: one fused call
+            it = iter(torch._foreach_norm(rest))
             sq = [v if v is not None else next(it).double().square() for v in sq]
         layers = [self._owners.get(id(p), "") for p in with_grad]
         out: dict[str, float] = {}
@@ -206,10 +210,14 @@ class GradientNoiseScale:
             return  # the other sources see each backward through their hooks
         c2 = float(loss_scale) ** 2
         per_layer = self.tracker.per_layer_sq_norms()
-        for layer, norms in per_layer.items():
-            v = norms.double().sum() / c2
-            self._ps_sums[layer] = self._ps_sums[layer] + v if layer in self._ps_sums else v
-        self._ps_count += next(iter(per_layer.values())).numel() if per_layer else 0
+        if not per_layer:
+            return
+        layers = list(per_layer)
+        # one reduction and one device-to-host copy for every layer
+        sums = torch.stack([per_layer[n] for n in layers]).double().sum(1).tolist()
+        for layer, v in zip(layers, sums):
+            self._ps_sums[layer] = self._ps_sums.get(layer, 0.0) + v / c2
+        self._ps_count += per_layer[layers[0]].numel()
 
     def _per_sample_pairs(self):
         if self._ps_count == 0:  # one backward in the step, nothing added yet
