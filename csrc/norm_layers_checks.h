@@ -11,8 +11,9 @@
 
 namespace gradnoise {
 
-inline void check_norm_pair(const at::Tensor& x, const at::Tensor& g, const char* layout,
-                            at::DeviceType device, const char* backend) {
+// `x` and `grad_out`: on `device`, a supported dtype (the same), at least 2-D.
+inline void check_tensor_pair(const at::Tensor& x, const at::Tensor& g, const char* layout,
+                              at::DeviceType device, const char* backend) {
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
     TORCH_CHECK(t.device().type() == device, "gradnoise: `", name, "` must be a ", backend,
@@ -28,6 +29,11 @@ inline void check_norm_pair(const at::Tensor& x, const at::Tensor& g, const char
               " but `grad_out` is ", g.scalar_type());
   TORCH_CHECK(x.device() == g.device(), "gradnoise: `x` is on ", x.device(),
               " but `grad_out` is on ", g.device());
+}
+
+inline void check_norm_pair(const at::Tensor& x, const at::Tensor& g, const char* layout,
+                            at::DeviceType device, const char* backend) {
+  check_tensor_pair(x, g, layout, device, backend);
   TORCH_CHECK(x.sizes() == g.sizes(), "gradnoise: `x` of shape ", x.sizes(),
               " and `grad_out` of shape ", g.sizes(), " must have the same shape");
 }

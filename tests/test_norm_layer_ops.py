@@ -258,6 +258,19 @@ def test_group_norm_dtypes(backend, case, dtype):
            truth(group_norm_module(groups, shape[1]), x, dy, True, True), dtype)
 
 
+def _on_thread_counts(fn, counts=(1, 2, 3)):
+    """fn() under each torch thread count, in order."""
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
 def _ln_backward_truth(module, x, dy, flags):
     """(dX, dγ, dβ or None) by autograd in float64, and the norms by torch.func."""
     x64 = x.detach().double().requires_grad_()
@@ -299,15 +312,8 @@ def test_layer_norm_backward_dtypes_threads_and_flags(backend, dtype):
     module = layer_norm_module(normalized_shape, 1e-5)
     gx_t, gw_t, gb_t, norms_t = _ln_backward_truth(module, x, dy, (True, True))
     w = module.weight.detach().to(dtype)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(nl.layer_norm_backward_and_sq_norms(
-                x, dy, 9, 1e-5, False, w, True, backend=backend))
-    finally:
-        torch.set_num_threads(before)
+    results = _on_thread_counts(lambda: nl.layer_norm_backward_and_sq_norms(
+        x, dy, 9, 1e-5, False, w, True, backend=backend))
     for gx, gw, gb, norms in results:
         assert gx.dtype == dtype
         if backend == "cpu":  # the C++ kernel's sums do not depend on the thread count
@@ -385,15 +391,8 @@ def test_group_norm_backward_dtypes_threads_and_no_input_grad(backend, dtype):
     x, dy = _inputs(shape, dtype, seed=7)
     module, gx_t, _, _, norms_t = _gn_backward_truth(groups, x, dy, (True, True))
     mean, rstd = _gn_forward_stats(module.to(dtype), x)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(nl.group_norm_backward_and_sq_norms(
-                x, dy, mean, rstd, module.weight, groups, 1e-5, True, backend=backend))
-    finally:
-        torch.set_num_threads(before)
+    results = _on_thread_counts(lambda: nl.group_norm_backward_and_sq_norms(
+        x, dy, mean, rstd, module.weight, groups, 1e-5, True, backend=backend))
     for gx, _, _, norms in results:
         assert gx.dtype == dtype
         if backend == "cpu":  # the C++ kernel's sums do not depend on the thread count

@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "cpu/fused_engine.h"
+#include "norm_layers_checks.h"
 
 namespace gradnoise {
 namespace {
@@ -30,18 +31,10 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef
   const int64_t nd = static_cast<int64_t>(kernel_size.size());
   TORCH_CHECK(nd >= 1 && nd <= 3, "gradnoise: `kernel_size` must have 1, 2 or 3 entries, got ",
               kernel_size);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
-    TORCH_CHECK(t.device().is_cpu(), "gradnoise: `", name, "` must be a CPU tensor for the CPU kernel, got ",
-                t.device());
+  check_tensor_pair(x, g, "[B, channels, *spatial]", at::kCPU, "CPU");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}})
     TORCH_CHECK(t.dim() == nd + 2, "gradnoise: `", name, "` must be [B, channels, ", nd,
                 " spatial dims] for a ", nd, "-D convolution, got shape ", t.sizes());
-    const auto st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                "gradnoise: `", name, "` has dtype ", st,
-                "; supported dtypes are float32, float64, bfloat16 and float16");
-  }
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradnoise: `x` is ", x.scalar_type(),
-              " but `grad_out` is ", g.scalar_type());
   for (const auto& [name, v] : {std::pair<const char*, at::IntArrayRef>{"stride", stride},
                                 {"padding", padding}, {"dilation", dilation}})
     TORCH_CHECK(static_cast<int64_t>(v.size()) == nd, "gradnoise: `", name, "` must have ", nd,

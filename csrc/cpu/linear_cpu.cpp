@@ -21,6 +21,7 @@
 
 #include "common.h"
 #include "cpu/fused_engine.h"
+#include "norm_layers_checks.h"
 
 namespace gradnoise {
 namespace {
@@ -46,18 +47,7 @@ struct Problem {
 };
 
 Problem check_inputs(const at::Tensor& x, const at::Tensor& g, c10::string_view method) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"grad_out", g}}) {
-    TORCH_CHECK(t.device().is_cpu(), "gradnoise: `", name, "` must be a CPU tensor for the CPU kernel, got ",
-                t.device());
-    TORCH_CHECK(t.dim() >= 2, "gradnoise: `", name,
-                "` must have at least 2 dimensions [B, ..., features], got ", t.sizes());
-    const auto st = t.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                "gradnoise: `", name, "` has dtype ", st,
-                "; supported dtypes are float32, float64, bfloat16 and float16");
-  }
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradnoise: `x` is ", x.scalar_type(),
-              " but `grad_out` is ", g.scalar_type());
+  check_tensor_pair(x, g, "[B, ..., features]", at::kCPU, "CPU");
   TORCH_CHECK(x.dim() == g.dim() && x.sizes().slice(0, x.dim() - 1) == g.sizes().slice(0, g.dim() - 1),
               "gradnoise: `x` of shape ", x.sizes(), " and `grad_out` of shape ", g.sizes(),
               " must agree on every dimension but the last");

@@ -702,6 +702,31 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
+// Samples one per task, or (sample, chunk of rows) pairs when there are too
+// few samples to keep every thread busy; the same sums either way.
+template <typename S>
+void run_layer_norm(const LnProblem<S>& p, acc_of<S>* out, const at::TensorOptions& opts) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  with_isa([&](auto isa) {
+    using Isa_ = decltype(isa);
+    if (p.chunks > 1 && split_pays(p.B, threads)) {
+      at::Tensor partial = at::empty({p.B * p.chunks * std::max<int64_t>(1, p.width)}, opts);
+      acc_of<S>* part = partial.data_ptr<acc_of<S>>();
+      at::parallel_for(0, p.B * p.chunks, grain_for(kNormRowsPerChunk * p.C),
+                       [&](int64_t i0, int64_t i1) {
+        Isa_::template ln_chunks<S>(p, i0, i1, part);
+      });
+      at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+        Isa_::template ln_combine<S>(p, b0, b1, part, out);
+      });
+    } else {
+      at::parallel_for(0, p.B, grain_for(p.T * p.C), [&](int64_t b0, int64_t b1) {
+        Isa_::template ln_samples<S>(p, b0, b1, out);
+      });
+    }
+  });
+}
+
 at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out,
                                    int64_t normalized_numel, double eps, bool rms,
                                    bool with_weight, bool with_bias) {
@@ -710,7 +735,6 @@ at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_o
   at::Tensor out = at::zeros({B}, x.options().dtype(acc_type(x.scalar_type())));
   if (B == 0 || T == 0 || !(with_weight || with_bias)) return out;
   const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "gradnoise_layer_norm_sq_norms", [&] {
@@ -719,25 +743,7 @@ at::Tensor layer_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_o
                           static_cast<A>(eps), rms, with_weight, with_bias,
                           norm_num_chunks(T, kNormRowsPerChunk),
                           (with_weight ? C : 0) + (with_bias ? C : 0)};
-    A* o = out.data_ptr<A>();
-    with_isa([&](auto isa) {
-      using Isa_ = decltype(isa);
-      if (p.chunks > 1 && split_pays(B, threads)) {
-        at::Tensor partial = at::empty({B * p.chunks * p.width}, out.options());
-        A* part = partial.data_ptr<A>();
-        at::parallel_for(0, B * p.chunks, grain_for(kNormRowsPerChunk * C),
-                         [&](int64_t i0, int64_t i1) {
-          Isa_::template ln_chunks<scalar_t>(p, i0, i1, part);
-        });
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          Isa_::template ln_combine<scalar_t>(p, b0, b1, part, o);
-        });
-      } else {
-        at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
-          Isa_::template ln_samples<scalar_t>(p, b0, b1, o);
-        });
-      }
-    });
+    run_layer_norm(p, out.data_ptr<A>(), out.options());
   });
   return out;
 }
@@ -764,7 +770,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_a
   at::Tensor grad_input = need_input_grad ? at::empty_like(xc) : at::empty({0}, x.options());
   const int64_t width = (with_weight ? C : 0) + (with_bias ? C : 0);
   at::Tensor totals = at::zeros({B, width}, x.options().dtype(acc));
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (B > 0 && T > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                     "gradnoise_layer_norm_backward", [&] {
@@ -775,25 +780,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_a
       p.gamma = w_t.data_ptr<A>();
       p.dx = need_input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
       p.totals = width > 0 ? totals.data_ptr<A>() : nullptr;
-      A* o = out.data_ptr<A>();
-      with_isa([&](auto isa) {
-        using Isa_ = decltype(isa);
-        if (p.chunks > 1 && split_pays(B, threads)) {
-          at::Tensor partial = at::empty({B * p.chunks * std::max<int64_t>(1, p.width)}, out.options());
-          A* part = partial.data_ptr<A>();
-          at::parallel_for(0, B * p.chunks, grain_for(kNormRowsPerChunk * C),
-                           [&](int64_t i0, int64_t i1) {
-            Isa_::template ln_chunks<scalar_t>(p, i0, i1, part);
-          });
-          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-            Isa_::template ln_combine<scalar_t>(p, b0, b1, part, o);
-          });
-        } else {
-          at::parallel_for(0, B, grain_for(T * C), [&](int64_t b0, int64_t b1) {
-            Isa_::template ln_samples<scalar_t>(p, b0, b1, o);
-          });
-        }
-      });
+      run_layer_norm(p, out.data_ptr<A>(), out.options());
     });
   }
   if (!(with_weight || with_bias)) out.zero_();

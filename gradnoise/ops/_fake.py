@@ -7,6 +7,16 @@ import torch
 from . import _validate
 
 
+def _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias):
+    """(grad_input, grad_weight, grad_bias, norms) of a normalisation layer's backward op."""
+    grad_input = torch.empty_like(x) if need_input_grad else x.new_empty((0,))
+    wdt = weight.dtype if weight is not None else x.dtype
+    grad_weight = x.new_empty((C,) if with_weight else (0,), dtype=wdt)
+    grad_bias = x.new_empty((C,) if with_bias else (0,), dtype=wdt)
+    return grad_input, grad_weight, grad_bias, x.new_empty(
+        (B,), dtype=_validate.accumulation_dtype(x.dtype))
+
+
 def register() -> None:
     @torch.library.register_fake("gradnoise::linear_sq_norms")
     def _linear_sq_norms_fake(x, grad_out, with_bias=False, method="auto"):
@@ -50,23 +60,13 @@ def register() -> None:
     def _layer_norm_backward_and_sq_norms_fake(x, grad_out, normalized_numel, eps, rms, weight,
                                                need_input_grad, with_weight, with_bias):
         B, _, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
-        grad_input = torch.empty_like(x) if need_input_grad else x.new_empty((0,))
-        wdt = weight.dtype if weight is not None else x.dtype
-        grad_weight = x.new_empty((C,) if with_weight else (0,), dtype=wdt)
-        grad_bias = x.new_empty((C,) if with_bias else (0,), dtype=wdt)
-        return grad_input, grad_weight, grad_bias, x.new_empty(
-            (B,), dtype=_validate.accumulation_dtype(x.dtype))
+        return _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias)
 
     @torch.library.register_fake("gradnoise::group_norm_backward_and_sq_norms")
     def _group_norm_backward_and_sq_norms_fake(x, grad_out, mean, rstd, weight, groups,
                                                need_input_grad, with_weight, with_bias):
         B, C, _ = check_group_norm_args(x, grad_out, groups, 0.0)
-        grad_input = torch.empty_like(x) if need_input_grad else x.new_empty((0,))
-        wdt = weight.dtype if weight is not None else x.dtype
-        grad_weight = x.new_empty((C,) if with_weight else (0,), dtype=wdt)
-        grad_bias = x.new_empty((C,) if with_bias else (0,), dtype=wdt)
-        return grad_input, grad_weight, grad_bias, x.new_empty(
-            (B,), dtype=_validate.accumulation_dtype(x.dtype))
+        return _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias)
 
     @torch.library.register_fake("gradnoise::group_norm_sq_norms")
     def _group_norm_sq_norms_fake(x, grad_out, groups, eps, with_weight, with_bias):
