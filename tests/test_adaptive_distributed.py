@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gradnoise.adaptive import AdaptiveBatch
 from gradnoise.data import EpochSampler, shard_sizes
 from tests.test_adaptive import index_dataset
+from tests.test_distributed import leave_group
 
 N, SEED, EPOCHS, WORLD = 90, 5, 3, 2
 # Linear(3, 1) saves 12 bytes a sample and holds 32 bytes of parameters and
@@ -59,8 +60,7 @@ def _worker(rank, world, init_file, result_file):
             c.close()
         with open(f"{result_file}.{rank}", "wb") as f:
             pickle.dump(out, f)
-        # every rank done with its collectives before any tears the group down
-        dist.barrier()
+        leave_group()
     finally:
         dist.destroy_process_group()
 

@@ -25,12 +25,20 @@ def _init(rank, world, init_file):
                             world_size=world, timeout=datetime.timedelta(seconds=15))
 
 
+def leave_group() -> None:
+    """End a rank that succeeded: wait until every rank is done with its
+    collectives, then exit without tearing gloo down. Destroying the group
+    while a peer's gloo threads still read from the socket can abort that peer
+    ("terminate called without an active exception"); the OS closes the
+    sockets instead. Results must be written before."""
+    dist.barrier()
+    os._exit(0)
+
+
 def _quiesce(ddp, gns):
-    """Let every rank finish its collectives before any tears the group down
-    (a rank that exits while gloo's threads still work aborts the process)."""
     gns.close()
     del ddp
-    dist.barrier()
+    leave_group()
 
 
 def _global_batches(world, uneven=False):
