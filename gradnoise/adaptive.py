@@ -586,6 +586,13 @@ def _batchnorm_training(module: nn.Module) -> list[str]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
+def _require_methods(obj, methods, what: str) -> None:
+    """Raise naming the methods a user-supplied object lacks."""
+    missing = [m for m in methods if not hasattr(obj, m)]
+    if missing:
+        raise ValueError(f"AdaptiveBatch: {what}; {type(obj).__name__} lacks {missing}")
+
+
 class AdaptiveBatch:
     """Adaptive batch size and learning rate for a plain training loop.
 
@@ -865,11 +872,8 @@ class AdaptiveBatch:
     @staticmethod
     def _resolve_policy(policy, schedule, critical_factor):
         if not isinstance(policy, str):
-            missing = [m for m in ("decide", "observe", "state_dict", "load_state_dict")
-                       if not hasattr(policy, m)]
-            if missing:
-                raise ValueError(f"AdaptiveBatch: `policy` must be one of {POLICIES} or a policy "
-                                 f"object; {type(policy).__name__} lacks {missing}")
+            _require_methods(policy, ("decide", "observe", "state_dict", "load_state_dict"),
+                             f"`policy` must be one of {POLICIES} or a policy object")
             return policy
         if policy not in POLICIES:
             raise ValueError(f"AdaptiveBatch: unknown `policy` {policy!r}; expected one of "
@@ -901,12 +905,9 @@ class AdaptiveBatch:
         from .noise_scale import GradientNoiseScale
         from .tracker import GradNoiseTracker
         if not isinstance(noise_source, str):
-            missing = [m for m in ("step", "read", "state_dict", "load_state_dict")
-                       if not hasattr(noise_source, m)]
-            if missing:
-                raise ValueError(f"AdaptiveBatch: `noise_source` must be one of {NOISE_SOURCES} "
-                                 f"or an object with the GradientNoiseScale interface; "
-                                 f"{type(noise_source).__name__} lacks {missing}")
+            _require_methods(noise_source, ("step", "read", "state_dict", "load_state_dict"),
+                             f"`noise_source` must be one of {NOISE_SOURCES} or an object "
+                             "with the GradientNoiseScale interface")
             return noise_source, getattr(noise_source, "source", "custom"), "given"
         if noise_source not in NOISE_SOURCES:
             raise ValueError(f"AdaptiveBatch: unknown `noise_source` {noise_source!r}; expected "

@@ -15,7 +15,7 @@
 
 #include "common.h"
 #include "cpu/fused_engine.h"
-#include "norm_layers_checks.h"
+#include "tensor_checks.h"
 
 namespace gradnoise {
 namespace {
@@ -75,10 +75,6 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef
   return pr;
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // (grad_weight [C_out, C/G, *k] or undefined, grad_bias [C_out] or [0], norms [B]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_impl(
     const at::Tensor& x_in, const at::Tensor& g_in, at::IntArrayRef kernel_size,
@@ -124,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_impl(
                              static_cast<const char*>(g.data_ptr()) + gi * p * pr.L * esize,
                              pr.C_out * pr.L};
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_conv", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using acc_t = acc_of<scalar_t>;
         acc_t* cptr = C.defined() ? C.data_ptr<acc_t>() + gi * p * d : nullptr;
         run_fused_kernel<scalar_t, acc_t>(xs, gs, pr.B, pr.L, d, p, cptr, part.data_ptr<double>(),
                                           scratch);

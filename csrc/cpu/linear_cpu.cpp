@@ -21,14 +21,10 @@
 
 #include "common.h"
 #include "cpu/fused_engine.h"
-#include "norm_layers_checks.h"
+#include "tensor_checks.h"
 
 namespace gradnoise {
 namespace {
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // [B, *, f] -> [B, T, f] with rows of f contiguous and equally spaced, so that
 // row b·T + t starts at b·T·ld + t·ld (a view when possible).
@@ -93,7 +89,7 @@ at::Tensor fused_norms(const at::Tensor& x3, const at::Tensor& g3, at::Tensor* g
   const int64_t scratch = std::clamp<int64_t>(B * T_len * (d + p) * x3.element_size() / 4,
                                               1 << 20, kDefaultScratchBytes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_fused_linear", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_of<scalar_t>;
     acc_t* cptr = C.defined() ? C.data_ptr<acc_t>() : nullptr;
     run_fused_kernel<scalar_t, acc_t>(xs, gs, B, T_len, d, p, cptr, nptr, scratch);
   });
@@ -128,7 +124,7 @@ at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3, bool wit
   at::Tensor norms = at::empty({B}, x3.options().dtype(at::kDouble));
   double* out = norms.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "gradnoise_goodfellow", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = acc_of<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d + p)),

@@ -42,9 +42,6 @@ namespace {
 // GCC's note that wide vectors change the calling convention does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-template <typename S>
-using acc_of = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
 // ---------------------------------------------------------------------------
 // Vector building blocks. Everything below is always_inline, so that it is
 // compiled with the instruction set of the per-ISA entry point it lands in.
@@ -693,11 +690,6 @@ bool split_pays(int64_t items, int64_t threads) {
 int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, elems_per_item));
 }
-
-// ---------------------------------------------------------------------------
-// Argument checks (messages match gradnoise/ops/norm_layers.py)
-// ---------------------------------------------------------------------------
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---------------------------------------------------------------------------
 // Ops

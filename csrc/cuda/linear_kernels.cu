@@ -872,37 +872,13 @@ cudaError_t dispatch(const void* x, const void* grad_out, void* grad_weight,
       (with_weight_grad && with_bias && p > 0 && grad_bias == nullptr))
     return cudaErrorInvalidValue;
   auto* ws = static_cast<unsigned char*>(workspace);
-  switch (dtype) {
-    case DType::kFloat32:
-      return run<float>(pl, static_cast<const float*>(x),
-                        static_cast<const float*>(grad_out),
-                        static_cast<float*>(grad_weight),
-                        static_cast<float*>(grad_bias),
-                        static_cast<float*>(norms), ws, B, T, d, p, with_bias,
-                        method, with_weight_grad, stream);
-    case DType::kFloat64:
-      return run<double>(pl, static_cast<const double*>(x),
-                         static_cast<const double*>(grad_out),
-                         static_cast<double*>(grad_weight),
-                         static_cast<double*>(grad_bias),
-                         static_cast<double*>(norms), ws, B, T, d, p,
-                         with_bias, method, with_weight_grad, stream);
-    case DType::kFloat16:
-      return run<__half>(pl, static_cast<const __half*>(x),
-                         static_cast<const __half*>(grad_out),
-                         static_cast<__half*>(grad_weight),
-                         static_cast<__half*>(grad_bias),
-                         static_cast<float*>(norms), ws, B, T, d, p,
-                         with_bias, method, with_weight_grad, stream);
-    case DType::kBFloat16:
-      return run<__nv_bfloat16>(pl, static_cast<const __nv_bfloat16*>(x),
-                                static_cast<const __nv_bfloat16*>(grad_out),
-                                static_cast<__nv_bfloat16*>(grad_weight),
-                                static_cast<__nv_bfloat16*>(grad_bias),
-                                static_cast<float*>(norms), ws, B, T, d, p,
-                                with_bias, method, with_weight_grad, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using E = decltype(tag);
+    return run<E>(pl, static_cast<const E*>(x), static_cast<const E*>(grad_out),
+                  static_cast<E*>(grad_weight), static_cast<E*>(grad_bias),
+                  static_cast<acc_t<E>*>(norms), ws, B, T, d, p, with_bias, method,
+                  with_weight_grad, stream);
+  });
 }
 
 }  // namespace

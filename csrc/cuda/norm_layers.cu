@@ -220,11 +220,10 @@ cudaError_t run_layer_norm(const LayerNormPlan& pl, const void* x, const void* g
   const auto* gp = static_cast<const scalar_t*>(g);
   auto* np = static_cast<A*>(norms);
   const A e = static_cast<A>(eps);
-  if (with_weight && with_bias)
-    return run_layer_norm_flags<scalar_t, true, true>(pl, xp, gp, np, ws, B, T, C, e, rms, stream);
-  if (with_weight)
-    return run_layer_norm_flags<scalar_t, true, false>(pl, xp, gp, np, ws, B, T, C, e, rms, stream);
-  return run_layer_norm_flags<scalar_t, false, true>(pl, xp, gp, np, ws, B, T, C, e, rms, stream);
+  return dispatch_affine_flags(with_weight, with_bias, [&](auto w, auto b) {
+    return run_layer_norm_flags<scalar_t, decltype(w)::value, decltype(b)::value>(
+        pl, xp, gp, np, ws, B, T, C, e, rms, stream);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -341,11 +340,10 @@ cudaError_t run_group_norm(const GroupNormPlan& pl, const void* x, const void* g
   const auto* gp = static_cast<const scalar_t*>(g);
   auto* np = static_cast<A*>(norms);
   const A e = static_cast<A>(eps);
-  if (with_weight && with_bias)
-    return run_group_norm_flags<scalar_t, true, true>(pl, xp, gp, np, ws, B, C, S, G, e, stream);
-  if (with_weight)
-    return run_group_norm_flags<scalar_t, true, false>(pl, xp, gp, np, ws, B, C, S, G, e, stream);
-  return run_group_norm_flags<scalar_t, false, true>(pl, xp, gp, np, ws, B, C, S, G, e, stream);
+  return dispatch_affine_flags(with_weight, with_bias, [&](auto w, auto b) {
+    return run_group_norm_flags<scalar_t, decltype(w)::value, decltype(b)::value>(
+        pl, xp, gp, np, ws, B, C, S, G, e, stream);
+  });
 }
 
 }  // namespace
@@ -368,21 +366,10 @@ cudaError_t launch_layer_norm_sq_norms(const void* x, const void* grad_out, void
   const LayerNormPlan pl = plan_layer_norm(B, T, C, dtype, with_weight, with_bias);
   if (workspace_bytes < pl.bytes || workspace == nullptr) return cudaErrorInvalidValue;
   auto* ws = static_cast<unsigned char*>(workspace);
-  switch (dtype) {
-    case DType::kFloat32:
-      return run_layer_norm<float>(pl, x, grad_out, norms, ws, B, T, C, eps, rms, with_weight,
-                                   with_bias, stream);
-    case DType::kFloat64:
-      return run_layer_norm<double>(pl, x, grad_out, norms, ws, B, T, C, eps, rms, with_weight,
-                                    with_bias, stream);
-    case DType::kFloat16:
-      return run_layer_norm<__half>(pl, x, grad_out, norms, ws, B, T, C, eps, rms, with_weight,
-                                    with_bias, stream);
-    case DType::kBFloat16:
-      return run_layer_norm<__nv_bfloat16>(pl, x, grad_out, norms, ws, B, T, C, eps, rms,
-                                           with_weight, with_bias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return run_layer_norm<decltype(tag)>(pl, x, grad_out, norms, ws, B, T, C, eps, rms,
+                                         with_weight, with_bias, stream);
+  });
 }
 
 size_t group_norm_sq_norms_workspace_bytes(int64_t B, int64_t C, int64_t S, int64_t groups,
@@ -404,21 +391,10 @@ cudaError_t launch_group_norm_sq_norms(const void* x, const void* grad_out, void
   const GroupNormPlan pl = plan_group_norm(B, C, groups, dtype, with_weight);
   if (workspace_bytes < pl.bytes || workspace == nullptr) return cudaErrorInvalidValue;
   auto* ws = static_cast<unsigned char*>(workspace);
-  switch (dtype) {
-    case DType::kFloat32:
-      return run_group_norm<float>(pl, x, grad_out, norms, ws, B, C, S, groups, eps, with_weight,
-                                   with_bias, stream);
-    case DType::kFloat64:
-      return run_group_norm<double>(pl, x, grad_out, norms, ws, B, C, S, groups, eps,
-                                    with_weight, with_bias, stream);
-    case DType::kFloat16:
-      return run_group_norm<__half>(pl, x, grad_out, norms, ws, B, C, S, groups, eps,
-                                    with_weight, with_bias, stream);
-    case DType::kBFloat16:
-      return run_group_norm<__nv_bfloat16>(pl, x, grad_out, norms, ws, B, C, S, groups, eps,
-                                           with_weight, with_bias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return run_group_norm<decltype(tag)>(pl, x, grad_out, norms, ws, B, C, S, groups, eps,
+                                         with_weight, with_bias, stream);
+  });
 }
 
 }  // namespace cuda

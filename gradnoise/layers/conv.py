@@ -116,31 +116,30 @@ class ConvRule(FusedBackwardRule):
     def forward(self, module, x, weight, bias):
         return module._conv_forward(x, weight, bias), ()
 
-    def _backward(self, module, x, weight, grad_out, mask):
+    def _backward(self, module, x, weight, grad_out, padding, mask):
         """torch's convolution backward for the outputs in `mask` (input, weight, bias)."""
         dt = grad_out.dtype
         kernel_size, stride, dilation, groups = _geometry(module)
         return torch.ops.aten.convolution_backward(
-            grad_out, x.to(dt), weight.to(dt), [weight.shape[0]], stride,
-            _symmetric_zero_padding(module), dilation, False, [0] * len(kernel_size), groups,
-            mask)
+            grad_out, x.to(dt), weight.to(dt), [weight.shape[0]], stride, padding, dilation,
+            False, [0] * len(kernel_size), groups, mask)
 
     def fused_backward(self, module, x, weight, saved, grad_out, params, need_input_grad):
+        padding = _symmetric_zero_padding(module)
         grad_x = None
         if need_input_grad:
-            grad_x = self._backward(module, x, weight, grad_out, [True, False, False])[0]
+            grad_x = self._backward(module, x, weight, grad_out, padding, [True, False, False])[0]
         x = x.to(grad_out.dtype)
         kernel_size, stride, dilation, groups = _geometry(module)
         with_bias = "bias" in params
         if "weight" in params:
             gw, gb, norms = ops.conv_weight_grad_and_sq_norms(
-                x, grad_out, kernel_size, stride, _symmetric_zero_padding(module), dilation,
-                groups, with_bias=with_bias)
+                x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias=with_bias)
             return grad_x, gw, gb, norms.float()
         per_sample = _bias_sum(grad_out)
         return grad_x, None, per_sample.sum(0).to(grad_out.dtype), per_sample.square().sum(1)
 
     def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
                        need_bias):
-        return tuple(self._backward(module, x, weight, grad_out,
+        return tuple(self._backward(module, x, weight, grad_out, _symmetric_zero_padding(module),
                                     [need_input_grad, need_weight, need_bias]))
