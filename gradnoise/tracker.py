@@ -115,7 +115,7 @@ class GradNoiseTracker:
         self._handles: list = []
         self._attached = False
         self._step: _Step | None = None
-        self._results: dict[str, torch.Tensor] | None = None
+        self._results: tuple[list[str], torch.Tensor | None] | None = None
         self._suspended = False
         self._check_batchnorm()
         self._plan()
@@ -350,7 +350,8 @@ class GradNoiseTracker:
         for child, n in parts.items():
             name = t.name if not child else (f"{t.name}.{child}" if t.name else child)
             step.batch[name] = batch
-            n = n.float()
+            if n.dtype != torch.float32:
+                n = n.float()
             step.norms[name] = n if name not in step.norms else step.norms[name] + n
 
     def _finish_shared(self, step: _Step) -> None:
@@ -377,7 +378,10 @@ class GradNoiseTracker:
                 total[sl] = acc.flatten(1).square().sum(1)
             self._step_add(step, owner, total, B)
 
-    def _scaled(self, step: _Step) -> dict[str, torch.Tensor]:
+    def _scaled(self, step: _Step) -> tuple[list[str], torch.Tensor | None]:
+        """(layer names in named_modules() order, float32 [layers, B] of their
+        norms with the loss reduction undone), as one tensor so that reading
+        and scaling them costs one op rather than one per layer."""
         sizes = {}
         for name, b in step.batch.items():
             sizes.setdefault(b, []).append(name)
@@ -393,16 +397,16 @@ class GradNoiseTracker:
         if any(name not in order for name in step.norms):
             order = self._module_order = {n: k for k, (n, _) in
                                           enumerate(self.model.named_modules())}
-        out = {}
-        for name in sorted(step.norms, key=order.__getitem__):
-            n = step.norms[name]
-            if self.loss_reduction == "mean":
-                n = n * float(n.shape[0]) ** 2
-            out[name] = n
-        return out
+        names = sorted(step.norms, key=order.__getitem__)
+        if not names:
+            return names, None
+        matrix = torch.stack([step.norms[n] for n in names])
+        if self.loss_reduction == "mean":
+            matrix.mul_(float(matrix.shape[1]) ** 2)
+        return names, matrix
 
     # ---------------------------------------------------------------- results
-    def _require_results(self) -> dict[str, torch.Tensor]:
+    def _require_results(self) -> tuple[list[str], torch.Tensor | None]:
         if self._results is None:
             raise RuntimeError(
                 "GradNoiseTracker: nothing measured yet. Run a training-mode forward "
@@ -413,18 +417,17 @@ class GradNoiseTracker:
         """{qualified module name: float32 [B]} of the last measured step, for
         each module that directly owns measured parameters (a shared parameter
         counts once, under its first owner)."""
-        return {k: v.clone() for k, v in self._require_results().items()}
+        names, matrix = self._require_results()
+        if matrix is None:
+            return {}
+        return dict(zip(names, matrix.clone().unbind(0)))
 
     def per_sample_sq_norms(self) -> torch.Tensor:
         """float32 [B]: ‖∇θ ℓ_i‖² over every measured parameter, last measured step."""
-        res = self._require_results()
-        if not res:
+        names, matrix = self._require_results()
+        if matrix is None:
             raise RuntimeError("GradNoiseTracker: the last backward reached no tracked module.")
-        values = list(res.values())
-        total = values[0].clone()
-        for v in values[1:]:
-            total += v
-        return total
+        return matrix.sum(0)
 
     @property
     def tracked_modules(self) -> list[str]:

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_isa.h"
 
 namespace gradnoise {
 namespace {
@@ -46,46 +47,6 @@ namespace isa_generic {
 #include "fused_linear_impl.h"
 #undef GN_VEC_BYTES
 }  // namespace isa_generic
-
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
-    const std::string want(env);
-    if (want == "generic") return Isa::kGeneric;
-    if (want == "avx2") {
-      TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                  "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-      return Isa::kAvx2;
-    }
-    if (want == "avx512") {
-      TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl"),
-                  "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
-      return Isa::kAvx512;
-    }
-    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
-                want, "'");
-  }
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kGeneric;
-}
-
-Isa current_isa() {
-  // Read on every call (cheap) so that tests can switch the instruction set.
-  return detect_isa();
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
 
 int64_t cache_bytes(int name, int64_t fallback) {
   const long v = sysconf(name);
@@ -263,7 +224,7 @@ GN_ISA_ADAPTER(Generic, isa_generic)
 template <typename in_t, typename acc_t>
 void run_fused_kernel(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T,
                       int64_t d, int64_t p, acc_t* C, double* norms, int64_t scratch_bytes) {
-  switch (current_isa()) {
+  switch (cpu_isa()) {
     case Isa::kAvx512:
       run_fused<Avx512, in_t, acc_t>(x, g, B, T, d, p, C, norms, scratch_bytes);
       break;
@@ -288,7 +249,7 @@ template void run_fused_kernel<c10::Half, float>(const OperandSource&, const Ope
                                                  double*, int64_t);
 
 std::string cpu_kernel_isa() {
-  std::string s = isa_name(current_isa());
+  std::string s = isa_name(cpu_isa());
   s += " (compiled: avx512, avx2, generic)";
   return s;
 }

@@ -20,7 +20,9 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/fused_engine.h"
+#include "cpu/vec_kernels.h"
 #include "tensor_checks.h"
 
 namespace gradnoise {
@@ -97,42 +99,98 @@ at::Tensor fused_norms(const at::Tensor& x3, const at::Tensor& g3, at::Tensor* g
   return norms;
 }
 
-// Σ v_j², with 16 independent partial sums (which the compiler keeps in
-// vector registers) rather than one serial chain.
-template <typename in_t, typename acc_t>
-acc_t sq_sum(const in_t* v, int64_t n) {
-  constexpr int kLanes = 16;
-  acc_t part[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t a = static_cast<acc_t>(v[j + l]);
-      part[l] += a * a;
-    }
-  for (; j < n; ++j) part[0] += static_cast<acc_t>(v[j]) * static_cast<acc_t>(v[j]);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) part[l] += part[l + w];
-  return part[0];
-}
-
 // T = 1: ‖dy_i x_iᵀ‖² = ‖x_i‖²·‖dy_i‖² (Goodfellow 2015), plus the bias's
-// ‖dy_i‖² when `with_bias`: (‖x_i‖² + 1)·‖dy_i‖². Cost 2B(d + p).
-at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3, bool with_bias) {
+// ‖dy_i‖² when `with_bias`: (‖x_i‖² + 1)·‖dy_i‖². Cost 2B(d + p). With a bias
+// gradient wanted, the same pass over dY also sums Σ_i dy_i: this runs at
+// every T = 1 Linear backward, where one pass (before the GEMM, while dY is
+// in cache) instead of a norms pass plus a bias reduction is a visible part
+// of the layer's time.
+template <int VB, typename S>
+struct GoodfellowKernel {
+  using A = acc_of<S>;
+  // Bias sums are carried in A over at most this many rows, then in double.
+  static constexpr int64_t kFlushRows = 64;
+
+  // Rows [b0, b1): out[i] = (‖x_i‖² + extra)·‖g_i‖², formed in double;
+  // bias (if not null) += Σ_i g_i. buf: max(d, p) A (half-precision
+  // conversion), block: p A.
+  static GN_INLINE void rows(const S* x, const S* g, int64_t d, int64_t p, int64_t b0,
+                             int64_t b1, double extra, A* out, double* bias, A* buf, A* block) {
+    int64_t pending = 0;
+    auto flush = [&] {
+      for (int64_t j = 0; j < p; ++j) {
+        bias[j] += static_cast<double>(block[j]);
+        block[j] = A(0);
+      }
+      pending = 0;
+    };
+    for (int64_t i = b0; i < b1; ++i) {
+      const A sx = reduce<VB, A>(as_acc<S, A>(x + i * d, d, buf), d, Square{});
+      const A* gi = as_acc<S, A>(g + i * p, p, buf);
+      const A sg = reduce<VB, A>(gi, p, Square{});
+      out[i] = static_cast<A>((static_cast<double>(sx) + extra) * static_cast<double>(sg));
+      if (bias != nullptr) {
+        add_into(block, gi, p);
+        if (++pending == kFlushRows) flush();
+      }
+    }
+    if (bias != nullptr && pending > 0) flush();
+  }
+};
+
+#define GN_LINEAR_ISA(NAME, VB, TARGET)                                                        \
+  struct NAME {                                                                                \
+    template <typename S>                                                                      \
+    TARGET static void goodfellow_rows(const S* x, const S* g, int64_t d, int64_t p,           \
+                                       int64_t b0, int64_t b1, double extra, acc_of<S>* out,  \
+                                       double* bias, acc_of<S>* buf, acc_of<S>* block) {      \
+      GoodfellowKernel<VB, S>::rows(x, g, d, p, b0, b1, extra, out, bias, buf, block);         \
+    }                                                                                          \
+  };
+GN_LINEAR_ISA(LinearAvx512, 64, __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))))
+GN_LINEAR_ISA(LinearAvx2, 32, __attribute__((target("avx2,fma"))))
+GN_LINEAR_ISA(LinearGeneric, 16, )
+#undef GN_LINEAR_ISA
+
+// Norms in the accumulation dtype; with `grad_bias`, the bias gradient (same
+// dtype) from a fixed set of contiguous sample blocks summed in double, so
+// that it is the same for any number of threads.
+at::Tensor goodfellow_norms(const at::Tensor& x3, const at::Tensor& g3, bool with_bias,
+                            at::Tensor* grad_bias = nullptr) {
+  constexpr int64_t kBiasBlocks = 8;
   const int64_t B = x3.size(0), d = x3.size(2), p = g3.size(2);
   at::Tensor xc = x3.reshape({B, d}).contiguous(), gc = g3.reshape({B, p}).contiguous();
-  at::Tensor norms = at::empty({B}, x3.options().dtype(at::kDouble));
-  double* out = norms.data_ptr<double>();
+  const auto acc = acc_type(x3.scalar_type());
+  at::Tensor norms = at::empty({B}, x3.options().dtype(acc));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d + p));
+  const int64_t blocks = grad_bias != nullptr ? std::min<int64_t>(kBiasBlocks, ceil_div(B, grain))
+                                              : ceil_div(B, grain);
+  std::vector<double> bias_part(grad_bias != nullptr ? static_cast<size_t>(blocks * p) : 0, 0.0);
+  const double extra = with_bias ? 1.0 : 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "gradnoise_goodfellow", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using A = acc_of<scalar_t>;
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d + p)),
-                     [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i)
-        out[i] = (static_cast<double>(sq_sum<scalar_t, acc_t>(xp + i * d, d)) + (with_bias ? 1.0 : 0.0)) *
-                 static_cast<double>(sq_sum<scalar_t, acc_t>(gp + i * p, p));
+    A* out = norms.data_ptr<A>();
+    with_isa<LinearAvx512, LinearAvx2, LinearGeneric>([&](auto isa) {
+      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+        std::vector<A> buf(static_cast<size_t>(std::max(d, p))), block(static_cast<size_t>(p), A(0));
+        for (int64_t k = k0; k < k1; ++k)
+          isa.template goodfellow_rows<scalar_t>(
+              xp, gp, d, p, k * B / blocks, (k + 1) * B / blocks, extra, out,
+              grad_bias != nullptr ? bias_part.data() + k * p : nullptr, buf.data(), block.data());
+      });
     });
+    if (grad_bias != nullptr) {
+      at::Tensor gb = at::empty({p}, x3.options().dtype(acc));
+      A* gbp = gb.data_ptr<A>();
+      for (int64_t j = 0; j < p; ++j) {
+        double v = 0.0;
+        for (int64_t k = 0; k < blocks; ++k) v += bias_part[k * p + j];
+        gbp[j] = static_cast<A>(v);
+      }
+      *grad_bias = gb;
+    }
   });
   return norms;
 }
@@ -201,7 +259,7 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_out, 
   const at::Tensor x3 = as_btf(x), g3 = as_btf(grad_out);
   at::Tensor norms;
   switch (resolve_method(method, pr, /*with_weight_grad=*/false)) {
-    case NormMethod::kGoodfellow: return finish_norms(goodfellow_norms(x3, g3, with_bias), x);
+    case NormMethod::kGoodfellow: return goodfellow_norms(x3, g3, with_bias);
     case NormMethod::kGhost: norms = ghost_norms(x3, g3); break;
     default: norms = fused_norms(x3, g3, nullptr);
   }
@@ -234,12 +292,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_weight_grad_and_sq_norms_c
     // The norms are cheap next to the GEMM here: leave the GEMM to BLAS.
     const auto acc = acc_type(st);
     at::Tensor g2 = g3.reshape({-1, pr.p}), x2 = x3.reshape({-1, pr.d});
-    grad_weight = acc == st ? at::mm(g2.t(), x2) : at::mm(g2.t().to(acc), x2.to(acc)).to(st);
     if (m == NormMethod::kGoodfellow) {  // the bias's norm is folded in
-      norms = goodfellow_norms(x3, g3, with_bias);
-      at::Tensor grad_bias = with_bias ? g2.sum(0, false, acc).to(st) : empty_bias;
-      return {grad_weight, grad_bias, finish_norms(norms, x)};
+      // Norms before the GEMM: the GEMM's passes over X and dY would push them
+      // out of cache.
+      at::Tensor grad_bias = empty_bias;
+      norms = goodfellow_norms(x3, g3, with_bias, with_bias ? &grad_bias : nullptr);
+      if (grad_bias.scalar_type() != st) grad_bias = grad_bias.to(st);
+      grad_weight = acc == st ? at::mm(g2.t(), x2) : at::mm(g2.t().to(acc), x2.to(acc)).to(st);
+      return {grad_weight, grad_bias, norms};
     }
+    grad_weight = acc == st ? at::mm(g2.t(), x2) : at::mm(g2.t().to(acc), x2.to(acc)).to(st);
     norms = ghost_norms(x3, g3);
   }
   at::Tensor grad_bias = empty_bias;

@@ -30,177 +30,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
+#include "cpu/vec_kernels.h"
 #include "norm_layers_checks.h"
 #include "norm_layers_math.h"
 
 namespace gradnoise {
 namespace {
-
-#define GN_INLINE inline __attribute__((always_inline))
-
-// The vector helpers are always inlined: no vector crosses a call boundary, so
-// GCC's note that wide vectors change the calling convention does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// ---------------------------------------------------------------------------
-// Vector building blocks. Everything below is always_inline, so that it is
-// compiled with the instruction set of the per-ISA entry point it lands in.
-// ---------------------------------------------------------------------------
-template <int VB, typename A>
-struct Vec {
-  typedef A type __attribute__((vector_size(VB)));
-};
-
-template <int VB, typename A>
-GN_INLINE typename Vec<VB, A>::type vload(const A* p) {
-  typename Vec<VB, A>::type v;
-  std::memcpy(&v, p, VB);
-  return v;
-}
-
-struct Ident {
-  template <typename X>
-  GN_INLINE X operator()(const X& x) const { return x; }
-};
-struct Square {
-  template <typename X>
-  GN_INLINE X operator()(const X& x) const { return x * x; }
-};
-template <typename A>
-struct SqDev {
-  A mean;
-  template <typename X>
-  GN_INLINE X operator()(const X& x) const {
-    const X d = x - mean;
-    return d * d;
-  }
-};
-
-// Sum of a vector's lanes, as a tree.
-template <int VB, typename A>
-GN_INLINE A hsum(const typename Vec<VB, A>::type& v) {
-  constexpr int L = VB / sizeof(A);
-  A t[L];
-  std::memcpy(t, &v, VB);
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
-
-// Σ_j op(a[j]) with four vector accumulators (latency).
-template <int VB, typename A, typename Op>
-GN_INLINE A reduce(const A* __restrict a, int64_t n, const Op& op) {
-  using V = typename Vec<VB, A>::type;
-  constexpr int64_t L = VB / sizeof(A);
-  A r = 0;
-  int64_t j = 0;
-  if (n >= L) {
-    V s0{}, s1{}, s2{}, s3{};
-    for (; j + 4 * L <= n; j += 4 * L) {
-      s0 += op(vload<VB>(a + j));
-      s1 += op(vload<VB>(a + j + L));
-      s2 += op(vload<VB>(a + j + 2 * L));
-      s3 += op(vload<VB>(a + j + 3 * L));
-    }
-    for (; j + L <= n; j += L) s0 += op(vload<VB>(a + j));
-    r = hsum<VB, A>((s0 + s1) + (s2 + s3));
-  }
-  for (; j < n; ++j) r += op(a[j]);
-  return r;
-}
-
-// out[r] = Σ_j op[r](a[r][j]) for NR rows at once: NR independent chains,
-// which is what keeps short rows from being bound by the latency of adds.
-template <int VB, int NR, typename A, typename Op>
-GN_INLINE void reduce_rows(const A* const* a, int64_t n, const Op* op, A* out) {
-  using V = typename Vec<VB, A>::type;
-  constexpr int64_t L = VB / sizeof(A);
-  V s[NR][2] = {};
-  int64_t j = 0;
-  for (; j + 2 * L <= n; j += 2 * L) {
-    for (int r = 0; r < NR; ++r) {
-      s[r][0] += op[r](vload<VB>(a[r] + j));
-      s[r][1] += op[r](vload<VB>(a[r] + j + L));
-    }
-  }
-  for (; j + L <= n; j += L)
-    for (int r = 0; r < NR; ++r) s[r][0] += op[r](vload<VB>(a[r] + j));
-  for (int r = 0; r < NR; ++r) {
-    A v = hsum<VB, A>(s[r][0] + s[r][1]);
-    for (int64_t k = j; k < n; ++k) v += op[r](a[r][k]);
-    out[r] = v;
-  }
-}
-
-// dot = Σ_j g[j]·(x[j] − mean) and sum = Σ_j g[j] in one pass.
-template <int VB, typename A>
-GN_INLINE void dot_dev_and_sum(const A* __restrict x, const A* __restrict g, int64_t n, A mean,
-                               A& dot, A& sum) {
-  using V = typename Vec<VB, A>::type;
-  constexpr int64_t L = VB / sizeof(A);
-  A d = 0, s = 0;
-  int64_t j = 0;
-  if (n >= L) {
-    V d0{}, d1{}, s0{}, s1{};
-    for (; j + 2 * L <= n; j += 2 * L) {
-      const V g0 = vload<VB>(g + j), g1 = vload<VB>(g + j + L);
-      d0 += g0 * (vload<VB>(x + j) - mean);
-      d1 += g1 * (vload<VB>(x + j + L) - mean);
-      s0 += g0;
-      s1 += g1;
-    }
-    for (; j + L <= n; j += L) {
-      const V g0 = vload<VB>(g + j);
-      d0 += g0 * (vload<VB>(x + j) - mean);
-      s0 += g0;
-    }
-    d = hsum<VB, A>(d0 + d1);
-    s = hsum<VB, A>(s0 + s1);
-  }
-  for (; j < n; ++j) {
-    d += g[j] * (x[j] - mean);
-    s += g[j];
-  }
-  dot = d;
-  sum = s;
-}
-
-// Half-precision bits to float, branch-free so that the loop vectorises
-// (bfloat16: the top half of a float; float16: the conversion of Dukhan's FP16
-// library, exact for every value including subnormals, infinities and NaN).
-GN_INLINE float bf16_to_float(uint16_t h) { return std::bit_cast<float>(uint32_t(h) << 16); }
-
-GN_INLINE float fp16_to_float(uint16_t h) {
-  const uint32_t w = uint32_t(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t bits = two_w < (1u << 27) ? std::bit_cast<uint32_t>(denormalized)
-                                           : std::bit_cast<uint32_t>(normalized);
-  return std::bit_cast<float>(sign | bits);
-}
-
-// The n values at p in the accumulation type: p itself, or converted into buf.
-template <typename S, typename A>
-GN_INLINE const A* as_acc(const S* p, int64_t n, A* __restrict buf) {
-  if constexpr (std::is_same_v<S, A>) {
-    return p;
-  } else {
-    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(p);
-    if constexpr (std::is_same_v<S, c10::BFloat16>) {
-      for (int64_t j = 0; j < n; ++j) buf[j] = bf16_to_float(bits[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) buf[j] = fp16_to_float(bits[j]);
-    }
-    return buf;
-  }
-}
-
-template <typename A>
-GN_INLINE void add_into(A* __restrict dst, const A* __restrict src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] += src[j];
-}
 
 // ---------------------------------------------------------------------------
 // LayerNorm / RMSNorm
@@ -646,38 +482,9 @@ GN_NORM_ISA(IsaAvx2, 32, __attribute__((target("avx2,fma"))))
 GN_NORM_ISA(IsaGeneric, 16, )
 #undef GN_NORM_ISA
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-// Same rules as the Linear kernels (cpu/linear_cpu.cpp), read on every call so
-// that tests can switch.
-Isa norm_isa() {
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (const char* env = std::getenv("GRADNOISE_CPU_ISA")) {
-    const std::string want(env);
-    if (want == "generic") return Isa::kGeneric;
-    if (want == "avx2") {
-      TORCH_CHECK(avx2, "gradnoise: GRADNOISE_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-      return Isa::kAvx2;
-    }
-    if (want == "avx512") {
-      TORCH_CHECK(avx512, "gradnoise: GRADNOISE_CPU_ISA=avx512 but this CPU lacks AVX-512");
-      return Isa::kAvx512;
-    }
-    TORCH_CHECK(want.empty(), "gradnoise: GRADNOISE_CPU_ISA must be avx512, avx2 or generic, got '",
-                want, "'");
-  }
-  return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
-}
-
 template <typename Fn>
-void with_isa(Fn&& fn) {
-  switch (norm_isa()) {
-    case Isa::kAvx512: fn(IsaAvx512{}); break;
-    case Isa::kAvx2: fn(IsaAvx2{}); break;
-    default: fn(IsaGeneric{});
-  }
+void with_norm_isa(Fn&& fn) {
+  with_isa<IsaAvx512, IsaAvx2, IsaGeneric>(std::forward<Fn>(fn));
 }
 
 // Whether items that are too few, or do not divide evenly over the threads,
@@ -699,7 +506,7 @@ int64_t grain_for(int64_t elems_per_item) {
 template <typename S>
 void run_layer_norm(const LnProblem<S>& p, acc_of<S>* out, const at::TensorOptions& opts) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  with_isa([&](auto isa) {
+  with_norm_isa([&](auto isa) {
     using Isa_ = decltype(isa);
     if (p.chunks > 1 && split_pays(p.B, threads)) {
       at::Tensor partial = at::empty({p.B * p.chunks * std::max<int64_t>(1, p.width)}, opts);
@@ -803,7 +610,7 @@ at::Tensor group_norm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& grad_o
                           static_cast<A>(eps), with_weight, with_bias};
     A* o = out.data_ptr<A>();
     std::vector<A> part(B * G);
-    with_isa([&](auto isa) {
+    with_norm_isa([&](auto isa) {
       using Isa_ = decltype(isa);
       if (n > kNormElemsPerChunk && split_pays(B * G, threads)) {
         // Few, large groups: statistics over chunks of each group, then the
@@ -893,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_a
       const A* r = r_t.data_ptr<A>();
       const A* w = w_t.data_ptr<A>();
       std::vector<A> dsc(N * C), db(N * C), a_in(N * C);
-      with_isa([&](auto isa) {
+      with_norm_isa([&](auto isa) {
         at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
           decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
                                                              dsc.data(), db.data());
@@ -927,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_a
       }
       if (need_input_grad) {
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        with_isa([&](auto isa) {
+        with_norm_isa([&](auto isa) {
           at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
             decltype(isa)::template gn_backward_input<scalar_t>(
                 xp, gp, dx, Sp, C, i0, i1, a_in.data(), c2.data(), c3.data(), D, G);

@@ -135,7 +135,7 @@ class ConvRule(FusedBackwardRule):
         if "weight" in params:
             gw, gb, norms = ops.conv_weight_grad_and_sq_norms(
                 x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias=with_bias)
-            return grad_x, gw, gb, norms.float()
+            return grad_x, gw, gb, norms
         per_sample = _bias_sum(grad_out)
         return grad_x, None, per_sample.sum(0).to(grad_out.dtype), per_sample.square().sum(1)
 

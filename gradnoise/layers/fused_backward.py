@@ -40,8 +40,8 @@ class FusedBackwardRule(NormRule):
     def fused_backward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
                        saved: tuple, grad_out: torch.Tensor, params: list[str],
                        need_input_grad: bool):
-        """(grad_x or None, grad_weight or None, grad_bias or None, float32
-        per-sample sq norms [B] of the parameters in `params`)."""
+        """(grad_x or None, grad_weight or None, grad_bias or None, per-sample
+        sq norms [B] of the parameters in `params`, in float32 or float64)."""
 
     @abstractmethod
     def plain_backward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
@@ -68,11 +68,12 @@ class _FusedBackwardFunction(torch.autograd.Function):
         grad_x, grad_w, grad_b = ctx.sink.module_backward(
             ctx.module, x, weight, tuple(saved), grad_out, need_x, need_w,
             ctx.has_bias and need_b)
-        if grad_x is not None:
+        # (dtype checks first: a no-op .to still costs a call on every layer)
+        if grad_x is not None and grad_x.dtype != x.dtype:
             grad_x = grad_x.to(x.dtype)
-        if grad_w is not None:
+        if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
+        if grad_b is not None and grad_b.dtype != ctx.module.bias.dtype:
             grad_b = grad_b.to(ctx.module.bias.dtype)
         return grad_x, grad_w, grad_b, None, None, None
 

@@ -60,18 +60,20 @@ class LinearRule(FusedBackwardRule):
 
     @staticmethod
     def _input_grad(x, weight, grad_out):
-        return grad_out.matmul(weight.to(grad_out.dtype))
+        return grad_out.matmul(weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype))
 
     def fused_backward(self, module, x, weight, saved, grad_out, params, need_input_grad):
-        grad_x = self._input_grad(x, weight, grad_out) if need_input_grad else None
-        x = x.to(grad_out.dtype)
+        # The weight gradient and norms first, while dY (just written by the
+        # layer above's backward) is still in cache.
+        xc = x if x.dtype == grad_out.dtype else x.to(grad_out.dtype)
         with_bias = "bias" in params
         if "weight" in params:
-            gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, grad_out, with_bias=with_bias)
+            gw, gb, norms = ops.linear_weight_grad_and_sq_norms(xc, grad_out, with_bias=with_bias)
         else:
             gw, gb = None, grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
             norms = _bias_sq_norms(_flat3(grad_out))
-        return grad_x, gw, gb, norms.float()
+        grad_x = self._input_grad(x, weight, grad_out) if need_input_grad else None
+        return grad_x, gw, gb, norms
 
     def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
                        need_bias):

@@ -54,7 +54,7 @@ class _RowNormRule(FusedBackwardRule):
             gw = gw.view(module.weight.shape)
         if gb is not None:
             gb = gb.view(module.bias.shape)
-        return gx, gw, gb, norms.float()
+        return gx, gw, gb, norms
 
     def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
                        need_bias):
@@ -151,7 +151,7 @@ class GroupNormRule(FusedBackwardRule):
         gx, gw, gb, norms = ops.group_norm_backward_and_sq_norms(
             x, grad_out.to(x.dtype), mean, rstd, weight, module.num_groups, module.eps,
             need_input_grad, "weight" in params, "bias" in params)
-        return gx, gw, gb, norms.float()
+        return gx, gw, gb, norms
 
     def plain_backward(self, module, x, weight, saved, grad_out, need_input_grad, need_weight,
                        need_bias):
