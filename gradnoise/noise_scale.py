@@ -25,6 +25,8 @@ loss that is the mean over samples (the GradScaler's scale undone).
 from __future__ import annotations
 
 import math
+import time
+import weakref
 from typing import Iterable
 
 import torch
@@ -36,8 +38,65 @@ from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
 # Gradients at least this large are reduced by a BLAS dot product each (the
-# fastest pass over memory); smaller ones together by one foreach call.
+# fastest pass over memory), as soon as backward has written them; smaller
+# ones together by one foreach call at step().
 _DOT_MIN_NUMEL = 1 << 16
+
+
+def _sq_norm_by_dot(g: torch.Tensor) -> torch.Tensor | None:
+    """‖g‖² as a 0-d tensor by one BLAS dot product, or None for a gradient
+    that is small, sparse, strided or in half precision."""
+    if (g.is_sparse or g.dtype not in (torch.float32, torch.float64) or not g.is_contiguous()
+            or g.numel() < _DOT_MIN_NUMEL):
+        return None
+    flat = g.view(-1)
+    return torch.dot(flat, flat)
+
+
+class _FreshGradSqNorms:
+    """‖p.grad‖² of the large parameters, taken by a post-accumulate-grad hook
+    the moment backward has written each gradient, while it is still in
+    cache: at step() the same pass would read every gradient back from
+    memory, the estimator's main cost on models with large layers.
+
+    A value is used only if p.grad is still the very tensor it was taken
+    from, unmodified (same tensor, same version counter): an in-place change
+    (GradScaler.unscale_, clipping, a further backward) or a new .grad makes
+    step() measure it afresh. Not used under torch.distributed with several
+    processes, where collectives may write .grad without bumping its version.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self._values: dict[int, tuple] = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulated)
+                         for p in params if p.numel() >= _DOT_MIN_NUMEL]
+        self.seconds = 0.0
+
+    def _on_accumulated(self, p: torch.Tensor) -> None:
+        t = time.perf_counter()
+        g = p.grad
+        v = None if g is None else _sq_norm_by_dot(g.detach())
+        if v is None:
+            self._values.pop(id(p), None)
+        else:
+            self._values[id(p)] = (weakref.ref(g), g._version, v)
+        self.seconds += time.perf_counter() - t
+
+    def get(self, p: torch.Tensor) -> torch.Tensor | None:
+        entry = self._values.pop(id(p), None)
+        if entry is None:
+            return None
+        ref, version, value = entry
+        g = p.grad
+        if g is None or ref() is not g or g._version != version:
+            return None
+        return value
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._values.clear()
 
 
 def _owner_names(model: nn.Module) -> dict[int, str]:
@@ -99,6 +158,8 @@ class GradientNoiseScale:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._owners = _owner_names(model)
         self._handles = []
+        self._fresh = _FreshGradSqNorms(self.params)
+        self._own_seconds = 0.0
         self.tracker = None
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
@@ -116,6 +177,13 @@ class GradientNoiseScale:
 
     # ------------------------------------------------------------ capture
     def _on_param_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            self._add_backward_grad(p, g)
+        finally:
+            self._own_seconds += time.perf_counter() - start
+
+    def _add_backward_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
         layer = self._owners.get(id(p), "")
         if self._current is None:
             self._current = {}
@@ -139,21 +207,24 @@ class GradientNoiseScale:
     # --------------------------------------------------------------- step
     def _grad_sq_norms(self) -> dict[str, float]:
         """{layer: ‖.grad‖²} over the parameters each layer owns, with one
-        device-to-host copy. This pass over every gradient is the estimator's
-        main cost (it reads the gradients from memory once): float32/float64
-        gradients go through a BLAS dot product each, the fastest reduction
-        here; others through torch._foreach_norm, which accumulates in float32."""
+        device-to-host copy. Reading every gradient is the estimator's main
+        cost: large float32/float64 gradients go through a BLAS dot product
+        each (the fastest reduction here), taken when backward wrote them if
+        they have not changed since (_FreshGradSqNorms); others through
+        torch._foreach_norm, which accumulates in float32."""
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             return {}
+        fresh = None if self._distributed_world() > 1 else self._fresh
         sq = []
         rest = []
         for p in with_grad:
             g = p.grad.detach()
-            if (not g.is_sparse and g.dtype in (torch.float32, torch.float64)
-                    and g.is_contiguous() and g.numel() >= _DOT_MIN_NUMEL):
-                flat = g.view(-1)
-                sq.append(torch.dot(flat, flat).double())
+            v = fresh.get(p) if fresh is not None else None
+            if v is None:
+                v = _sq_norm_by_dot(g)
+            if v is not None:
+                sq.append(v.double())
             else:
                 sq.append(None)
                 rest.append(g)
@@ -165,6 +236,17 @@ class GradientNoiseScale:
         for layer, v in zip(layers, torch.stack(sq).tolist()):
             out[layer] = out.get(layer, 0.0) + v
         return out
+
+    def _distributed_world(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.group)
+        return 1
+
+    @property
+    def overhead_seconds(self) -> float:
+        """Seconds spent so far in this object's step() and in its gradient
+        hooks: what measuring the noise scale has cost the training loop."""
+        return self._own_seconds + self._fresh.seconds
 
     def _scaler_on(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
@@ -182,6 +264,13 @@ class GradientNoiseScale:
         batch_size: samples in this optimizer step on this process (needed
         for "micro_batch" and "distributed"; the per-sample source reads it).
         """
+        start = time.perf_counter()
+        try:
+            return self._step(batch_size)
+        finally:
+            self._own_seconds += time.perf_counter() - start
+
+    def _step(self, batch_size: int | None) -> NoiseScale | None:
         if self.source == "per_sample":
             pairs = self._per_sample_pairs()
         elif self.source == "micro_batch":
@@ -226,9 +315,8 @@ class GradientNoiseScale:
         self._ps_sums, self._ps_count = {}, 0
         layers = list(sums)
         vec = torch.tensor([float(sums[n]) for n in layers] + [float(count)], dtype=torch.float64)
-        world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            world = dist.get_world_size(self.group)
+        world = self._distributed_world()
+        if world > 1:
             dist.all_reduce(vec, group=self.group)
         N = vec[-1].item()
         if N < 2:
@@ -326,5 +414,6 @@ class GradientNoiseScale:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._fresh.close()
         if self.tracker is not None and self._owns_tracker:
             self.tracker.detach()

@@ -173,6 +173,48 @@ def test_per_layer_estimates_and_non_finite_steps_are_skipped():
     assert math.isfinite(gns.read().b_simple)
 
 
+def test_gradient_norms_taken_during_backward_follow_every_change_to_grad():
+    """‖G_B‖² of a large gradient is taken the moment backward writes it; any
+    later change to .grad (another backward, an in-place op, a new tensor)
+    must be seen at step()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 3))
+    big = model[0].weight                                # 120,000 elements: cached
+    gns = GradientNoiseScale(model, source="micro_batch")
+    x = torch.randn(8, 300)
+
+    def backward():
+        model(x).square().mean().backward()
+
+    def check(cached: bool):
+        assert (id(big) in gns._fresh._values) == cached
+        truth = {"0": sum(p.grad.double().square().sum().item() for p in model[0].parameters()),
+                 "2": sum(p.grad.double().square().sum().item() for p in model[2].parameters())}
+        got = gns._grad_sq_norms()
+        assert got.keys() == truth.keys()
+        for k in truth:
+            assert got[k] == pytest.approx(truth[k], rel=1e-6), k
+
+    backward()
+    check(cached=True)
+    backward()                                           # accumulates into .grad
+    check(cached=True)
+    backward()
+    big.grad.mul_(3.0)                                   # e.g. GradScaler.unscale_, clipping
+    check(cached=True)                                   # taken, but stale: not used
+    backward()
+    big.grad = torch.randn_like(big)                     # a new tensor
+    check(cached=True)
+    model.zero_grad(set_to_none=False)
+    backward()
+    check(cached=True)
+    spent = gns.overhead_seconds
+    assert 0 < spent < 60
+    gns.close()
+    backward()
+    assert not gns._fresh._values                       # hooks removed
+
+
 def test_micro_batch_source_needs_two_backwards():
     model, w_star = regression_model()
     gns = GradientNoiseScale(model, source="micro_batch")

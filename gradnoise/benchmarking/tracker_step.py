@@ -187,12 +187,12 @@ def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
     spent: list[float] = []
 
     def step():
+        before = gns.overhead_seconds
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         norms = tracker.per_sample_sq_norms()
-        t = time.perf_counter()
         gns.step()
-        spent.append(time.perf_counter() - t)
+        spent.append(gns.overhead_seconds - before)  # its step() and its gradient hooks
         return norms
     return Prepared(step, estimator_times=spent,
                     detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad")
@@ -405,11 +405,15 @@ def _time(fn) -> float:
 
 
 def _interleaved(steps: dict[str, Callable], first: dict[str, float], repeats: int,
-                 warmup: int, slow_budget_s: float, min_repeats: int, tick) -> dict[str, list[float]]:
-    """Each repetition runs every candidate once, in an order rotated by one
-    per repetition. A candidate whose step × `repeats` would exceed
-    `slow_budget_s` runs only in the first max(min_repeats, budget / step)
-    repetitions (its ratios pair with the plain step of those repetitions)."""
+                 warmup: int, slow_budget_s: float, min_repeats: int, tick
+                 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(times, paired plain times). Each repetition runs every candidate once,
+    in an order rotated by one per repetition, each right next to a plain
+    step (before it in even repetitions, after it in odd ones): a candidate's
+    ratio to the plain step is taken against that neighbour, so that this
+    machine's drift in speed between the two is seconds, not a repetition.
+    A candidate whose step × `repeats` would exceed `slow_budget_s` runs only
+    in the first max(min_repeats, budget / step) repetitions."""
     reps = {}
     for name in steps:
         t = first[name]
@@ -419,16 +423,30 @@ def _interleaved(steps: dict[str, Callable], first: dict[str, float], repeats: i
         for name, fn in steps.items():
             if reps[name] == repeats:
                 fn()
-    names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    plain = steps["plain"]
+    names = [n for n in steps if n != "plain"]
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    paired: dict[str, list[float]] = {n: [] for n in steps}
     for r in range(repeats):
-        k = r % len(names)
+        k = r % max(1, len(names))
         for name in names[k:] + names[:k]:
-            if r < reps[name]:
-                times[name].append(_time(steps[name]))
+            if r >= reps[name]:
+                continue
+            if r % 2 == 0:
+                tp = _time(plain)
+                tc = _time(steps[name])
+            else:
+                tc = _time(steps[name])
+                tp = _time(plain)
+            times[name].append(tc)
+            paired[name].append(tp)
+            times["plain"].append(tp)
+        if not names:
+            times["plain"].append(_time(plain))
+        paired["plain"] = times["plain"]
         gc.collect()
         tick()
-    return times
+    return times, paired
 
 
 # ------------------------------------------------------------------- memory
@@ -610,16 +628,16 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
             for p in prepared.values():
                 if p.estimator_times is not None:
                     p.estimator_times.clear()  # the check and warm-up steps do not count
-            times = _interleaved(steps, first, repeats, warmup, slow_budget_s, min_repeats,
-                                 lambda: progress(f"{mname}: timing", 1))
+            times, paired = _interleaved(steps, first, repeats, warmup, slow_budget_s,
+                                         min_repeats, lambda: progress(f"{mname}: timing", 1))
             for c, ts in times.items():
                 out[c].repeats = len(ts)
                 out[c].median_ms = statistics.median(ts) * 1e3
-                out[c].ratio = statistics.median(a / b for a, b in zip(ts, times["plain"]))
+                out[c].ratio = statistics.median(a / b for a, b in zip(ts, paired[c]))
                 est = prepared[c].estimator_times
                 if est:
                     # the last len(ts) entries are the timed steps (warm-up ran first)
-                    share = statistics.median(e / b for e, b in zip(est[-len(ts):], times["plain"]))
+                    share = statistics.median(e / b for e, b in zip(est[-len(ts):], paired[c]))
                     out[c].estimator_share = share
                     out[c].note = ", ".join(filter(None, [out[c].note, f"estimator {share:.2%}"]))
             del steps, prepared
