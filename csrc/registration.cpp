@@ -59,6 +59,9 @@ TORCH_LIBRARY(gradnoise, m) {
       "group_norm_backward_and_sq_norms(Tensor x, Tensor grad_out, Tensor mean, Tensor rstd, "
       "Tensor? weight, int groups, bool need_input_grad, bool with_weight, bool with_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // ‖t‖² of each tensor of a list (float64 [n]): the squared gradient norms
+  // the noise-scale estimator reads every step, in one pass over memory.
+  m.def("sq_norms(Tensor[] tensors) -> Tensor");
   // Not tensor ops: the cost model and what this build contains, for the
   // Python layer and `python -m gradnoise info`.
   m.def("linear_norm_method(int B, int T, int d, int p, bool with_weight_grad) -> int",

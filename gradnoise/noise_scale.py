@@ -26,77 +26,17 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import ops
 from .estimators import NoiseScale, NoiseScaleEstimator, unbiased_sq_norm_and_trace
 from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
-# Gradients at least this large are reduced by a BLAS dot product each (the
-# fastest pass over memory), as soon as backward has written them; smaller
-# ones together by one foreach call at step().
-_DOT_MIN_NUMEL = 1 << 16
-
-
-def _sq_norm_by_dot(g: torch.Tensor) -> torch.Tensor | None:
-    """‖g‖² as a 0-d tensor by one BLAS dot product, or None for a gradient
-    that is small, sparse, strided or in half precision."""
-    if (g.is_sparse or g.dtype not in (torch.float32, torch.float64) or not g.is_contiguous()
-            or g.numel() < _DOT_MIN_NUMEL):
-        return None
-    flat = g.view(-1)
-    return torch.dot(flat, flat)
-
-
-class _FreshGradSqNorms:
-    """‖p.grad‖² of the large parameters, taken by a post-accumulate-grad hook
-    the moment backward has written each gradient, while it is still in
-    cache: at step() the same pass would read every gradient back from
-    memory, the estimator's main cost on models with large layers.
-
-    A value is used only if p.grad is still the very tensor it was taken
-    from, unmodified (same tensor, same version counter): an in-place change
-    (GradScaler.unscale_, clipping, a further backward) or a new .grad makes
-    step() measure it afresh. Not used under torch.distributed with several
-    processes, where collectives may write .grad without bumping its version.
-    """
-
-    def __init__(self, params: list[torch.Tensor]):
-        self._values: dict[int, tuple] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_accumulated)
-                         for p in params if p.numel() >= _DOT_MIN_NUMEL]
-        self.seconds = 0.0
-
-    def _on_accumulated(self, p: torch.Tensor) -> None:
-        t = time.perf_counter()
-        g = p.grad
-        v = None if g is None else _sq_norm_by_dot(g.detach())
-        if v is None:
-            self._values.pop(id(p), None)
-        else:
-            self._values[id(p)] = (weakref.ref(g), g._version, v)
-        self.seconds += time.perf_counter() - t
-
-    def get(self, p: torch.Tensor) -> torch.Tensor | None:
-        entry = self._values.pop(id(p), None)
-        if entry is None:
-            return None
-        ref, version, value = entry
-        g = p.grad
-        if g is None or ref() is not g or g._version != version:
-            return None
-        return value
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._values.clear()
 
 
 def _owner_names(model: nn.Module) -> dict[int, str]:
@@ -158,7 +98,6 @@ class GradientNoiseScale:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._owners = _owner_names(model)
         self._handles = []
-        self._fresh = _FreshGradSqNorms(self.params)
         self._own_seconds = 0.0
         self.tracker = None
         if source == "per_sample":
@@ -206,34 +145,21 @@ class GradientNoiseScale:
 
     # --------------------------------------------------------------- step
     def _grad_sq_norms(self) -> dict[str, float]:
-        """{layer: ‖.grad‖²} over the parameters each layer owns, with one
-        device-to-host copy. Reading every gradient is the estimator's main
-        cost: large float32/float64 gradients go through a BLAS dot product
-        each (the fastest reduction here), taken when backward wrote them if
-        they have not changed since (_FreshGradSqNorms); others through
-        torch._foreach_norm, which accumulates in float32."""
+        """{layer: ‖.grad‖²} over the parameters each layer owns. Reading every
+        gradient is the estimator's main cost: one call of ops.sq_norms
+        streams them all with every core, and one host copy brings the
+        results back."""
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             return {}
-        fresh = None if self._distributed_world() > 1 else self._fresh
-        sq = []
-        rest = []
+        grads = []
         for p in with_grad:
             g = p.grad.detach()
-            v = fresh.get(p) if fresh is not None else None
-            if v is None:
-                v = _sq_norm_by_dot(g)
-            if v is not None:
-                sq.append(v.double())
-            else:
-                sq.append(None)
-                rest.append(g)
-        if rest:  # small, half-precision or strided gradients: one fused call
-            it = iter(torch._foreach_norm(rest))
-            sq = [v if v is not None else next(it).double().square() for v in sq]
-        layers = [self._owners.get(id(p), "") for p in with_grad]
+            grads.append(g.coalesce().values() if g.is_sparse else g)
+        values = ops.sq_norms(grads).tolist()
         out: dict[str, float] = {}
-        for layer, v in zip(layers, torch.stack(sq).tolist()):
+        for p, v in zip(with_grad, values):
+            layer = self._owners.get(id(p), "")
             out[layer] = out.get(layer, 0.0) + v
         return out
 
@@ -246,7 +172,7 @@ class GradientNoiseScale:
     def overhead_seconds(self) -> float:
         """Seconds spent so far in this object's step() and in its gradient
         hooks: what measuring the noise scale has cost the training loop."""
-        return self._own_seconds + self._fresh.seconds
+        return self._own_seconds
 
     def _scaler_on(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
@@ -298,15 +224,14 @@ class GradientNoiseScale:
         if self.source != "per_sample":
             return  # the other sources see each backward through their hooks
         c2 = float(loss_scale) ** 2
-        per_layer = self.tracker.per_layer_sq_norms()
-        if not per_layer:
+        layers, matrix = self.tracker.per_layer_sq_norm_matrix()
+        if not layers:
             return
-        layers = list(per_layer)
         # one reduction and one device-to-host copy for every layer
-        sums = torch.stack([per_layer[n] for n in layers]).double().sum(1).tolist()
+        sums = matrix.double().sum(1).tolist()
         for layer, v in zip(layers, sums):
             self._ps_sums[layer] = self._ps_sums.get(layer, 0.0) + v / c2
-        self._ps_count += per_layer[layers[0]].numel()
+        self._ps_count += matrix.shape[1]
 
     def _per_sample_pairs(self):
         if self._ps_count == 0:  # one backward in the step, nothing added yet
@@ -314,11 +239,13 @@ class GradientNoiseScale:
         sums, count = self._ps_sums, self._ps_count
         self._ps_sums, self._ps_count = {}, 0
         layers = list(sums)
-        vec = torch.tensor([float(sums[n]) for n in layers] + [float(count)], dtype=torch.float64)
+        vec = [float(sums[n]) for n in layers] + [float(count)]
         world = self._distributed_world()
         if world > 1:
-            dist.all_reduce(vec, group=self.group)
-        N = vec[-1].item()
+            summed = torch.tensor(vec, dtype=torch.float64)
+            dist.all_reduce(summed, group=self.group)
+            vec = summed.tolist()
+        N = vec[-1]
         if N < 2:
             raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
                              "samples in a step")
@@ -328,7 +255,7 @@ class GradientNoiseScale:
         batch_div = 1.0 if self.loss_reduction == "mean" else (N / world) ** 2
         pairs = {}
         for j, layer in enumerate(layers):
-            small = vec[j].item() / N
+            small = vec[j] / N
             big = float(grads.get(layer, 0.0)) / scale / batch_div
             pairs[layer] = unbiased_sq_norm_and_trace(small, big, 1, N)
         return pairs
@@ -414,6 +341,5 @@ class GradientNoiseScale:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._fresh.close()
         if self.tracker is not None and self._owns_tracker:
             self.tracker.detach()

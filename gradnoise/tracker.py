@@ -422,6 +422,14 @@ class GradNoiseTracker:
             return {}
         return dict(zip(names, matrix.clone().unbind(0)))
 
+    def per_layer_sq_norm_matrix(self) -> tuple[list[str], torch.Tensor]:
+        """The values of per_layer_sq_norms() as (names, float32 [layers, B]),
+        row k belonging to names[k]."""
+        names, matrix = self._require_results()
+        if matrix is None:
+            return [], torch.zeros(0, 0)
+        return list(names), matrix.clone()
+
     def per_sample_sq_norms(self) -> torch.Tensor:
         """float32 [B]: ‖∇θ ℓ_i‖² over every measured parameter, last measured step."""
         names, matrix = self._require_results()

@@ -19,6 +19,7 @@ from .norm_layers import (group_norm_backward_and_sq_norms, group_norm_backward_
                           layer_norm_backward_and_sq_norms, layer_norm_backward_and_sq_norms_ref,
                           layer_norm_sq_norms,
                           layer_norm_sq_norms_ref)
+from .reductions import sq_norms, sq_norms_ref
 from .reference import linear_sq_norms_ref, linear_weight_grad_and_sq_norms_ref
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "group_norm_backward_and_sq_norms_ref",
     "layer_norm_backward_and_sq_norms",
     "layer_norm_backward_and_sq_norms_ref",
+    "sq_norms",
+    "sq_norms_ref",
 ]
 
 

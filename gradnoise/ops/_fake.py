@@ -18,6 +18,10 @@ def _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_b
 
 
 def register() -> None:
+    @torch.library.register_fake("gradnoise::sq_norms")
+    def _sq_norms_fake(tensors):
+        return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
+
     @torch.library.register_fake("gradnoise::linear_sq_norms")
     def _linear_sq_norms_fake(x, grad_out, with_bias=False, method="auto"):
         B, _, _, _ = _validate.linear_problem(x, grad_out, method)
