@@ -65,6 +65,12 @@ class GradientNoiseScale:
         process_group: for "distributed", and for "per_sample" under DDP,
             where the per-sample sums are all-reduced (default: the world).
         owns_tracker: detach the tracker on close() (default: if created here).
+        interval: measure one optimizer step in `interval` (the first of each
+            run of `interval` steps). The others cost nothing: a tracker this
+            object owns is paused (the step runs untracked), the gradient
+            hooks return at once and step() only counts. The averages advance
+            once per measured step (beta per measurement), and the cost per
+            step divides by `interval`.
 
     Call `step(batch_size)` once per optimizer step, after the last backward
     and before the gradients are zeroed or clipped. With the per-sample
@@ -76,12 +82,15 @@ class GradientNoiseScale:
     def __init__(self, model: nn.Module, source: str = "per_sample", beta: float = 0.95,
                  per_layer: bool = False, tracker: GradNoiseTracker | None = None,
                  loss_reduction: str = "mean", scaler=None, process_group=None,
-                 owns_tracker: bool | None = None):
+                 owns_tracker: bool | None = None, interval: int = 1):
         if source not in SOURCES:
             raise ValueError(f"GradientNoiseScale: `source` must be one of {SOURCES}, got {source!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"GradientNoiseScale: `loss_reduction` must be 'mean' or 'sum', "
                              f"got {loss_reduction!r}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"GradientNoiseScale: `interval` must be an integer ≥ 1 (measure one "
+                             f"step in `interval`), got {interval!r}")
         if source == "distributed" and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("GradientNoiseScale(source='distributed') needs an initialised "
                                "torch.distributed process group (init_process_group).")
@@ -99,6 +108,8 @@ class GradientNoiseScale:
         self._owners = _owner_names(model)
         self._handles = []
         self._own_seconds = 0.0
+        self.interval = interval
+        self.steps_seen = 0          # step() calls so far, measured or not
         self.tracker = None
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
@@ -123,6 +134,8 @@ class GradientNoiseScale:
             self._own_seconds += time.perf_counter() - start
 
     def _add_backward_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        if not self.measuring:
+            return
         layer = self._owners.get(id(p), "")
         if self._current is None:
             self._current = {}
@@ -169,6 +182,15 @@ class GradientNoiseScale:
         return 1
 
     @property
+    def measuring(self) -> bool:
+        """Whether the current optimizer step is one that gets measured."""
+        return self.steps_seen % self.interval == 0
+
+    def _pause_owned_tracker(self) -> None:
+        if self.tracker is not None and self._owns_tracker:
+            self.tracker.paused = not self.measuring
+
+    @property
     def overhead_seconds(self) -> float:
         """Seconds spent so far in this object's step() and in its gradient
         hooks: what measuring the noise scale has cost the training loop."""
@@ -185,15 +207,19 @@ class GradientNoiseScale:
 
     def step(self, batch_size: int | None = None) -> NoiseScale | None:
         """Update the estimates from the step just completed and return the
-        reading (None if the step was skipped for non-finite gradients).
+        reading (None if the step is not one measured, see `interval`, or was
+        skipped for non-finite gradients).
 
         batch_size: samples in this optimizer step on this process (needed
         for "micro_batch" and "distributed"; the per-sample source reads it).
         """
         start = time.perf_counter()
+        measured = self.measuring
         try:
-            return self._step(batch_size)
+            return self._step(batch_size) if measured else None
         finally:
+            self.steps_seen += 1
+            self._pause_owned_tracker()
             self._own_seconds += time.perf_counter() - start
 
     def _step(self, batch_size: int | None) -> NoiseScale | None:
@@ -221,7 +247,7 @@ class GradientNoiseScale:
         """Per-sample source: add this backward's per-sample norms. The
         tracker reports ‖c·∇ℓ_i‖² for a loss c·mean_i ℓ_i; c = loss_scale
         (including a GradScaler's scale, if any) is undone here."""
-        if self.source != "per_sample":
+        if self.source != "per_sample" or not self.measuring:
             return  # the other sources see each backward through their hooks
         c2 = float(loss_scale) ** 2
         layers, matrix = self.tracker.per_layer_sq_norm_matrix()
@@ -321,6 +347,7 @@ class GradientNoiseScale:
 
     def state_dict(self) -> dict:
         return {"source": self.source, "beta": self.beta, "skipped_steps": self.skipped_steps,
+                "interval": self.interval, "steps_seen": self.steps_seen,
                 "estimator": self.estimator.state_dict(),
                 "layers": {k: v.state_dict() for k, v in self.layer_estimators.items()}}
 
@@ -329,6 +356,9 @@ class GradientNoiseScale:
             raise ValueError(f"GradientNoiseScale.load_state_dict: state is from source "
                              f"{state['source']!r}, this object measures {self.source!r}")
         self.beta, self.skipped_steps = state["beta"], state["skipped_steps"]
+        self.interval = state.get("interval", self.interval)
+        self.steps_seen = state.get("steps_seen", 0)
+        self._pause_owned_tracker()
         self.estimator.load_state_dict(state["estimator"])
         self.layer_estimators = {}
         for k, v in state["layers"].items():

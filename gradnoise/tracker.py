@@ -117,6 +117,9 @@ class GradNoiseTracker:
         self._step: _Step | None = None
         self._results: tuple[list[str], torch.Tensor | None] | None = None
         self._suspended = False
+        #: while True, forward passes start no measurement: the step runs as
+        #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
+        self.paused = False
         self._check_batchnorm()
         self._plan()
         self.attach()
@@ -239,6 +242,9 @@ class GradNoiseTracker:
     def _on_model_forward(self, model, args) -> None:
         # A model may keep some submodules (e.g. BatchNorm) in eval mode while
         # the rest trains: the step is measured if any tracked module trains.
+        if self.paused:
+            self._step = None
+            return
         if (torch.is_grad_enabled() and not self._suspended
                 and not torch._C._are_functorch_transforms_active()
                 and (model.training or any(t.module.training for t in self._tracked))):

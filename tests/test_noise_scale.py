@@ -156,6 +156,54 @@ def test_loss_scaling_does_not_change_b_simple():
     assert results[2] == pytest.approx(results[0], rel=1e-9)
 
 
+@pytest.mark.parametrize("source", ["per_sample", "micro_batch"])
+def test_interval_measures_one_step_in_k_and_the_rest_cost_nothing(source):
+    """interval=3 over 9 steps reads exactly what interval=1 reads over steps
+    0, 3 and 6; between them the owned tracker is paused (untracked steps) and
+    the hooks do nothing; the counter survives state_dict."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(12, 5, generator=gen), torch.randn(12, 2, generator=gen))
+               for _ in range(9)]
+
+    def run(interval, steps):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+        gns = GradientNoiseScale(model, source=source, per_layer=True, interval=interval)
+        readings = []
+        for t in steps:
+            x, y = batches[t]
+            model.zero_grad()
+            if source == "per_sample":
+                assert gns.tracker.paused == (not gns.measuring)
+                (model(x) - y).square().mean().backward()
+            else:
+                for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                    ((model(xs) - ys).square().mean() / 2).backward()
+                if not gns.measuring:
+                    assert gns._micro == []           # the hooks did nothing
+            readings.append(gns.step(12))
+        return gns, readings
+
+    every3, r3 = run(3, range(9))
+    every1, r1 = run(1, [0, 3, 6])
+    assert [r is None for r in r3] == [t % 3 != 0 for t in range(9)]
+    assert [r.b_simple for r in r3 if r is not None] == [r.b_simple for r in r1]
+    assert every3.read() == every1.read()
+    assert every3.read_layers() == every1.read_layers()
+    assert every3.steps_seen == 9 and every3.read().steps == 3
+    state = every3.state_dict()
+    torch.manual_seed(0)
+    fresh = GradientNoiseScale(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)),
+                               source=source, interval=3)
+    fresh.steps_seen = 4
+    fresh.load_state_dict(state)
+    assert fresh.steps_seen == 9 and fresh.measuring
+    if source == "per_sample":
+        assert not fresh.tracker.paused
+    with pytest.raises(ValueError, match="interval"):
+        GradientNoiseScale(nn.Linear(2, 2), source=source, interval=0)
+
+
 def test_per_layer_estimates_and_non_finite_steps_are_skipped():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
