@@ -56,6 +56,9 @@ def linear_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool = F
     Li et al. 2021), "fused" (per-sample GEMM tiles, squared in registers) or
     "auto" (cheapest by the cost model, decided on every call).
     Accumulates in float32 (float64 for float64 input) and returns that dtype.
+    "ghost" sums products of Gram-matrix entries, so its error is relative to
+    Σ_ts |x_t·x_s||dy_t·dy_s| rather than to the result: for a sample whose
+    gradient nearly cancels over its T positions, "fused" is more accurate.
     """
     _validate.linear_problem(x, grad_out, method)
     be = resolve_backend(x.device, backend)
