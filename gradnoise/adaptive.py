@@ -664,6 +664,10 @@ class AdaptiveBatch:
             step() runs scaler.step/update. A step it skips (inf/nan
             gradients) counts its samples but not as an optimizer step.
         beta: EMA factor of the noise-scale estimates.
+        noise_interval: measure the noise scale on one optimizer step in k
+            (GradientNoiseScale(interval=k)): the steps between run without
+            any measurement, the estimate (and so the batch and LR decisions)
+            moves once per measured step.
         max_steps, max_samples, max_epochs: when iterating the controller
             itself: stop at the first step boundary where one is reached.
             Without any, `for batch in controller` runs to the end of the
@@ -713,6 +717,7 @@ class AdaptiveBatch:
                  schedule=None, memory_budget: int | None = None, seed: int = 0,
                  collate_fn: Callable | None = None, log_path: str | os.PathLike | None = None,
                  tensorboard_dir: str | os.PathLike | None = None, scaler=None, beta: float = 0.95,
+                 noise_interval: int = 1,
                  max_steps: int | None = None, max_samples: int | None = None,
                  max_epochs: int | None = None):
         if not isinstance(model, nn.Module):
@@ -764,6 +769,7 @@ class AdaptiveBatch:
                              f"{hysteresis!r}")
         if not (isinstance(beta, float) or isinstance(beta, int)) or not 0 <= beta < 1:
             raise ValueError(f"AdaptiveBatch: `beta` must be in [0, 1), got {beta!r}")
+        _positive_int("noise_interval", noise_interval)
         for name, value in (("max_steps", max_steps), ("max_samples", max_samples),
                             ("max_epochs", max_epochs)):
             _positive_int(name, value, allow_none=True)
@@ -813,7 +819,7 @@ class AdaptiveBatch:
 
         # ----- noise source
         self.noise, self.noise_source, self.noise_source_reason = self._resolve_noise(
-            noise_source, beta)
+            noise_source, beta, noise_interval)
         needs_two = getattr(self.noise, "source", None) == "micro_batch"
         self._min_micro_batches = 2 if needs_two else 1
         bn = _batchnorm_training(self.module)
@@ -900,7 +906,7 @@ class AdaptiveBatch:
                              f"{log_path!r}")
         return log_path
 
-    def _resolve_noise(self, noise_source, beta):
+    def _resolve_noise(self, noise_source, beta, interval):
         """(object, name, reason) of the noise-scale source."""
         from .noise_scale import GradientNoiseScale
         from .tracker import GradNoiseTracker
@@ -945,10 +951,11 @@ class AdaptiveBatch:
         if name == "per_sample":
             noise = GradientNoiseScale(self.module, source="per_sample", beta=beta,
                                        tracker=tracker, scaler=self.scaler,
-                                       process_group=self._group, owns_tracker=True)
+                                       process_group=self._group, owns_tracker=True,
+                                       interval=interval)
         else:
             noise = GradientNoiseScale(self.module, source=name, beta=beta, scaler=self.scaler,
-                                       process_group=self._group)
+                                       process_group=self._group, interval=interval)
         return noise, name, reason
 
     def _open_tensorboard(self, directory):

@@ -390,6 +390,35 @@ def test_per_sample_source_matches_gradient_noise_scale_with_accumulation():
         assert r.trace == pytest.approx(ref.trace, rel=1e-5)
 
 
+def test_noise_interval_measures_one_step_in_k():
+    """noise_interval=3: the estimate moves on steps 1, 4 and 7 of 9 and reads
+    what GradientNoiseScale reads from those three steps' batches alone."""
+    n, B = 96, 16
+    c, model, _ = make(n=n, lr=0.0, initial_batch=B, micro_batch=B, max_batch=B,
+                       lr_rule="none", noise_interval=3)
+    assert c.noise_source == "per_sample" and c.noise.interval == 3
+    moved = []
+    train(c, model, c.run(max_steps=9), on_step=lambda: moved.append(c.noise.estimator.steps))
+    assert moved == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    torch.manual_seed(0)
+    reference_model = nn.Linear(3, 1)
+    ds = index_dataset(n)
+    gns = GradientNoiseScale(reference_model, source="per_sample")
+    sampler = EpochSampler(n, seed=0)
+    for k in range(9):
+        _, idx = sampler.take(B)
+        if k % 3:
+            continue
+        x, y, _ = ds[idx]
+        reference_model.zero_grad()
+        F.mse_loss(reference_model(x), y).backward()
+        gns.step()
+    ref, got = gns.read(), c.noise.read()
+    assert got.steps == ref.steps == 3
+    assert got.b_simple == pytest.approx(ref.b_simple, rel=1e-5)
+    assert got.sq_norm == pytest.approx(ref.sq_norm, rel=1e-5)
+
+
 class BNNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -474,6 +503,7 @@ class _Stream(IterableDataset):
     ({"hysteresis": -0.1}, ValueError, "`hysteresis`"),
     ({"critical_factor": 0}, ValueError, "`critical_factor`"),
     ({"beta": 1.0}, ValueError, "`beta`"),
+    ({"noise_interval": 0}, ValueError, "`noise_interval` must be a positive integer"),
     ({"n": 1}, ValueError, "the dataset has 1 samples"),
 ])
 def test_bad_configuration_is_rejected(kw, exc, match):
