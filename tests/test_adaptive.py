@@ -361,6 +361,26 @@ def test_leaving_the_loop_mid_step_resumes_the_step():
 
 
 # ----------------------------------------------------------- noise sources
+def reference_noise_scale(n, B, steps, measured=lambda k: True):
+    """GradientNoiseScale's reading of the batches the controller of `make`
+    draws over `steps` steps (fixed model: lr = 0), fed only the steps k with
+    measured(k)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ds = index_dataset(n)
+    gns = GradientNoiseScale(model, source="per_sample")
+    sampler = EpochSampler(n, seed=0)
+    for k in range(steps):
+        _, idx = sampler.take(B)
+        if not measured(k):
+            continue
+        x, y, _ = ds[idx]
+        model.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        gns.step()
+    return gns.read()
+
+
 def test_per_sample_source_matches_gradient_noise_scale_with_accumulation():
     """The controller's per-sample source, with 1 and with 4 micro-batches per
     step, against GradientNoiseScale on the same batches (lr = 0: fixed model)."""
@@ -372,18 +392,7 @@ def test_per_sample_source_matches_gradient_noise_scale_with_accumulation():
         assert c.noise_source == "per_sample"
         train(c, model, c.run(max_steps=6))
         readings.append(c.noise.read())
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    ds = index_dataset(n)
-    gns = GradientNoiseScale(model, source="per_sample")
-    sampler = EpochSampler(n, seed=0)
-    for _ in range(6):
-        _, idx = sampler.take(B)
-        x, y, _ = ds[idx]
-        model.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        gns.step()
-    ref = gns.read()
+    ref = reference_noise_scale(n, B, steps=6)
     for r in readings:
         assert r.b_simple == pytest.approx(ref.b_simple, rel=1e-5)
         assert r.sq_norm == pytest.approx(ref.sq_norm, rel=1e-5)
@@ -400,20 +409,7 @@ def test_noise_interval_measures_one_step_in_k():
     moved = []
     train(c, model, c.run(max_steps=9), on_step=lambda: moved.append(c.noise.estimator.steps))
     assert moved == [1, 1, 1, 2, 2, 2, 3, 3, 3]
-    torch.manual_seed(0)
-    reference_model = nn.Linear(3, 1)
-    ds = index_dataset(n)
-    gns = GradientNoiseScale(reference_model, source="per_sample")
-    sampler = EpochSampler(n, seed=0)
-    for k in range(9):
-        _, idx = sampler.take(B)
-        if k % 3:
-            continue
-        x, y, _ = ds[idx]
-        reference_model.zero_grad()
-        F.mse_loss(reference_model(x), y).backward()
-        gns.step()
-    ref, got = gns.read(), c.noise.read()
+    ref, got = reference_noise_scale(n, B, steps=9, measured=lambda k: k % 3 == 0), c.noise.read()
     assert got.steps == ref.steps == 3
     assert got.b_simple == pytest.approx(ref.b_simple, rel=1e-5)
     assert got.sq_norm == pytest.approx(ref.sq_norm, rel=1e-5)
