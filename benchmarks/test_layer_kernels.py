@@ -36,7 +36,7 @@ def test_conv(benchmark, shape, name):
     w = torch.randn(O, C, 3, 3, generator=gen) * 0.1
     g = torch.randn(B, O, (H - 1) // stride + 1, (H - 1) // stride + 1, generator=gen)
 
-    def torch_grad():
+    def torch_grad(x=x, g=g, w=w):
         return torch.ops.aten.convolution_backward(g, x, w, [O], [stride] * 2, [1, 1], [1, 1],
                                                    False, [0, 0], 1, [False, True, True])
 
@@ -46,9 +46,14 @@ def test_conv(benchmark, shape, name):
     result = benchmark.pedantic(torch_grad if name.startswith("torch") else fused, rounds=7,
                                 warmup_rounds=1)
     if not name.startswith("torch"):
-        _, gw, gb = torch_grad()
-        torch.testing.assert_close(result[0], gw, rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(result[1], gb, rtol=1e-4, atol=1e-3)
+        # Against float64 truth: a float32 sum of B·H'·W' products is off by a
+        # fraction of ε·Σ|terms| (torch's own float32 result by up to ~0.8 of it
+        # here), so that is the scale of the check, not torch's float32 result.
+        _, gw, gb = torch_grad(x.double(), g.double(), w.double())
+        _, gw_mag, gb_mag = torch_grad(x.double().abs(), g.double().abs(), w.double())
+        eps = torch.finfo(torch.float32).eps
+        assert bool(((result[0].double() - gw).abs() <= 0.25 * eps * gw_mag).all())
+        assert bool(((result[1].double() - gb).abs() <= 0.25 * eps * gb_mag).all())
         assert result[2].shape == (B,) and bool((result[2] > 0).all())
 
 
