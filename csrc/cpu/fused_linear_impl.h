@@ -9,7 +9,7 @@
 //     C      = Σ_i G_i,       G_i = dY_iᵀ X_i   (the weight gradient, [p, d])
 //     n_i   += ‖G_i‖²_F                          (per-sample squared norm)
 // G_i is never stored: C is cut into tiles that stay in L2; for each tile the
-// samples are visited in order and a sample's contribution to a 6×(2 vectors)
+// samples are visited in order and a sample's contribution to an MR×(2 vectors)
 // block is summed in registers over that sample's T rows. At the sample
 // boundary the registers are added into C and their squares into n_i, so the
 // norm costs one fma per weight-gradient element per sample (1/T of the GEMM).
@@ -25,9 +25,12 @@ template <typename T>
 struct FusedKernel {
   using V = typename VecOf<T>::type;
   static constexpr int L = GN_VEC_BYTES / sizeof(T);  // lanes per vector
-  static constexpr int MR = 6;                        // rows of C per block
+  // Rows of C per block: 8×2 accumulators of 32 AVX-512 registers; 6×2 of
+  // 16 registers below (the B vectors and A broadcasts need the rest).
+  static constexpr int MR = GN_VEC_BYTES == 64 ? 8 : 6;
   static constexpr int NV = 2;                        // vectors per block row
   static constexpr int NR = NV * L;                   // columns of C per block
+  static_assert(MR % 2 == 0, "the norm epilogue sums rows in pairs");
 
   static inline V load(const T* p) {
     V v;
@@ -44,6 +47,9 @@ struct FusedKernel {
 
   // One MR×NR block of one sample's chunk: acc = Σ_k A[k]ᵀ B[k], with
   // A packed [kc][MR] (rows of dY) and B packed [kc][NR] (rows of X).
+  // `A_next` is the A strip of the block that follows: it is fetched into L1
+  // during this block (one line per few k), so that the next block does not
+  // wait on L2 for each of its lines.
   //   carry_in:  start from the block saved in `carry` (earlier chunk)
   //   carry_out: save to `carry` and stop (more chunks of this sample follow)
   //   otherwise: norm += acc² (lanes summed later) and, unless `sum` is null,
@@ -52,7 +58,8 @@ struct FusedKernel {
   // columns beyond the edge of C were packed as zeros and stay zero.
   static inline void block(int64_t kc, const T* __restrict A, const T* __restrict Bp,
                            T* __restrict carry, bool carry_in, bool carry_out,
-                           T* __restrict sum, bool first_sample, V& norm) {
+                           T* __restrict sum, bool first_sample, V& norm,
+                           const T* A_next) {
     V acc[MR][NV];
     if (carry_in) {
 #pragma GCC unroll 8
@@ -76,6 +83,7 @@ struct FusedKernel {
       const V b0 = load(Bp + k * NR);
       const V b1 = load(Bp + k * NR + L);
       const T* a = A + k * MR;
+      __builtin_prefetch(A_next + k * MR, 0, 3);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         acc[r][0] += a[r] * b0;
@@ -93,7 +101,11 @@ struct FusedKernel {
     V sq[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) sq[r] = acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
-    norm += (sq[0] + sq[1]) + (sq[2] + sq[3]) + (sq[4] + sq[5]);
+#pragma GCC unroll 8
+    for (int r = 1; r < MR; r += 2) sq[r - 1] += sq[r];
+#pragma GCC unroll 8
+    for (int r = 2; r < MR; r += 2) sq[0] += sq[r];
+    norm += sq[0];
     if (sum == nullptr) return;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -315,22 +327,31 @@ struct FusedKernel {
 
   // Pack rows [r0, r1) of `src` ([rows, n] with row stride `ld`) into strips
   // of W columns: out[strip][row][W] with `rows_total` rows per strip,
-  // zero-padded to whole strips. Strips [s0, s1) only. Rows go in blocks
-  // small enough to stay in L1 while every strip takes its piece of them, so
-  // that each source line is fetched once and each strip is written in order.
+  // zero-padded to whole strips. Strips [s0, s1) only. Rows go in blocks of
+  // 64: the source block stays in L2 while every strip takes its piece of it,
+  // so each source line is fetched from memory once, and each strip is
+  // written in runs of whole cache lines (shorter runs cost a read of every
+  // destination line they only partly fill).
   template <int W, typename in_t>
   static void pack_strips(const in_t* __restrict src, int64_t ld, int64_t n, int64_t r0,
                           int64_t r1, int64_t rows_total, int64_t s0, int64_t s1,
                           T* __restrict out) {
-    const int64_t row_bytes = (n > 0 ? n : 1) * static_cast<int64_t>(sizeof(in_t));
-    int64_t block = (16 << 10) / row_bytes;
-    block = block < 4 ? 4 : (block > 64 ? 64 : block);
+    constexpr int64_t block = 64;
     const int64_t full = n / W < s1 ? n / W : s1;  // strips with W valid columns
     for (int64_t rb = r0; rb < r1; rb += block) {
       const int64_t re = rb + block < r1 ? rb + block : r1;
       for (int64_t s = s0; s < s1; ++s) {
         T* o = out + s * rows_total * W;
         const in_t* base = src + s * W;
+        if constexpr (std::is_same_v<in_t, T>) {
+          if (s < full) {
+            // A fixed-size copy compiles to a few vector moves (the loop
+            // below would become a call to memmove per row).
+            for (int64_t r = rb; r < re; ++r)
+              __builtin_memcpy(o + r * W, base + r * ld, W * sizeof(T));
+            continue;
+          }
+        }
         if (s < full) {
           for (int64_t r = rb; r < re; ++r) {
             const in_t* row = base + r * ld;
@@ -391,9 +412,10 @@ void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64
             const T* bstrip = pb + ((jc / K::NR + js) * rows + row0) * K::NR;
             for (int64_t is = 0; is < m_strips; ++is) {
               const T* astrip = pa + ((ic / K::MR + is) * rows + row0) * K::MR;
+              const T* anext = pa + ((ic / K::MR + (is + 1 < m_strips ? is + 1 : 0)) * rows + row0) * K::MR;
               const int64_t b = js * m_strips + is;
               K::block(kc, astrip, bstrip, carry + b * kBlock, carry_in, carry_out,
-                       C == nullptr ? nullptr : tile_sum + b * kBlock, i == 0, norm_i);
+                       C == nullptr ? nullptr : tile_sum + b * kBlock, i == 0, norm_i, anext);
             }
           }
         }
