@@ -205,11 +205,7 @@ struct FusedKernel {
     // Copies `len` columns starting at column `col` of packed row r.
     auto put = [&](int64_t r, int64_t col, const in_t* src, int64_t len) {
       if (buffered) {
-        T* o = row_out + col;
-        if (src != nullptr)
-          for (int64_t q = 0; q < len; ++q) o[q] = static_cast<T>(src[q]);
-        else
-          for (int64_t q = 0; q < len; ++q) o[q] = T(0);
+        copy_run(row_out + col, src, len);
         return;
       }
       while (len > 0) {
@@ -228,7 +224,8 @@ struct FusedKernel {
     int64_t b = (row0 + r0) / T_len, t = (row0 + r0) % T_len;
     int64_t o2 = t % cg.out[2], o1 = t / cg.out[2] % cg.out[1], o0 = t / cg.out[2] / cg.out[1];
     for (int64_t r = r0; r < r1; ++r) {
-      row_out = row_buf;
+      // One strip: its row is the packed row itself.
+      row_out = n_strips == 1 ? out + r * W : row_buf;
       const in_t* img = data + b * ld;
       const int64_t z0 = o0 * cg.stride[0] - cg.padding[0];
       const int64_t y0 = o1 * cg.stride[1] - cg.padding[1];
@@ -255,12 +252,9 @@ struct FusedKernel {
         }
       }
       if (col < n_strips * W) put(r, col, nullptr, n_strips * W - col);
-      if (buffered)
-        for (int64_t s = 0; s < n_strips; ++s) {
-          T* o = out + (s * rows_total + r) * W;
-#pragma GCC unroll 16
-          for (int j = 0; j < W; ++j) o[j] = row_buf[s * W + j];
-        }
+      if (buffered && n_strips > 1)
+        for (int64_t s = 0; s < n_strips; ++s)
+          copy_run(out + (s * rows_total + r) * W, row_buf + s * W, W);
       if (++o2 == cg.out[2]) {
         o2 = 0;
         if (++o1 == cg.out[1]) {
@@ -273,6 +267,34 @@ struct FusedKernel {
       }
     }
     (void)n;
+  }
+
+  // dst[q] = src[q] (zeros if src is null) for q < len. Runs are short (a
+  // kernel row's taps of a few channels): whole vectors, then one masked
+  // vector for the rest, rather than calls to memcpy or memset.
+  template <typename in_t>
+  static inline void copy_run(T* __restrict dst, const in_t* __restrict src, int64_t len) {
+    int64_t q = 0;
+    if constexpr (std::is_same_v<in_t, T>) {
+      if (src != nullptr)
+        for (; q + L <= len; q += L) store(dst + q, load(src + q));
+      else
+        for (; q + L <= len; q += L) store(dst + q, V{});
+    }
+#if GN_VEC_BYTES == 64
+    if constexpr (std::is_same_v<in_t, float> && std::is_same_v<T, float>) {
+      if (q < len) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (len - q)) - 1);
+        _mm512_mask_storeu_ps(dst + q, m,
+                              src != nullptr ? _mm512_maskz_loadu_ps(m, src + q) : _mm512_setzero_ps());
+      }
+      return;
+    }
+#endif
+    if (src != nullptr)
+      for (; q < len; ++q) dst[q] = static_cast<T>(src[q]);
+    else
+      for (; q < len; ++q) dst[q] = T(0);
   }
 
   // dst[q·channels + c] = src[c·cs + q] for pixels q in [q0, q1): one
