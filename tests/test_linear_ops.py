@@ -132,7 +132,10 @@ def test_norms_and_grad_match_torch_func(variant, shape_x, p, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape_x,p", [((5, 3, 17), 11), ((3, 300, 40), 21), ((9, 24), 37)])
+# p = 24: the fused CPU kernel reads float32/float64 dY in place (whole
+# register-block rows), half-precision dY is packed (converted).
+@pytest.mark.parametrize("shape_x,p", [((5, 3, 17), 11), ((3, 300, 40), 21), ((9, 24), 37),
+                                       ((4, 37, 20), 24)])
 def test_dtypes(variant, dtype, shape_x, p):
     x, grad_out = _inputs(shape_x, p, dtype)
     truth = linear_sq_norms_truth(x, grad_out, True)

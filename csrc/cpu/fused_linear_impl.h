@@ -46,7 +46,8 @@ struct FusedKernel {
   }
 
   // One MR×NR block of one sample's chunk: acc = Σ_k A[k]ᵀ B[k], with
-  // A packed [kc][MR] (rows of dY) and B packed [kc][NR] (rows of X).
+  // A [kc][MR] at row stride `lda` (rows of dY: packed, lda = MR, or read
+  // in place) and B packed [kc][NR] (rows of X).
   // `A_next` is the A strip of the block that follows: it is fetched into L1
   // during this block (one line per few k), so that the next block does not
   // wait on L2 for each of its lines.
@@ -59,7 +60,7 @@ struct FusedKernel {
   static inline void block(int64_t kc, const T* __restrict A, const T* __restrict Bp,
                            T* __restrict carry, bool carry_in, bool carry_out,
                            T* __restrict sum, bool first_sample, V& norm,
-                           const T* A_next) {
+                           const T* A_next, int64_t lda) {
     V acc[MR][NV];
     if (carry_in) {
 #pragma GCC unroll 8
@@ -82,8 +83,8 @@ struct FusedKernel {
     for (int64_t k = 0; k < kc; ++k) {
       const V b0 = load(Bp + k * NR);
       const V b1 = load(Bp + k * NR + L);
-      const T* a = A + k * MR;
-      __builtin_prefetch(A_next + k * MR, 0, 3);
+      const T* a = A + k * lda;
+      __builtin_prefetch(A_next + k * lda, 0, 3);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         acc[r][0] += a[r] * b0;
@@ -400,7 +401,9 @@ struct FusedBlocking {
 
 // One thread's share: rows [r0, r1) × columns [c0, c1) of C (multiples of
 // MR and NR, except at the edges of C), all samples. Reads the packed
-// operands: pa [ceil(p/MR)][B·T][MR] (dY) and pb [ceil(d/NR)][B·T][NR] (X).
+// operands: pa [ceil(p/MR)][B·T][MR] (dY) and pb [ceil(d/NR)][B·T][NR] (X);
+// or, if `dy_rows` is given, dY in place from it ([B·T, p] row-major, p a
+// multiple of MR) instead of pa.
 // A tile of C is summed in `tile_sum` (packed blocks, so that each block is
 // a few adjacent cache lines in L2) and written to C (added to it when
 // `add_to_C`: an earlier group of samples is there) when its samples are done.
@@ -409,10 +412,15 @@ template <typename T>
 void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64_t p,
                        int64_t d, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* C,
                        double* norms, const FusedBlocking& blk, T* tile_sum, T* carry,
-                       bool add_to_C) {
+                       bool add_to_C, const T* dy_rows) {
   using K = FusedKernel<T>;
   constexpr int64_t kBlock = K::MR * K::NR;
   const int64_t rows = B * T_len;  // rows of each packed strip
+  const int64_t lda = dy_rows != nullptr ? p : K::MR;
+  // Row `row` of A strip `strip` (strips of MR rows of C).
+  auto a_strip = [&](int64_t strip, int64_t row) {
+    return dy_rows != nullptr ? dy_rows + row * p + strip * K::MR : pa + (strip * rows + row) * K::MR;
+  };
   const int64_t nchunks = T_len <= blk.kc ? 1 : (T_len + blk.kc - 1) / blk.kc;
   const int64_t chunk = (T_len + nchunks - 1) / nchunks;
   for (int64_t jc = c0; jc < c1; jc += blk.nc) {
@@ -433,11 +441,11 @@ void fused_linear_slab(const T* pa, const T* pb, int64_t B, int64_t T_len, int64
           for (int64_t js = 0; js < n_strips; ++js) {
             const T* bstrip = pb + ((jc / K::NR + js) * rows + row0) * K::NR;
             for (int64_t is = 0; is < m_strips; ++is) {
-              const T* astrip = pa + ((ic / K::MR + is) * rows + row0) * K::MR;
-              const T* anext = pa + ((ic / K::MR + (is + 1 < m_strips ? is + 1 : 0)) * rows + row0) * K::MR;
+              const T* astrip = a_strip(ic / K::MR + is, row0);
+              const T* anext = a_strip(ic / K::MR + (is + 1 < m_strips ? is + 1 : 0), row0);
               const int64_t b = js * m_strips + is;
               K::block(kc, astrip, bstrip, carry + b * kBlock, carry_in, carry_out,
-                       C == nullptr ? nullptr : tile_sum + b * kBlock, i == 0, norm_i, anext);
+                       C == nullptr ? nullptr : tile_sum + b * kBlock, i == 0, norm_i, anext, lda);
             }
           }
         }
