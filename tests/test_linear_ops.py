@@ -189,6 +189,29 @@ def test_thread_counts(variant, threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("p", [24, 29])
+def test_samples_split_among_threads(variant, threads, p):
+    # Small weight gradient, several samples per thread: the CPU kernel gives
+    # each thread its own samples and copy of C (13 = uneven shares); p = 24
+    # reads dY in place, p = 29 packs it.
+    x, grad_out = _inputs((13, 7, 37), p)
+    truth = linear_sq_norms_truth(x, grad_out, True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, grad_out, True, "fused",
+                                                            backend=variant)
+        only = ops.linear_sq_norms(x, grad_out, True, "fused", backend=variant)
+    finally:
+        torch.set_num_threads(old)
+    _check_norms(norms, truth, torch.float32)
+    _check_norms(only, truth, torch.float32)
+    _check_grad(gw, x, grad_out, torch.float32)
+    torch.testing.assert_close(gb.double(), grad_out.double().reshape(-1, p).sum(0),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_non_contiguous_and_transposed_inputs(variant):
     g = torch.Generator().manual_seed(3)
     # [T, B, d] storage viewed as [B, T, d]: rows of a sample are not adjacent

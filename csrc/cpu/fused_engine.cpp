@@ -64,6 +64,30 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
+// Per-thread scratch of the sample-split driver, kept between calls: it is
+// small (within L2 per buffer), and allocating it afresh on every call of a
+// small problem costs page faults comparable to the work.
+enum class ThreadScratch { kPacked, kRelaid, kTile, kCopyOfC, kCount };
+
+void* thread_scratch(ThreadScratch use, size_t bytes) {
+  struct Buffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(ptr); }
+  };
+  thread_local Buffer buffers[static_cast<int>(ThreadScratch::kCount)];
+  Buffer& b = buffers[static_cast<int>(use)];
+  if (b.bytes < bytes) {
+    std::free(b.ptr);
+    b.ptr = nullptr;
+    b.bytes = 0;
+    TORCH_CHECK(posix_memalign(&b.ptr, 64, std::max<size_t>(bytes, 64)) == 0,
+                "gradnoise: out of memory allocating ", bytes, " bytes of kernel scratch");
+    b.bytes = bytes;
+  }
+  return b.ptr;
+}
+
 // How the output C [p, d] is cut among threads and into cache tiles.
 struct FusedPlan {
   int64_t slabs;        // one per thread
@@ -71,14 +95,20 @@ struct FusedPlan {
   int64_t mc, nc, kc;   // tile rows, tile columns, reduction chunk
 };
 
+// Largest weight gradient (bytes) for which each thread keeps its own copy
+// and the samples are split among threads (run_fused_by_samples).
+constexpr int64_t kByThreadCopyBytes = 256 << 10;
+
+int64_t l2_bytes() { return cache_bytes(_SC_LEVEL2_CACHE_SIZE, 512 * 1024); }
+
 // Block sizes from the cache sizes and the shape: the B micro-panel
 // (kc × NR) fits half of L1; the C tile, its carry scratch and the packed
 // panels fit in L2; slabs split C into equal parts, one per thread.
-FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t mr, int64_t nr) {
+FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t mr, int64_t nr,
+                     int64_t threads) {
   const int64_t l1 = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32 * 1024);
-  const int64_t l2 = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 512 * 1024);
+  const int64_t l2 = l2_bytes();
   FusedPlan plan{};
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Split the dimension that gives every thread whole register blocks.
   const int64_t col_blocks = ceil_div(d, nr), row_blocks = ceil_div(p, mr);
   plan.split_columns = col_blocks >= threads && (col_blocks % threads == 0 ||
@@ -107,11 +137,107 @@ FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t 
   return plan;
 }
 
+// The geometry of a channels-first convolution input made channels-last.
+ConvGeometry channels_last(const ConvGeometry& cg) {
+  ConvGeometry last = cg;
+  last.channel_stride = 1;
+  last.pixel_stride = cg.channels;
+  return last;
+}
+
+// Samples split among threads, for a weight gradient small enough that each
+// thread can hold its own copy (a convolution's, typically: few weights,
+// many positions per sample). Each thread packs a few of its samples at a
+// time into buffers that stay in its L2, runs the register kernel over the
+// whole of C for them, and moves on; the copies of C are summed at the end.
+// Against splitting C among threads, nothing is packed through the shared
+// cache, there is no barrier between packing and computing, and every
+// thread gets an equal share of the work however C divides.
+template <typename Kern, typename in_t, typename T>
+void run_fused_by_samples(const OperandSource& x, const OperandSource& g, int64_t B,
+                          int64_t T_len, int64_t d, int64_t p, T* C, double* norms) {
+  using K = typename Kern::template Kernel<T>;
+  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, /*threads=*/1);
+  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
+  const bool dy_in_place = std::is_same_v<in_t, T> && g.kind == OperandSource::Kind::kRows &&
+                           g.ld == p && p % K::MR == 0 && b_strips <= 8;
+  const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
+  const ConvGeometry last = relayout ? channels_last(*x.conv) : ConvGeometry{};
+  const int64_t image = relayout ? last.channels * last.in[0] * last.in[1] * last.in[2] : 0;
+  const int64_t row_bytes =
+      ((dy_in_place ? 0 : a_strips * K::MR) + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
+  const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
+  // A group's packed samples take at most a quarter of L2 (the tile of C
+  // and its scratch take half).
+  const int64_t group = std::max<int64_t>(1, std::min(B, l2_bytes() / 4 / sample_bytes));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  const size_t c_elems = C != nullptr ? static_cast<size_t>(p * d) : 0;
+  // Thread t > 0 sums its samples into its own copy of C (overwritten by its
+  // first group), added to C at the end.
+  std::vector<T*> copies(static_cast<size_t>(threads), nullptr);
+  const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
+  std::fill(norms, norms + B, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    // Shares t0..t1-1 are one run of samples, summed into one copy of C
+    // (share 0's is C itself).
+    const int64_t s0 = B * t0 / threads, s1 = B * t1 / threads;
+    typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
+    T* pa = static_cast<T*>(thread_scratch(ThreadScratch::kPacked, row_bytes * group * T_len));
+    T* pb = dy_in_place ? pa : pa + a_strips * K::MR * group * T_len;
+    void* relaid = relayout ? thread_scratch(ThreadScratch::kRelaid, group * image * sizeof(in_t))
+                            : nullptr;
+    T* tile_sum = static_cast<T*>(thread_scratch(ThreadScratch::kTile, 2 * tile_elems * sizeof(T)));
+    T* carry = tile_sum + tile_elems;
+    T* Ct = C;
+    if (C != nullptr && t0 > 0)
+      Ct = copies[static_cast<size_t>(t0)] =
+          static_cast<T*>(thread_scratch(ThreadScratch::kCopyOfC, c_elems * sizeof(T)));
+    for (int64_t i0 = s0; i0 < s1; i0 += group) {
+      const int64_t n = std::min(group, s1 - i0), rows = n * T_len;
+      OperandSource xs = x;
+      int64_t x_row0 = i0 * T_len;
+      if (relayout) {
+        const in_t* src = static_cast<const in_t*>(x.data) + i0 * x.ld;
+        in_t* dst = static_cast<in_t*>(relaid);
+        for (int64_t b = 0; b < n; ++b)
+          K::template to_channels_last<in_t>(src + b * x.ld, x.conv->channel_stride,
+                                             last.channels, 0, image / last.channels,
+                                             dst + b * image);
+        xs = OperandSource{OperandSource::Kind::kPatches, relaid, image, &last};
+        x_row0 = 0;
+      }
+      if (!dy_in_place)
+        K::template pack<K::MR, in_t>(g, T_len, i0 * T_len, p, 0, rows, rows, a_strips, pa);
+      K::template pack<K::NR, in_t>(xs, T_len, x_row0, d, 0, rows, rows, b_strips, pb);
+      const T* dy_rows = dy_in_place ? static_cast<const T*>(g.data) + i0 * T_len * p : nullptr;
+      Kern::slab(pa, pb, n, T_len, p, d, 0, p, 0, d, Ct, norms + i0, blk, tile_sum, carry,
+                 /*add=*/i0 > s0, dy_rows);
+    }
+  });
+  if (C == nullptr || threads == 1) return;
+  at::parallel_for(0, static_cast<int64_t>(c_elems), 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t t = 1; t < threads; ++t) {
+      const T* src = copies[static_cast<size_t>(t)];
+      if (src == nullptr) continue;  // its samples went with an earlier share
+      for (int64_t e = e0; e < e1; ++e) C[e] += src[e];
+    }
+  });
+}
+
 template <typename Kern, typename in_t, typename T>
 void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_t T_len,
                int64_t d, int64_t p, T* C, double* norms, int64_t scratch_bytes) {
   using K = typename Kern::template Kernel<T>;
-  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // A copy of C per thread costs little next to the samples' work when C is
+  // small and every thread has several samples, each of which packs into a
+  // quarter of L2.
+  const int64_t packed_sample =
+      (ceil_div(p, K::MR) * K::MR + ceil_div(d, K::NR) * K::NR) * T_len * static_cast<int64_t>(sizeof(T));
+  if (B >= 4 * threads && p * d * static_cast<int64_t>(sizeof(T)) <= kByThreadCopyBytes &&
+      packed_sample <= l2_bytes() / 4)
+    return run_fused_by_samples<Kern, in_t, T>(x, g, B, T_len, d, p, C, norms);
+  const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, threads);
   const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
   // dY is read in place, not packed, when its rows are already what the
   // register kernel reads (whole MR-wide pieces of contiguous rows in the
@@ -132,14 +258,9 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
   // time (the patch packer reads a tap's channels as one run), so no copy of
   // the whole input is ever held.
   const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
-  ConvGeometry last{};
-  int64_t image = 0;  // elements of one relaid sample
-  if (relayout) {
-    last = *x.conv;
-    image = last.channels * last.in[0] * last.in[1] * last.in[2];
-    last.channel_stride = 1;
-    last.pixel_stride = last.channels;
-  }
+  const ConvGeometry last = relayout ? channels_last(*x.conv) : ConvGeometry{};
+  // elements of one relaid sample
+  const int64_t image = relayout ? last.channels * last.in[0] * last.in[1] * last.in[2] : 0;
   const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
   const int64_t group = std::max<int64_t>(1, std::min(B, scratch_bytes / sample_bytes));
   const int64_t group_rows = group * T_len;
