@@ -137,6 +137,18 @@ FusedPlan plan_fused(int64_t T_len, int64_t d, int64_t p, int64_t elem, int64_t 
   return plan;
 }
 
+// Whether the register kernel reads dY in place rather than packed: its rows
+// must already be what the kernel reads (whole MR-wide pieces of contiguous
+// rows in the accumulation type), and each thread must sweep them for few
+// column strips, so that the packing pass would cost more than the in-place
+// rows' extra cache lines and pages (measured on AVX-512 at B,T = 16,128:
+// 4–13% faster for d = 256 and 512; slower from 16 sweeps up, e.g. d = 1024).
+template <typename in_t, typename T>
+bool read_dy_in_place(const OperandSource& g, int64_t p, int64_t mr, int64_t sweeps) {
+  return std::is_same_v<in_t, T> && g.kind == OperandSource::Kind::kRows && g.ld == p &&
+         p % mr == 0 && sweeps <= 8;
+}
+
 // The geometry of a channels-first convolution input made channels-last.
 ConvGeometry channels_last(const ConvGeometry& cg) {
   ConvGeometry last = cg;
@@ -159,8 +171,7 @@ void run_fused_by_samples(const OperandSource& x, const OperandSource& g, int64_
   using K = typename Kern::template Kernel<T>;
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, /*threads=*/1);
   const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  const bool dy_in_place = std::is_same_v<in_t, T> && g.kind == OperandSource::Kind::kRows &&
-                           g.ld == p && p % K::MR == 0 && b_strips <= 8;
+  const bool dy_in_place = read_dy_in_place<in_t, T>(g, p, K::MR, b_strips);
   const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
   const ConvGeometry last = relayout ? channels_last(*x.conv) : ConvGeometry{};
   const int64_t image = relayout ? last.channels * last.in[0] * last.in[1] * last.in[2] : 0;
@@ -239,15 +250,8 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
     return run_fused_by_samples<Kern, in_t, T>(x, g, B, T_len, d, p, C, norms);
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, threads);
   const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  // dY is read in place, not packed, when its rows are already what the
-  // register kernel reads (whole MR-wide pieces of contiguous rows in the
-  // accumulation type) and each slab sweeps them for few column strips:
-  // the packing pass then costs more than the in-place rows' extra cache
-  // lines and pages (measured on AVX-512 at B,T = 16,128: 4–13% faster for
-  // d = 256 and 512; slower from 16 sweeps up, e.g. d = 1024).
   const int64_t sweeps = plan.split_columns ? ceil_div(b_strips, plan.slabs) : b_strips;
-  const bool dy_in_place = std::is_same_v<in_t, T> && g.kind == OperandSource::Kind::kRows &&
-                           g.ld == p && p % K::MR == 0 && sweeps <= 8;
+  const bool dy_in_place = read_dy_in_place<in_t, T>(g, p, K::MR, sweeps);
   // Samples are taken in groups whose packed X and dY stay in the last-level
   // cache while every tile of C reads them: each tile streams its group's
   // panels once per sample, so a group that spilled to DRAM would be re-read
