@@ -130,15 +130,16 @@ def test_thread_counts_and_small_blocks(variant, threads, monkeypatch):
     torch.testing.assert_close(gw.double(), gw_t, rtol=0, atol=2e-5 * gw_t.abs().max())
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_samples_split_among_threads(variant, threads):
+@pytest.mark.parametrize("threads,dtype", [(2, torch.float32), (3, torch.float32),
+                                          (2, torch.float64), (3, torch.bfloat16)])
+def test_samples_split_among_threads(variant, threads, dtype):
     # Small weight gradient, several samples per thread: the CPU kernel gives
     # each thread its own samples and copy of C (13 = uneven shares).
-    x, grad_out, k = _problem(13, 3, 10, (15, 13), 3, 1, 1, 1, 1, seed=5)
+    x, grad_out, k = _problem(13, 3, 10, (15, 13), 3, 1, 1, 1, 1, dtype=dtype, seed=5)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check(variant, x, grad_out, k, 1, 1, 1, 1, True)
+        _check(variant, x, grad_out, k, 1, 1, 1, 1, True, dtype=dtype)
     finally:
         torch.set_num_threads(before)
 
