@@ -140,6 +140,10 @@ def test_samples_split_among_threads(variant, threads, dtype):
     torch.set_num_threads(threads)
     try:
         _check(variant, x, grad_out, k, 1, 1, 1, 1, True, dtype=dtype)
+        # grouped (each group's weight gradient is its own problem) and depthwise
+        for groups in (2, 4):
+            xg, gg, kg = _problem(13, 4, 8, (9, 11), 3, 2, 1, 1, groups, dtype=dtype, seed=6)
+            _check(variant, xg, gg, kg, 2, 1, 1, groups, True, dtype=dtype)
     finally:
         torch.set_num_threads(before)
 
