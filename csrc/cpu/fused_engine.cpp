@@ -149,13 +149,35 @@ bool read_dy_in_place(const OperandSource& g, int64_t p, int64_t mr, int64_t swe
          p % mr == 0 && sweeps <= 8;
 }
 
-// The geometry of a channels-first convolution input made channels-last.
-ConvGeometry channels_last(const ConvGeometry& cg) {
-  ConvGeometry last = cg;
-  last.channel_stride = 1;
-  last.pixel_stride = cg.channels;
-  return last;
-}
+// How samples are laid out for the register kernel: the packed strips of dY
+// (none when it is read in place) and of X, and, for a channels-first
+// convolution input, the channels-last copy of each image that the patch
+// packer reads (a tap's channels as one run).
+template <typename K, typename in_t, typename T>
+struct PackedLayout {
+  int64_t a_strips, b_strips;
+  bool relayout;
+  ConvGeometry last;     // the geometry of the channels-last copy, if relayout
+  int64_t image;         // elements of one channels-last image (0 without relayout)
+  int64_t row_bytes;     // packed bytes of one row, all strips
+  int64_t sample_bytes;  // packed and relaid bytes of one sample
+
+  PackedLayout(const OperandSource& x, int64_t T_len, int64_t d, int64_t p, bool dy_in_place)
+      : a_strips(ceil_div(p, K::MR)),
+        b_strips(ceil_div(d, K::NR)),
+        relayout(x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1),
+        last(relayout ? *x.conv : ConvGeometry{}),
+        image(0) {
+    if (relayout) {
+      last.channel_stride = 1;
+      last.pixel_stride = last.channels;
+      image = last.channels * last.in[0] * last.in[1] * last.in[2];
+    }
+    row_bytes = ((dy_in_place ? 0 : a_strips * K::MR) + b_strips * K::NR) *
+                static_cast<int64_t>(sizeof(T));
+    sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
+  }
+};
 
 // Samples split among threads, for a weight gradient small enough that each
 // thread can hold its own copy (a convolution's, typically: few weights,
@@ -170,17 +192,12 @@ void run_fused_by_samples(const OperandSource& x, const OperandSource& g, int64_
                           int64_t T_len, int64_t d, int64_t p, T* C, double* norms) {
   using K = typename Kern::template Kernel<T>;
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, /*threads=*/1);
-  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  const bool dy_in_place = read_dy_in_place<in_t, T>(g, p, K::MR, b_strips);
-  const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
-  const ConvGeometry last = relayout ? channels_last(*x.conv) : ConvGeometry{};
-  const int64_t image = relayout ? last.channels * last.in[0] * last.in[1] * last.in[2] : 0;
-  const int64_t row_bytes =
-      ((dy_in_place ? 0 : a_strips * K::MR) + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
-  const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
+  const bool dy_in_place = read_dy_in_place<in_t, T>(g, p, K::MR, ceil_div(d, K::NR));
+  const PackedLayout<K, in_t, T> lay(x, T_len, d, p, dy_in_place);
+  const int64_t a_strips = lay.a_strips, b_strips = lay.b_strips, image = lay.image;
   // A group's packed samples take at most a quarter of L2 (the tile of C
   // and its scratch take half).
-  const int64_t group = std::max<int64_t>(1, std::min(B, l2_bytes() / 4 / sample_bytes));
+  const int64_t group = std::max<int64_t>(1, std::min(B, l2_bytes() / 4 / lay.sample_bytes));
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
   const size_t c_elems = C != nullptr ? static_cast<size_t>(p * d) : 0;
   // Thread t > 0 sums its samples into its own copy of C (overwritten by its
@@ -193,9 +210,9 @@ void run_fused_by_samples(const OperandSource& x, const OperandSource& g, int64_
     // (share 0's is C itself).
     const int64_t s0 = B * t0 / threads, s1 = B * t1 / threads;
     typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
-    T* pa = static_cast<T*>(thread_scratch(ThreadScratch::kPacked, row_bytes * group * T_len));
+    T* pa = static_cast<T*>(thread_scratch(ThreadScratch::kPacked, lay.row_bytes * group * T_len));
     T* pb = dy_in_place ? pa : pa + a_strips * K::MR * group * T_len;
-    void* relaid = relayout ? thread_scratch(ThreadScratch::kRelaid, group * image * sizeof(in_t))
+    void* relaid = lay.relayout ? thread_scratch(ThreadScratch::kRelaid, group * image * sizeof(in_t))
                             : nullptr;
     T* tile_sum = static_cast<T*>(thread_scratch(ThreadScratch::kTile, 2 * tile_elems * sizeof(T)));
     T* carry = tile_sum + tile_elems;
@@ -207,14 +224,14 @@ void run_fused_by_samples(const OperandSource& x, const OperandSource& g, int64_
       const int64_t n = std::min(group, s1 - i0), rows = n * T_len;
       OperandSource xs = x;
       int64_t x_row0 = i0 * T_len;
-      if (relayout) {
+      if (lay.relayout) {
         const in_t* src = static_cast<const in_t*>(x.data) + i0 * x.ld;
         in_t* dst = static_cast<in_t*>(relaid);
         for (int64_t b = 0; b < n; ++b)
           K::template to_channels_last<in_t>(src + b * x.ld, x.conv->channel_stride,
-                                             last.channels, 0, image / last.channels,
+                                             lay.last.channels, 0, image / lay.last.channels,
                                              dst + b * image);
-        xs = OperandSource{OperandSource::Kind::kPatches, relaid, image, &last};
+        xs = OperandSource{OperandSource::Kind::kPatches, relaid, image, &lay.last};
         x_row0 = 0;
       }
       if (!dy_in_place)
@@ -243,33 +260,27 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
   // A copy of C per thread costs little next to the samples' work when C is
   // small and every thread has several samples, each of which packs into a
   // quarter of L2.
-  const int64_t packed_sample =
-      (ceil_div(p, K::MR) * K::MR + ceil_div(d, K::NR) * K::NR) * T_len * static_cast<int64_t>(sizeof(T));
+  const int64_t packed_sample = PackedLayout<K, in_t, T>(x, T_len, d, p, false).row_bytes * T_len;
   if (B >= 4 * threads && p * d * static_cast<int64_t>(sizeof(T)) <= kByThreadCopyBytes &&
       packed_sample <= l2_bytes() / 4)
     return run_fused_by_samples<Kern, in_t, T>(x, g, B, T_len, d, p, C, norms);
   const FusedPlan plan = plan_fused(T_len, d, p, sizeof(T), K::MR, K::NR, threads);
-  const int64_t a_strips = ceil_div(p, K::MR), b_strips = ceil_div(d, K::NR);
-  const int64_t sweeps = plan.split_columns ? ceil_div(b_strips, plan.slabs) : b_strips;
+  const int64_t col_strips = ceil_div(d, K::NR);
+  const int64_t sweeps = plan.split_columns ? ceil_div(col_strips, plan.slabs) : col_strips;
   const bool dy_in_place = read_dy_in_place<in_t, T>(g, p, K::MR, sweeps);
+  const PackedLayout<K, in_t, T> lay(x, T_len, d, p, dy_in_place);
+  const int64_t a_strips = lay.a_strips, b_strips = lay.b_strips, image = lay.image;
+  const bool relayout = lay.relayout;
+  const ConvGeometry& last = lay.last;
   // Samples are taken in groups whose packed X and dY stay in the last-level
   // cache while every tile of C reads them: each tile streams its group's
   // panels once per sample, so a group that spilled to DRAM would be re-read
-  // from memory by every tile.
-  const int64_t row_bytes =
-      ((dy_in_place ? 0 : a_strips * K::MR) + b_strips * K::NR) * static_cast<int64_t>(sizeof(T));
-  // A channels-first image is made channels-last a group of samples at a
-  // time (the patch packer reads a tap's channels as one run), so no copy of
-  // the whole input is ever held.
-  const bool relayout = x.kind == OperandSource::Kind::kPatches && x.conv->channel_stride != 1;
-  const ConvGeometry last = relayout ? channels_last(*x.conv) : ConvGeometry{};
-  // elements of one relaid sample
-  const int64_t image = relayout ? last.channels * last.in[0] * last.in[1] * last.in[2] : 0;
-  const int64_t sample_bytes = row_bytes * T_len + image * static_cast<int64_t>(sizeof(in_t));
-  const int64_t group = std::max<int64_t>(1, std::min(B, scratch_bytes / sample_bytes));
+  // from memory by every tile. A channels-first image is made channels-last
+  // a group at a time, so no copy of the whole input is ever held.
+  const int64_t group = std::max<int64_t>(1, std::min(B, scratch_bytes / lay.sample_bytes));
   const int64_t group_rows = group * T_len;
   AlignedBuffer relaid(relayout ? group * image * sizeof(in_t) : 0);
-  AlignedBuffer packed(row_bytes * group_rows);
+  AlignedBuffer packed(lay.row_bytes * group_rows);
   T* pa = static_cast<T*>(packed.ptr);
   T* pb = dy_in_place ? pa : pa + a_strips * K::MR * group_rows;
   std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
