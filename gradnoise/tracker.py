@@ -14,11 +14,13 @@ How: every module that directly owns trainable parameters gets a norm rule
 (gradnoise.layers). A forward hook records each call's inputs and a tensor
 hook on its output receives the output gradient; the rule turns them into
 per-sample norms as soon as backward has passed the module, so no
-activation is held longer than autograd holds it. nn.Linear layers instead
-and convolutions run their backward through the fused kernel, which
-computes the weight gradient and the norms in one pass. Parameters shared between modules, and
-modules called several times, are summed over uses before squaring, at the
-end of backward.
+activation is held longer than autograd holds it. nn.Linear layers with
+positions (T > 1), convolutions and GroupNorm instead run their backward
+through the fused kernel, which computes the weight gradient and the norms
+in one pass; a Linear layer with 2-D input keeps autograd's backward, its
+norms ‖dy_i‖²‖x_i‖² costing two row reductions (‖x_i‖² taken in forward).
+Parameters shared between modules, and modules called several times, are
+summed over uses before squaring, at the end of backward.
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ class GradNoiseTracker:
         self._handles: list = []
         self._attached = False
         self._step: _Step | None = None
-        self._results: tuple[list[str], torch.Tensor | None] | None = None
+        self._results: tuple[list[str], torch.Tensor | None, float] | None = None
         self._suspended = False
         #: while True, forward passes start no measurement: the step runs as
         #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
@@ -316,6 +318,26 @@ class GradNoiseTracker:
         return ((gx if need_input_grad else None), (gw if need_weight else None),
                 (gb if need_bias else None))
 
+    def watch_output(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Forward of a fused-backward module's call that keeps autograd's
+        backward: its norms will come from the gradient of `out`."""
+        t = self._by_module[id(module)]
+        state = t.rule.input_state(module, x, t.own)
+        out.register_hook(lambda grad_out: self._output_grad(t, x, state, grad_out))
+
+    def _output_grad(self, t: _Tracked, x: torch.Tensor, state, grad_out: torch.Tensor) -> None:
+        """Its norms now or, if the module was called several times, at the
+        end of backward over all its calls."""
+        step = self._step
+        if step is None:
+            return
+        self._queue_finish()
+        if len(step.calls.get(id(t.module), ())) == 1:
+            self._step_add(step, t, t.rule.norms_from_output_grad(t.module, x, state, grad_out,
+                                                                  t.own), x.shape[0])
+        else:
+            step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+
     def _is_simple(self, t: _Tracked) -> bool:
         calls = self._step.calls.get(id(t.module), [])
         return not t.shared and len(calls) == 1
@@ -384,10 +406,12 @@ class GradNoiseTracker:
                 total[sl] = acc.flatten(1).square().sum(1)
             self._step_add(step, owner, total, B)
 
-    def _scaled(self, step: _Step) -> tuple[list[str], torch.Tensor | None]:
+    def _scaled(self, step: _Step) -> tuple[list[str], torch.Tensor | None, float]:
         """(layer names in named_modules() order, float32 [layers, B] of their
-        norms with the loss reduction undone), as one tensor so that reading
-        and scaling them costs one op rather than one per layer."""
+        norms, the factor that undoes the loss reduction), as one tensor so
+        that reading and scaling them costs one op rather than one per layer.
+        The factor is applied when the values are read: an op fewer in the
+        step when only per_sample_sq_norms() is read."""
         sizes = {}
         for name, b in step.batch.items():
             sizes.setdefault(b, []).append(name)
@@ -405,14 +429,13 @@ class GradNoiseTracker:
                                           enumerate(self.model.named_modules())}
         names = sorted(step.norms, key=order.__getitem__)
         if not names:
-            return names, None
+            return names, None, 1.0
         matrix = torch.stack([step.norms[n] for n in names])
-        if self.loss_reduction == "mean":
-            matrix.mul_(float(matrix.shape[1]) ** 2)
-        return names, matrix
+        scale = float(matrix.shape[1]) ** 2 if self.loss_reduction == "mean" else 1.0
+        return names, matrix, scale
 
     # ---------------------------------------------------------------- results
-    def _require_results(self) -> tuple[list[str], torch.Tensor | None]:
+    def _require_results(self) -> tuple[list[str], torch.Tensor | None, float]:
         if self._results is None:
             raise RuntimeError(
                 "GradNoiseTracker: nothing measured yet. Run a training-mode forward "
@@ -423,25 +446,26 @@ class GradNoiseTracker:
         """{qualified module name: float32 [B]} of the last measured step, for
         each module that directly owns measured parameters (a shared parameter
         counts once, under its first owner)."""
-        names, matrix = self._require_results()
+        names, matrix, scale = self._require_results()
         if matrix is None:
             return {}
-        return dict(zip(names, matrix.clone().unbind(0)))
+        return dict(zip(names, (matrix * scale).unbind(0)))
 
     def per_layer_sq_norm_matrix(self) -> tuple[list[str], torch.Tensor]:
         """The values of per_layer_sq_norms() as (names, float32 [layers, B]),
         row k belonging to names[k]."""
-        names, matrix = self._require_results()
+        names, matrix, scale = self._require_results()
         if matrix is None:
             return [], torch.zeros(0, 0)
-        return list(names), matrix.clone()
+        return list(names), matrix * scale
 
     def per_sample_sq_norms(self) -> torch.Tensor:
         """float32 [B]: ‖∇θ ℓ_i‖² over every measured parameter, last measured step."""
-        names, matrix = self._require_results()
+        names, matrix, scale = self._require_results()
         if matrix is None:
             raise RuntimeError("GradNoiseTracker: the last backward reached no tracked module.")
-        return matrix.sum(0)
+        total = matrix.sum(0)
+        return total.mul_(scale) if scale != 1.0 else total
 
     @property
     def tracked_modules(self) -> list[str]:
@@ -449,8 +473,10 @@ class GradNoiseTracker:
 
     @property
     def fused_modules(self) -> list[str]:
-        """Modules whose weight gradient comes from the fused kernel, with the
-        norms (nn.Linear and zero-padded convolutions not sharing parameters)."""
+        """Modules whose backward the tracker takes over (nn.Linear, zero-padded
+        convolutions and GroupNorm, not sharing parameters): their weight
+        gradient comes from the fused kernel with the norms, except for
+        Linear calls with 2-D input, which keep autograd's backward."""
         return [t.name for t in self._tracked if t.fused]
 
 

@@ -60,3 +60,69 @@ def test_bad_input_names_the_tensor():
 def test_opcheck():
     ts = [torch.randn(40, 3), torch.randn(5, dtype=torch.float64)]
     torch.library.opcheck(torch.ops.gradnoise.sq_norms.default, (ts,))
+
+
+# ------------------------------------------------------------- row_sq_norms
+ROW_SHAPES = [(1, 1), (5, 7), (37, 5, 13), (256, 1024), (3, 70001), (0, 4)]
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_row_sq_norms_match_float64(dtype, backend, shape):
+    gen = torch.Generator().manual_seed(1)
+    t = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = t.double().flatten(1).square().sum(1)
+    scale = torch.rand(shape[0], generator=gen, dtype=torch.float64).to(acc)
+    got = ops.row_sq_norms(t, backend=backend)
+    assert got.dtype == acc and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), rows, rtol=TOL[dtype], atol=0)
+    for extra in (0.0, 1.0):
+        got = ops.row_sq_norms(t, scale, extra, backend=backend)
+        torch.testing.assert_close(got.double(), rows * (scale.double() + extra),
+                                   rtol=TOL[dtype], atol=0)
+
+
+def test_row_sq_norms_strided_and_threads():
+    base = torch.randn(300, 500)
+    t = base.T[:, ::3]                          # rows not contiguous
+    truth = t.double().square().sum(1)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ops.row_sq_norms(t))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0].double(), truth, rtol=1e-6, atol=0)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_row_sq_norms_is_goodfellow_for_linear():
+    """‖dy_i x_iᵀ‖² (+ ‖dy_i‖² for the bias) = ‖dy_i‖²(‖x_i‖² + 1): the same as
+    the Linear op with method "goodfellow"."""
+    x, g = torch.randn(9, 31), torch.randn(9, 17)
+    via_rows = ops.row_sq_norms(g, ops.row_sq_norms(x), 1.0)
+    torch.testing.assert_close(via_rows, ops.linear_sq_norms(x, g, with_bias=True,
+                                                             method="goodfellow"))
+
+
+def test_row_sq_norms_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="`t` has dtype torch.int64"):
+        ops.row_sq_norms(torch.arange(6).reshape(2, 3))
+    with pytest.raises(ValueError, match=r"`scale` must have shape \[4\].*\(3,\)"):
+        ops.row_sq_norms(torch.randn(4, 2), torch.ones(3))
+    with pytest.raises(ValueError, match="batch dimension"):
+        ops.row_sq_norms(torch.tensor(2.0))
+    with pytest.raises(TypeError, match="`t` must be a torch.Tensor"):
+        ops.row_sq_norms([1.0, 2.0])
+    with pytest.raises(RuntimeError, match=r"`scale` must have shape \[4\]"):
+        torch.ops.gradnoise.row_sq_norms(torch.randn(4, 2), torch.ones(3))
+
+
+def test_row_sq_norms_opcheck():
+    torch.library.opcheck(torch.ops.gradnoise.row_sq_norms.default, (torch.randn(6, 5),))
+    torch.library.opcheck(torch.ops.gradnoise.row_sq_norms.default,
+                          (torch.randn(6, 5, dtype=torch.float64), torch.rand(6, dtype=torch.float64), 1.0))

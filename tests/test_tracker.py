@@ -373,6 +373,22 @@ def test_bitwise_unchanged_grads_without_fused_backward(name):
         assert torch.equal(p.grad, grads_plain[n]), n
 
 
+def test_two_dimensional_linear_keeps_autograd_backward_bitwise():
+    """With one position per sample the Linear norms cost O(B(d + p)) and
+    come from the output gradient: the weight gradients stay autograd's."""
+    model, x, y, batch_loss, sample_loss = make_case("mlp", 5, "mean")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    out_plain = _forward_backward(model, x, batch_loss)
+    grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with GradNoiseTracker(model) as tracker:
+        out_tracked = _forward_backward(model, x, batch_loss)
+    assert torch.equal(out_plain, out_tracked)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads_plain[n]), n
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+
+
 def test_attach_detach_idempotent_and_hooks_removed():
     model, x, y, batch_loss, _ = make_case("lm", 2, "sum")
 

@@ -10,6 +10,12 @@ asks the tracker (the "sink") for the gradients; the sink runs the rule's
 fused backward when the call is the module's only one in the step, and the
 plain backward otherwise (the norms of a module called several times are
 computed at the end of backward, over all its calls).
+
+Where the norms cost next to nothing beside the backward (a Linear layer
+with one position per sample: ‖G_i‖² = ‖x_i‖²‖dy_i‖², O(B(d + p))), the
+rule keeps autograd's backward and the norms come from a hook on the
+output's gradient: a Python autograd Function's forward and backward would
+cost more than the norms themselves.
 """
 from __future__ import annotations
 
@@ -29,6 +35,22 @@ class FusedBackwardRule(NormRule):
     def supports_fused_backward(self, module: nn.Module) -> bool:
         """Whether this module's configuration can use the fused backward."""
         return True
+
+    def keeps_autograd_backward(self, module: nn.Module, x: torch.Tensor) -> bool:
+        """Whether this call keeps autograd's backward, its norms then coming
+        from `norms_from_output_grad` (when they are cheap beside it)."""
+        return False
+
+    def input_state(self, module: nn.Module, x: torch.Tensor, params: list[str]):
+        """What such a call's norms need from its input, taken in forward
+        while the input is in cache (default: nothing)."""
+        return None
+
+    def norms_from_output_grad(self, module: nn.Module, x: torch.Tensor, state,
+                               grad_out: torch.Tensor, params: list[str]) -> torch.Tensor:
+        """Per-sample sq norms [B] of `params` from such a call's input, its
+        `input_state` and its output gradient."""
+        raise NotImplementedError
 
     @abstractmethod
     def forward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,
@@ -83,15 +105,22 @@ def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink) ->
 
     `sink.wants(module, x)` says whether this call is measured;
     `sink.module_backward(module, x, weight, saved, grad_out, need_input_grad,
-    need_weight, need_bias)` computes the gradients. Outputs are the module's.
+    need_weight, need_bias)` computes the gradients; for calls that keep
+    autograd's backward, `sink.watch_output(module, x, out)` takes the norms
+    from the output's gradient. Outputs are the module's.
     """
     plain_forward = type(module).forward
 
     def forward(x):
-        if sink.wants(module, x):
-            return _FusedBackwardFunction.apply(x, module.weight, getattr(module, "bias", None),
-                                                module, rule, sink)
-        return plain_forward(module, x)
+        if not sink.wants(module, x):
+            return plain_forward(module, x)
+        if rule.keeps_autograd_backward(module, x):
+            out = plain_forward(module, x)
+            if out.requires_grad:
+                sink.watch_output(module, x, out)
+            return out
+        return _FusedBackwardFunction.apply(x, module.weight, getattr(module, "bias", None),
+                                            module, rule, sink)
     module.forward = forward
 
 
