@@ -15,7 +15,7 @@ How: every module that directly owns trainable parameters gets a norm rule
 hook on its output receives the output gradient; the rule turns them into
 per-sample norms as soon as backward has passed the module, so no
 activation is held longer than autograd holds it. nn.Linear layers with
-positions (T > 1), convolutions and GroupNorm instead run their backward
+positions (T > 1), convolutions and normalisation layers instead run their backward
 through the fused kernel, which computes the weight gradient and the norms
 in one pass; a Linear layer with 2-D input keeps autograd's backward, its
 norms ‖dy_i‖²‖x_i‖² costing two row reductions (‖x_i‖² taken in forward).
@@ -474,7 +474,8 @@ class GradNoiseTracker:
     @property
     def fused_modules(self) -> list[str]:
         """Modules whose backward the tracker takes over (nn.Linear, zero-padded
-        convolutions and GroupNorm, not sharing parameters): their weight
+        convolutions, LayerNorm, RMSNorm and GroupNorm, not sharing
+        parameters): their weight
         gradient comes from the fused kernel with the norms, except for
         Linear calls with 2-D input, which keep autograd's backward."""
         return [t.name for t in self._tracked if t.fused]
