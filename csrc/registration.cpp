@@ -59,6 +59,12 @@ TORCH_LIBRARY(gradnoise, m) {
       "group_norm_backward_and_sq_norms(Tensor x, Tensor grad_out, Tensor mean, Tensor rstd, "
       "Tensor? weight, int groups, bool need_input_grad, bool with_weight, bool with_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // nn.Embedding: per-sample ‖G_i‖² from the token ids [B, *] and the output
+  // gradient [B, *, d]; repeated tokens of a sample add before squaring,
+  // padding_idx (-1: none) gets no gradient.
+  m.def(
+      "embedding_sq_norms(Tensor indices, Tensor grad_out, int num_embeddings, "
+      "int padding_idx=-1) -> Tensor");
   // ‖t‖² of each tensor of a list (float64 [n]): the squared gradient norms
   // the noise-scale estimator reads every step, in one pass over memory.
   m.def("sq_norms(Tensor[] tensors) -> Tensor");

@@ -3,13 +3,15 @@
 Sample i's gradient is sparse: row v of G_i is Σ_{t: tok_i,t = v} dY_i,t, so
 repeated tokens of a sample add before squaring and
 ‖G_i‖² = Σ_v ‖Σ_{t: tok_i,t = v} dY_i,t‖². Rows of padding_idx get no gradient.
-Cost O(B·T·d): one segment sum over (sample, token) keys.
+The norms come from gradnoise.ops.embedding_sq_norms (O(T log T + T·d) a
+sample); a module called several times has its calls' positions concatenated.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .. import ops
 from .base import NormRule, register_rule
 
 
@@ -42,13 +44,18 @@ class EmbeddingRule(NormRule):
                 "rows in place during forward; per-sample norms are not supported for it.")
 
     def sq_norms(self, module, calls, params):
-        B = calls[0].args[0].shape[0]
-        toks, samples, grads = _rows(module, calls)
-        keys = samples * module.num_embeddings + toks
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        summed = grads.new_zeros(uniq.shape[0], grads.shape[1]).index_add_(0, inverse, grads)
-        out = torch.zeros(B, dtype=torch.float32, device=grads.device)
-        return out.index_add_(0, uniq // module.num_embeddings, summed.square().sum(1))
+        idx, grads = [], []
+        for c in calls:
+            g = c.grad_outputs[0]
+            if g is not None:
+                B = g.shape[0]
+                idx.append(c.args[0].reshape(B, -1))
+                grads.append(g.reshape(B, -1, g.shape[-1]))
+        if len(idx) > 1:
+            same = all(g.dtype == grads[0].dtype for g in grads)
+            dtype = grads[0].dtype if same else torch.float32
+            idx, grads = [torch.cat(idx, 1)], [torch.cat([g.to(dtype) for g in grads], 1)]
+        return ops.embedding_sq_norms(idx[0], grads[0], module.num_embeddings, module.padding_idx)
 
     def per_sample_grads(self, module, calls, params, samples):
         toks, sample_of, grads = _rows(module, calls)

@@ -14,6 +14,7 @@ from . import _validate
 from .backends import resolve_backend
 from .conv import (conv_sq_norms, conv_sq_norms_ref, conv_weight_grad_and_sq_norms,
                    conv_weight_grad_and_sq_norms_ref)
+from .embedding import embedding_sq_norms, embedding_sq_norms_ref
 from .norm_layers import (group_norm_backward_and_sq_norms, group_norm_backward_and_sq_norms_ref,
                           group_norm_sq_norms, group_norm_sq_norms_ref,
                           layer_norm_backward_and_sq_norms, layer_norm_backward_and_sq_norms_ref,
@@ -43,6 +44,8 @@ __all__ = [
     "sq_norms_ref",
     "row_sq_norms",
     "row_sq_norms_ref",
+    "embedding_sq_norms",
+    "embedding_sq_norms_ref",
 ]
 
 

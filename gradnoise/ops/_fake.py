@@ -22,6 +22,11 @@ def register() -> None:
     def _sq_norms_fake(tensors):
         return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
+    @torch.library.register_fake("gradnoise::embedding_sq_norms")
+    def _embedding_sq_norms_fake(indices, grad_out, num_embeddings, padding_idx=-1):
+        return grad_out.new_empty((indices.shape[0],),
+                                  dtype=_validate.accumulation_dtype(grad_out.dtype))
+
     @torch.library.register_fake("gradnoise::row_sq_norms")
     def _row_sq_norms_fake(t, scale=None, extra=0.0):
         return t.new_empty((t.shape[0],), dtype=_validate.accumulation_dtype(t.dtype))
