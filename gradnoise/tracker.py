@@ -36,8 +36,9 @@ from .layers.base import Call, NormRule
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # Memory allowed for one chunk of materialised per-sample gradients of a
-# shared parameter (each use's and their sum are alive at once): small, so
-# that a tied embedding adds little to the step's peak memory.
+# shared parameter (each use's and their sum are alive at once), or of the
+# [b, T_u, T_v] products of its cross terms: small, so that a tied
+# embedding adds little to the step's peak memory.
 _SHARED_CHUNK_BYTES = 2 * 2**20
 
 
@@ -60,6 +61,9 @@ class _Step:
     pending: dict[int, int] = field(default_factory=dict)           # id(call) -> grads awaited
     norms: dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> raw [B]
     batch: dict[str, int] = field(default_factory=dict)             # layer -> B seen
+    # id(module) -> Σ ‖G_i‖² of its one, shared, parameter over this step's
+    # single call, from the fused backward (the cross terms come at the end)
+    shared_own: dict[int, torch.Tensor] = field(default_factory=dict)
     callback_queued: bool = False
 
 
@@ -187,6 +191,18 @@ class GradNoiseTracker:
             for pname in t.shared:
                 p = t.module.get_parameter(pname)
                 self._shared_params.setdefault(id(p), []).append((t, pname))
+        # Shared weights whose every use has factors (Linear, Embedding) are
+        # measured from them (gradnoise.layers.shared); a use whose only
+        # parameter is that weight (a tied LM head) keeps its fused backward,
+        # which gives the use's own term with the weight gradient.
+        self._factored = {pid for pid, uses in self._shared_params.items()
+                          if all(pname in t.rule.factorable for t, pname in uses)}
+        for t in self._tracked:
+            if (t.shared and t.own == t.shared and len(t.own) == 1 and self._fused_backward
+                    and getattr(t.rule, "replaces_backward", False)
+                    and t.rule.supports_fused_backward(t.module)
+                    and id(t.module.get_parameter(t.own[0])) in self._factored):
+                t.fused = True
 
     # ------------------------------------------------------------ attach/detach
     def attach(self) -> "GradNoiseTracker":
@@ -307,7 +323,7 @@ class GradNoiseTracker:
         if step is not None and len(step.calls.get(id(module), [])) == 1:
             gx, gw, gb, norms = t.rule.fused_backward(module, x, weight, saved, grad_out, t.own,
                                                       need_input_grad)
-            self._step_add(step, t, norms, x.shape[0])
+            self._add_own(step, t, norms, x, grad_out)
         else:
             # Called several times: the per-sample gradient sums over calls,
             # so keep (x, dY) until the end of backward.
@@ -333,10 +349,20 @@ class GradNoiseTracker:
             return
         self._queue_finish()
         if len(step.calls.get(id(t.module), ())) == 1:
-            self._step_add(step, t, t.rule.norms_from_output_grad(t.module, x, state, grad_out,
-                                                                  t.own), x.shape[0])
+            self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, state, grad_out,
+                                                                 t.own), x, grad_out)
         else:
             step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+
+    def _add_own(self, step: _Step, t: _Tracked, norms: torch.Tensor, x: torch.Tensor,
+                 grad_out: torch.Tensor) -> None:
+        """A single call's norms: the module's, or for a shared weight its own
+        term, the call being kept for the cross terms at the end of backward."""
+        if t.shared:
+            step.shared_own[id(t.module)] = norms
+            step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+        else:
+            self._step_add(step, t, norms, x.shape[0])
 
     def _is_simple(self, t: _Tracked) -> bool:
         calls = self._step.calls.get(id(t.module), [])
@@ -369,6 +395,7 @@ class GradNoiseTracker:
             self._suspended = False
             step.calls.clear()
             step.pending.clear()
+            step.shared_own.clear()
             step.callback_queued = False
             step.norms = {}
 
@@ -383,7 +410,7 @@ class GradNoiseTracker:
             step.norms[name] = n if name not in step.norms else step.norms[name] + n
 
     def _finish_shared(self, step: _Step) -> None:
-        for uses in self._shared_params.values():
+        for pid, uses in self._shared_params.items():
             owner, _ = uses[0]
             recorded = []
             for t, pname in uses:
@@ -394,17 +421,40 @@ class GradNoiseTracker:
             if not recorded:
                 continue
             B = _batch(recorded[0][2][0])
-            param = owner.module.get_parameter(uses[0][1])
-            chunk = max(1, _SHARED_CHUNK_BYTES // max(1, 4 * param.numel()))
-            total = torch.zeros(B, dtype=torch.float32, device=param.device)
-            for start in range(0, B, chunk):
-                sl = slice(start, min(B, start + chunk))
-                acc = None
-                for t, pname, calls in recorded:
-                    g = t.rule.per_sample_grads(t.module, calls, [pname], sl)[pname]
-                    acc = g if acc is None else acc + g
-                total[sl] = acc.flatten(1).square().sum(1)
+            if pid in self._factored:
+                total = self._factored_sq_norms(step, recorded)
+            else:
+                total = self._materialised_sq_norms(owner.module.get_parameter(uses[0][1]),
+                                                    recorded, B)
             self._step_add(step, owner, total, B)
+
+    def _factored_sq_norms(self, step: _Step, recorded) -> torch.Tensor:
+        """Σ_u ‖G_i^u‖² + 2 Σ_{u<v} ⟨G_i^u, G_i^v⟩ over the uses (layers.shared)."""
+        factors, total = [], None
+        for t, pname, calls in recorded:
+            own = step.shared_own.pop(id(t.module), None)
+            if own is None:
+                own = t.rule.sq_norms(t.module, calls, [pname])
+            own = own.float() if own.dtype != torch.float64 else own
+            total = own if total is None else total + own
+            factors.append(t.rule.factor(t.module, calls, pname))
+        for k, u in enumerate(factors):
+            for v in factors[k + 1:]:
+                total = total + 2 * layers.shared.cross_sq_norms(u, v, _SHARED_CHUNK_BYTES)
+        return total
+
+    def _materialised_sq_norms(self, param: torch.Tensor, recorded, B: int) -> torch.Tensor:
+        """‖Σ_u G_i^u‖² from per-sample gradients, in chunks of samples."""
+        chunk = max(1, _SHARED_CHUNK_BYTES // max(1, 4 * param.numel()))
+        total = torch.zeros(B, dtype=torch.float32, device=param.device)
+        for start in range(0, B, chunk):
+            sl = slice(start, min(B, start + chunk))
+            acc = None
+            for t, pname, calls in recorded:
+                g = t.rule.per_sample_grads(t.module, calls, [pname], sl)[pname]
+                acc = g if acc is None else acc + g
+            total[sl] = acc.flatten(1).square().sum(1)
+        return total
 
     def _scaled(self, step: _Step) -> tuple[list[str], torch.Tensor | None, float]:
         """(layer names in named_modules() order, float32 [layers, B] of their

@@ -98,6 +98,28 @@ class SharedModule(nn.Module):
         return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
+class TiedWeights(nn.Module):
+    """One weight in six places: two embeddings (one with padding_idx), a
+    Linear head on positions called twice, one on pooled (2-D) input, and one
+    with a bias of its own."""
+
+    def __init__(self, V=11, d=6):
+        super().__init__()
+        self.e1 = nn.Embedding(V, d, padding_idx=1)
+        self.e2 = nn.Embedding(V, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.pool_head = nn.Linear(d, V, bias=False)
+        self.biased = nn.Linear(d, V)
+        for m in (self.e2, self.head, self.pool_head, self.biased):
+            m.weight = self.e1.weight
+
+    def forward(self, idx):  # idx [B, T]
+        h = torch.tanh(self.mix(self.e1(idx) + self.e2(idx.flip(1))))
+        logits = self.head(h) + self.head(h * 0.5)
+        return logits.mean(1) + self.pool_head(h.mean(1)) + self.biased(h).mean(1)
+
+
 class Linear4D(nn.Module):
     def __init__(self):
         super().__init__()
@@ -172,6 +194,12 @@ def make_case(name, B, reduction, seed=0):
     if name == "shared":
         model, x = SharedModule(), torch.randn(B, 6)
         return (model, x) + classification_case(model, x, 3, reduction)
+    if name == "tied":
+        model = TiedWeights()
+        x = torch.randint(0, 11, (B, 7))
+        x[:, 2] = 1  # padding tokens of e1
+        x[0, 0] = x[0, 4] = 5  # a repeated token
+        return (model, x) + classification_case(model, x, 11, reduction)
     if name == "linear4d":
         model, x = Linear4D(), torch.randn(B, 3, 4, 5)
         return (model, x) + classification_case(model, x, 2, reduction)
@@ -181,7 +209,7 @@ def make_case(name, B, reduction, seed=0):
     raise KeyError(name)
 
 
-ZOO = ["mlp", "lm", "lm_rms", "cnn", "shared", "linear4d", "mha"]
+ZOO = ["mlp", "lm", "lm_rms", "cnn", "shared", "tied", "linear4d", "mha"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -298,6 +326,44 @@ def test_outputs_unchanged_and_grads_match(name):
         # whose sum runs in another order: then equal to float rounding.
         torch.testing.assert_close(p.grad, grads_plain[n], rtol=1e-5, atol=1e-7)
     assert tracker.per_sample_sq_norms().shape == (4,)
+
+
+def test_tied_weight_uses_keep_the_fused_backward():
+    """A Linear whose only parameter is a tied weight keeps the fused backward
+    (its own term comes with the weight gradient; the cross terms with the
+    other uses come from their factors); one with a bias of its own does not."""
+    model, x, y, batch_loss, _ = make_case("tied", 3, "sum")
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert set(tracker.fused_modules) == {"mix", "head", "pool_head"}
+    assert set(GradNoiseTracker(model, fused_backward=False).fused_modules) == set()
+
+
+@pytest.mark.parametrize("kinds", ["dense-dense", "dense-onehot", "onehot-dense", "onehot-onehot"])
+def test_cross_terms_of_shared_weight_factors(kinds):
+    """⟨G_i^u, G_i^v⟩ from factors against materialised float64 gradients."""
+    from gradnoise.layers.shared import Factor, cross_sq_norms
+    gen = torch.Generator().manual_seed(3)
+    B, V, d = 5, 9, 4
+
+    def make(kind, T, pad):
+        if kind == "dense":
+            a, z = torch.randn(B, T, V, generator=gen), torch.randn(B, T, d, generator=gen)
+            return Factor("dense", z=z, a=a), torch.einsum("btv,btd->bvd", a.double(), z.double())
+        tok = torch.randint(0, V, (B, T), generator=gen)
+        tok[:, 0] = tok[:, -1]  # repeated
+        z = torch.randn(B, T, d, generator=gen)
+        g = torch.zeros(B, V, d, dtype=torch.float64)
+        for b in range(B):
+            keep = tok[b] != pad if pad is not None else torch.ones(T, dtype=torch.bool)
+            g[b].index_add_(0, tok[b][keep], z[b][keep].double())
+        return Factor("onehot", z=z, tokens=tok, padding_idx=pad), g
+
+    ku, kv = kinds.split("-")
+    (u, gu), (v, gv) = make(ku, 6, 2), make(kv, 3, None)
+    truth = (gu * gv).sum((1, 2))
+    for chunk in (1, 2**20):  # one sample per chunk, and all at once
+        torch.testing.assert_close(cross_sq_norms(u, v, chunk).double(), truth,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_fused_backward_covers_linear_zero_padded_convs_and_group_norm():

@@ -48,6 +48,9 @@ class NormRule(ABC):
     is_norm_layer = False
     #: children whose parameters this rule measures (their forward never runs)
     claims_children: tuple = ()
+    #: parameters for which `factor` works (a weight shared with another
+    #: module is then measured from factors: gradnoise.layers.shared)
+    factorable: tuple = ()
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise if this module's configuration is not supported."""
@@ -66,6 +69,11 @@ class NormRule(ABC):
         formula."""
         from .generic import per_sample_grads_by_torch_func
         return per_sample_grads_by_torch_func(module, calls, params, samples)
+
+    def factor(self, module: nn.Module, calls: list[Call], param: str):
+        """The gradnoise.layers.shared.Factor of `param` (one of `factorable`)
+        over the recorded calls."""
+        raise NotImplementedError(f"{type(self).__name__} has no factors for {param!r}")
 
 
 _RULES: dict[type, NormRule] = {}

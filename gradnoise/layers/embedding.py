@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from .base import NormRule, register_rule
+from .shared import Factor
 
 
 def _rows(module: nn.Embedding, calls):
@@ -37,6 +38,8 @@ def _rows(module: nn.Embedding, calls):
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(NormRule):
+    factorable = ("weight",)
+
     def check(self, module, name):
         if module.max_norm is not None:
             raise ValueError(
@@ -44,6 +47,16 @@ class EmbeddingRule(NormRule):
                 "rows in place during forward; per-sample norms are not supported for it.")
 
     def sq_norms(self, module, calls, params):
+        idx, grads = self._cat(calls)
+        return ops.embedding_sq_norms(idx, grads, module.num_embeddings, module.padding_idx)
+
+    def factor(self, module, calls, param):
+        idx, grads = self._cat(calls)
+        return Factor("onehot", z=grads, tokens=idx.long(), padding_idx=module.padding_idx)
+
+    @staticmethod
+    def _cat(calls):
+        """Token ids [B, ΣT] and output gradients [B, ΣT, d] over the calls."""
         idx, grads = [], []
         for c in calls:
             g = c.grad_outputs[0]
@@ -54,8 +67,8 @@ class EmbeddingRule(NormRule):
         if len(idx) > 1:
             same = all(g.dtype == grads[0].dtype for g in grads)
             dtype = grads[0].dtype if same else torch.float32
-            idx, grads = [torch.cat(idx, 1)], [torch.cat([g.to(dtype) for g in grads], 1)]
-        return ops.embedding_sq_norms(idx[0], grads[0], module.num_embeddings, module.padding_idx)
+            return torch.cat(idx, 1), torch.cat([g.to(dtype) for g in grads], 1)
+        return idx[0], grads[0]
 
     def per_sample_grads(self, module, calls, params, samples):
         toks, sample_of, grads = _rows(module, calls)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from .base import Call, register_rule
 from .fused_backward import FusedBackwardRule
+from .shared import Factor
 
 
 def _flat3(t: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,12 @@ def concat_calls(calls: list[Call]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_rule(nn.Linear)
 class LinearRule(FusedBackwardRule):
+    factorable = ("weight",)
+
+    def factor(self, module, calls, param):
+        x, g = concat_calls(calls)
+        return Factor("dense", z=x, a=g)
+
     def sq_norms(self, module, calls, params):
         x, g = concat_calls(calls)
         with_bias = "bias" in params
