@@ -250,14 +250,12 @@ class GradientNoiseScale:
         if self.source != "per_sample" or not self.measuring:
             return  # the other sources see each backward through their hooks
         c2 = float(loss_scale) ** 2
-        layers, matrix = self.tracker.per_layer_sq_norm_matrix()
+        layers, sums, B = self.tracker.per_layer_sums()
         if not layers:
             return
-        # one reduction and one device-to-host copy for every layer
-        sums = matrix.double().sum(1).tolist()
         for layer, v in zip(layers, sums):
             self._ps_sums[layer] = self._ps_sums.get(layer, 0.0) + v / c2
-        self._ps_count += matrix.shape[1]
+        self._ps_count += B
 
     def _per_sample_pairs(self):
         if self._ps_count == 0:  # one backward in the step, nothing added yet

@@ -509,6 +509,16 @@ class GradNoiseTracker:
             return [], torch.zeros(0, 0)
         return list(names), matrix * scale
 
+    def per_layer_sums(self) -> tuple[list[str], list[float], int]:
+        """(layer names, Σ_i of each layer's per-sample norm, B) of the last
+        measured step: what the noise-scale estimator reads, in one reduction
+        and one host copy."""
+        names, matrix, scale = self._require_results()
+        if matrix is None:
+            return [], [], 0
+        sums = matrix.sum(1, dtype=torch.float64).tolist()
+        return list(names), [v * scale for v in sums], matrix.shape[1]
+
     def per_sample_sq_norms(self) -> torch.Tensor:
         """float32 [B]: ‖∇θ ℓ_i‖² over every measured parameter, last measured step."""
         names, matrix, scale = self._require_results()

@@ -246,6 +246,20 @@ def test_per_layer_keys_and_values():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_layer_sums_and_matrix_agree_with_per_layer_norms(reduction):
+    model, x, y, batch_loss, _ = make_case("lm", 5, reduction)
+    tracker = GradNoiseTracker(model, loss_reduction=reduction)
+    batch_loss(model(x)).backward()
+    per_layer = tracker.per_layer_sq_norms()
+    names, sums, B = tracker.per_layer_sums()
+    matrix_names, matrix = tracker.per_layer_sq_norm_matrix()
+    assert names == matrix_names == list(per_layer) and B == 5
+    for k, name in enumerate(names):
+        assert torch.equal(matrix[k], per_layer[name])
+        assert sums[k] == pytest.approx(per_layer[name].double().sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_layers_norm_tracks_only_normalisation_layers(reduction):
     model, x, y, batch_loss, sample_loss = make_case("lm", 3, reduction)
     norm_params = [n for n, p in model.named_parameters() if ".ln" in n or n.startswith("ln")]
