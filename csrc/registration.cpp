@@ -68,10 +68,6 @@ TORCH_LIBRARY(gradnoise, m) {
   // ‖t‖² of each tensor of a list (float64 [n]): the squared gradient norms
   // the noise-scale estimator reads every step, in one pass over memory.
   m.def("sq_norms(Tensor[] tensors) -> Tensor");
-  // ‖t_i‖² of each row (all but dim 0), in the accumulation dtype, times
-  // (scale_i + extra) when `scale` is given: a T = 1 Linear layer's
-  // per-sample norm ‖dy_i‖²(‖x_i‖² + [bias]) from ‖x_i‖² taken in forward.
-  m.def("row_sq_norms(Tensor t, Tensor? scale=None, float extra=0.0) -> Tensor");
   // Not tensor ops: the cost model and what this build contains, for the
   // Python layer and `python -m gradnoise info`.
   m.def("linear_norm_method(int B, int T, int d, int p, bool with_weight_grad) -> int",

@@ -18,7 +18,7 @@ activation is held longer than autograd holds it. nn.Linear layers with
 positions (T > 1), convolutions and normalisation layers instead run their backward
 through the fused kernel, which computes the weight gradient and the norms
 in one pass; a Linear layer with 2-D input keeps autograd's backward, its
-norms ‖dy_i‖²‖x_i‖² costing two row reductions (‖x_i‖² taken in forward).
+norms ‖dy_i‖²‖x_i‖² costing one pass over x and dY.
 Parameters shared between modules, and modules called several times, are
 summed over uses before squaring, at the end of backward.
 """
@@ -338,10 +338,9 @@ class GradNoiseTracker:
         """Forward of a fused-backward module's call that keeps autograd's
         backward: its norms will come from the gradient of `out`."""
         t = self._by_module[id(module)]
-        state = t.rule.input_state(module, x, t.own)
-        out.register_hook(lambda grad_out: self._output_grad(t, x, state, grad_out))
+        out.register_hook(lambda grad_out: self._output_grad(t, x, grad_out))
 
-    def _output_grad(self, t: _Tracked, x: torch.Tensor, state, grad_out: torch.Tensor) -> None:
+    def _output_grad(self, t: _Tracked, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """Its norms now or, if the module was called several times, at the
         end of backward over all its calls."""
         step = self._step
@@ -349,8 +348,8 @@ class GradNoiseTracker:
             return
         self._queue_finish()
         if len(step.calls.get(id(t.module), ())) == 1:
-            self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, state, grad_out,
-                                                                 t.own), x, grad_out)
+            self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
+                          x, grad_out)
         else:
             step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
 

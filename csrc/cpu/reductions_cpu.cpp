@@ -1,6 +1,5 @@
-// CPU kernels of `sq_norms` (schema in registration.cpp): ‖t‖² of each
-// tensor of a list, as float64 [n]; and of `row_sq_norms`: ‖t_i‖² of each
-// row i (all but dim 0), optionally times (scale_i + extra).
+// CPU kernel of `sq_norms` (schema in registration.cpp): ‖t‖² of each tensor
+// of a list, as float64 [n].
 //
 // Every tensor is cut into chunks of kChunk elements and all chunks of all
 // tensors are shared among the threads, so that one call streams the whole
@@ -66,32 +65,11 @@ struct SqNormKernel {
   }
 };
 
-// Rows [b0, b1) of t [B, n]: out[i] = ‖t_i‖², times (scale[i] + extra) if
-// scale is not null; each row summed as SqNormKernel sums a chunk (float
-// blocks added in double) and the product formed in double.
-template <int VB, typename S>
-struct RowSqNormKernel {
-  using A = acc_of<S>;
-  static GN_INLINE void rows(const S* t, int64_t n, int64_t b0, int64_t b1, const A* scale,
-                             double extra, A* out, float* buf) {
-    for (int64_t i = b0; i < b1; ++i) {
-      const double s = SqNormKernel<VB, S>::chunk(t + i * n, n, buf);
-      out[i] = static_cast<A>(scale == nullptr ? s : s * (static_cast<double>(scale[i]) + extra));
-    }
-  }
-};
-
 #define GN_REDUCTION_ISA(NAME, VB, TARGET)                                    \
   struct NAME {                                                              \
     template <typename S>                                                    \
     TARGET static double chunk(const S* p, int64_t n, float* buf) {          \
       return SqNormKernel<VB, S>::chunk(p, n, buf);                          \
-    }                                                                        \
-    template <typename S>                                                    \
-    TARGET static void rows(const S* t, int64_t n, int64_t b0, int64_t b1,   \
-                            const acc_of<S>* scale, double extra,            \
-                            acc_of<S>* out, float* buf) {                    \
-      RowSqNormKernel<VB, S>::rows(t, n, b0, b1, scale, extra, out, buf);    \
     }                                                                        \
   };
 GN_REDUCTION_ISA(ReductionAvx512, 64, __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))))
@@ -143,52 +121,8 @@ at::Tensor sq_norms_cpu(at::TensorList tensors) {
   return out;
 }
 
-at::Tensor row_sq_norms_cpu(const at::Tensor& t, const c10::optional<at::Tensor>& scale,
-                            double extra) {
-  TORCH_CHECK(t.device().is_cpu(), "gradnoise.ops.row_sq_norms: `t` is on ", t.device(),
-              ", the CPU kernel needs CPU tensors");
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "gradnoise.ops.row_sq_norms: `t` has dtype ", st,
-              "; supported dtypes are float32, float64, bfloat16 and float16");
-  TORCH_CHECK(t.dim() >= 1, "gradnoise.ops.row_sq_norms: `t` must have a batch dimension, got a "
-              "0-dimensional tensor");
-  const int64_t B = t.size(0);
-  const int64_t n = B == 0 ? 0 : t.numel() / B;
-  const auto acc = acc_type(st);
-  at::Tensor sc;
-  if (scale.has_value() && scale->defined()) {
-    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == B, "gradnoise.ops.row_sq_norms: `scale` "
-                "must have shape [", B, "] (one value per row of `t`), got ", scale->sizes());
-    TORCH_CHECK(scale->device() == t.device(), "gradnoise.ops.row_sq_norms: `scale` is on ",
-                scale->device(), " but `t` is on ", t.device());
-    sc = scale->to(acc).contiguous();
-  }
-  at::Tensor out = at::empty({B}, t.options().dtype(acc));
-  if (B == 0) return out;
-  const at::Tensor tc = t.reshape({B, n}).contiguous();
-  // Rows are shared among threads in blocks of at least ~16 K elements.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "gradnoise_row_sq_norms", [&] {
-    using A = acc_of<scalar_t>;
-    const scalar_t* tp = tc.data_ptr<scalar_t>();
-    const A* sp = sc.defined() ? sc.data_ptr<A>() : nullptr;
-    A* op = out.data_ptr<A>();
-    with_isa<ReductionAvx512, ReductionAvx2, ReductionGeneric>([&](auto isa) {
-      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-        std::vector<float> buf(std::is_same_v<scalar_t, A> ? 0 : static_cast<size_t>(n));
-        isa.template rows<scalar_t>(tp, n, b0, b1, sp, extra, op, buf.data());
-      });
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradnoise, CPU, m) {
-  m.impl("sq_norms", &sq_norms_cpu);
-  m.impl("row_sq_norms", &row_sq_norms_cpu);
-}
+TORCH_LIBRARY_IMPL(gradnoise, CPU, m) { m.impl("sq_norms", &sq_norms_cpu); }
 
 }  // namespace gradnoise

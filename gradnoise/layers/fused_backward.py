@@ -41,15 +41,10 @@ class FusedBackwardRule(NormRule):
         from `norms_from_output_grad` (when they are cheap beside it)."""
         return False
 
-    def input_state(self, module: nn.Module, x: torch.Tensor, params: list[str]):
-        """What such a call's norms need from its input, taken in forward
-        while the input is in cache (default: nothing)."""
-        return None
-
-    def norms_from_output_grad(self, module: nn.Module, x: torch.Tensor, state,
+    def norms_from_output_grad(self, module: nn.Module, x: torch.Tensor,
                                grad_out: torch.Tensor, params: list[str]) -> torch.Tensor:
-        """Per-sample sq norms [B] of `params` from such a call's input, its
-        `input_state` and its output gradient."""
+        """Per-sample sq norms [B] of `params` from such a call's input and
+        output gradient."""
         raise NotImplementedError
 
     @abstractmethod

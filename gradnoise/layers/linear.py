@@ -7,7 +7,7 @@ weight gradient and the per-sample norms in one pass
 (gradnoise.ops.linear_weight_grad_and_sq_norms), so that tracking costs 1/T
 of the weight-gradient GEMM instead of a second pass. With 2-D input (T = 1)
 the norms are ‖x_i‖²‖dy_i‖² (Goodfellow 2015), O(B(d + p)): autograd's
-backward is kept and they come from the output gradient.
+backward is kept and they come from the output gradient, in one op.
 A layer called several times contributes G_i = Σ_calls dY_iᵀ X_i, which is
 the same problem with the calls' positions concatenated along T.
 """
@@ -67,21 +67,11 @@ class LinearRule(FusedBackwardRule):
     def keeps_autograd_backward(self, module, x):
         return x.dim() == 2
 
-    def input_state(self, module, x, params):
-        # ‖x_i‖², unless autocast will run the layer in another dtype (its
-        # weight gradient is then made of x cast to that dtype).
-        if ("weight" not in params or x.dtype != module.weight.dtype
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        return ops.row_sq_norms(x)
-
-    def norms_from_output_grad(self, module, x, state, grad_out, params):
-        with_bias = "bias" in params
+    def norms_from_output_grad(self, module, x, grad_out, params):
         if "weight" not in params:
-            return ops.row_sq_norms(grad_out)
-        if state is None:
-            return ops.linear_sq_norms(x.to(grad_out.dtype), grad_out, with_bias=with_bias)
-        return ops.row_sq_norms(grad_out, state, 1.0 if with_bias else 0.0)
+            return _bias_sq_norms(_flat3(grad_out))
+        xc = x if x.dtype == grad_out.dtype else x.to(grad_out.dtype)
+        return ops.linear_sq_norms(xc, grad_out, with_bias="bias" in params)
 
     def forward(self, module, x, weight, bias):
         return nn.functional.linear(x, weight, bias), ()

@@ -20,7 +20,7 @@ from .norm_layers import (group_norm_backward_and_sq_norms, group_norm_backward_
                           layer_norm_backward_and_sq_norms, layer_norm_backward_and_sq_norms_ref,
                           layer_norm_sq_norms,
                           layer_norm_sq_norms_ref)
-from .reductions import row_sq_norms, row_sq_norms_ref, sq_norms, sq_norms_ref
+from .reductions import sq_norms, sq_norms_ref
 from .reference import linear_sq_norms_ref, linear_weight_grad_and_sq_norms_ref
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
     "layer_norm_backward_and_sq_norms_ref",
     "sq_norms",
     "sq_norms_ref",
-    "row_sq_norms",
-    "row_sq_norms_ref",
     "embedding_sq_norms",
     "embedding_sq_norms_ref",
 ]

@@ -27,10 +27,6 @@ def register() -> None:
         return grad_out.new_empty((indices.shape[0],),
                                   dtype=_validate.accumulation_dtype(grad_out.dtype))
 
-    @torch.library.register_fake("gradnoise::row_sq_norms")
-    def _row_sq_norms_fake(t, scale=None, extra=0.0):
-        return t.new_empty((t.shape[0],), dtype=_validate.accumulation_dtype(t.dtype))
-
     @torch.library.register_fake("gradnoise::linear_sq_norms")
     def _linear_sq_norms_fake(x, grad_out, with_bias=False, method="auto"):
         B, _, _, _ = _validate.linear_problem(x, grad_out, method)
