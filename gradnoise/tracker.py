@@ -65,6 +65,9 @@ class _Step:
     # single call, from the fused backward (the cross terms come at the end)
     shared_own: dict[int, torch.Tensor] = field(default_factory=dict)
     callback_queued: bool = False
+    # set when its backward has ended: a further backward through the same
+    # graph (retain_graph=True) is not measured
+    finished: bool = False
 
 
 class GradNoiseTracker:
@@ -300,8 +303,13 @@ class GradNoiseTracker:
             torch.autograd.Variable._execution_engine.queue_callback(
                 lambda: self._finish(step))
 
-    def _on_grad(self, t: _Tracked, call: Call, k: int, grad: torch.Tensor) -> None:
+    def _live_step(self) -> _Step | None:
+        """The step being measured, or None once its backward has ended."""
         step = self._step
+        return None if step is None or step.finished else step
+
+    def _on_grad(self, t: _Tracked, call: Call, k: int, grad: torch.Tensor) -> None:
+        step = self._live_step()
         if step is None:
             return
         self._queue_finish()
@@ -316,7 +324,7 @@ class GradNoiseTracker:
                         grad_out: torch.Tensor, need_input_grad: bool, need_weight: bool,
                         need_bias: bool):
         """Backward of a fused-backward module's call: (grad_x, grad_weight, grad_bias)."""
-        step = self._step
+        step = self._live_step()
         t = self._by_module[id(module)]
         if step is not None:
             self._queue_finish()
@@ -338,14 +346,18 @@ class GradNoiseTracker:
         """Forward of a fused-backward module's call that keeps autograd's
         backward: its norms will come from the gradient of `out`."""
         t = self._by_module[id(module)]
-        out.register_hook(lambda grad_out: self._output_grad(t, x, grad_out))
+        # The hook lives as long as the graph, so it holds x only until it
+        # has used it: autograd's own reference goes after the layer's backward.
+        held = [x]
+        out.register_hook(lambda grad_out: self._output_grad(t, held, grad_out))
 
-    def _output_grad(self, t: _Tracked, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    def _output_grad(self, t: _Tracked, held: list, grad_out: torch.Tensor) -> None:
         """Its norms now or, if the module was called several times, at the
         end of backward over all its calls."""
-        step = self._step
-        if step is None:
+        step = self._live_step()
+        if step is None or not held:
             return
+        x = held.pop()
         self._queue_finish()
         if len(step.calls.get(id(t.module), ())) == 1:
             self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
@@ -395,6 +407,7 @@ class GradNoiseTracker:
             step.calls.clear()
             step.pending.clear()
             step.shared_own.clear()
+            step.finished = True
             step.callback_queued = False
             step.norms = {}
 

@@ -469,6 +469,39 @@ def test_two_dimensional_linear_keeps_autograd_backward_bitwise():
     torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
 
 
+def test_inputs_released_during_backward():
+    """No activation outlives autograd's use of it: when backward reaches the
+    first layer, the inputs of the later layers are gone."""
+    import weakref
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    tracker = GradNoiseTracker(model)
+    refs = []
+    for k in (2, 4):
+        model[k].register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+    out = model(torch.randn(5, 8))
+    alive = []
+    first = model[0].weight
+    first.register_hook(lambda g: alive.append([r() is not None for r in refs]))
+    out.square().mean().backward()
+    assert alive == [[False, False]]
+    assert tracker.per_sample_sq_norms().shape == (5,)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (6, 3, 4)])
+def test_second_backward_through_the_same_graph_is_not_measured(shape):
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    tracker = GradNoiseTracker(model)
+    loss = model(torch.randn(*shape)).square().mean()
+    loss.backward(retain_graph=True)
+    first = tracker.per_sample_sq_norms()
+    grads = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    assert torch.equal(tracker.per_sample_sq_norms(), first)
+    for p, g in zip(model.parameters(), grads):  # gradients still accumulate as usual
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
 def test_attach_detach_idempotent_and_hooks_removed():
     model, x, y, batch_loss, _ = make_case("lm", 2, "sum")
 
