@@ -370,6 +370,9 @@ struct GnKernel {
 //   pass 1, per channel i = (n, c):  dsc_i = Σ_s dY·(x − μ),  db_i = Σ_s dY
 //   pass 2, per channel:             dX = a·dY + b·x + c
 // with a, b, c from the group's sums (see group_norm_backward_and_sq_norms_cpu).
+// With the input gradient, both passes run one group (n, g) at a time: the
+// second finds the group's x and dY in cache, so the layer reads them from
+// memory once instead of twice.
 // ---------------------------------------------------------------------------
 template <int VB, typename S>
 struct GnBackwardKernel {
@@ -383,6 +386,31 @@ struct GnBackwardKernel {
       const A* xa = as_acc(x + i * Sp, Sp, bx.data());
       const A* ga = as_acc(g + i * Sp, Sp, bg.data());
       dot_dev_and_sum<VB, A>(xa, ga, Sp, mean[i / C * G + i % C / D], dsc[i], db[i]);
+    }
+  }
+
+  // Groups q in [q0, q1) (q = n·G + g), each whole: pass 1 over its D
+  // channels, its coefficients, then pass 2. a_in [N·C], c2, c3 [N·G] are
+  // written for these groups only.
+  static GN_INLINE void groups(const S* x, const S* g, S* dx, int64_t Sp, int64_t C, int64_t G,
+                               int64_t q0, int64_t q1, const A* mean, const A* rstd, const A* w,
+                               A* dsc, A* db, A* a_in, A* c2, A* c3) {
+    const int64_t D = C / G;
+    const A s = A(1) / static_cast<A>(D * Sp);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t i0 = q / G * C + q % G * D, i1 = i0 + D;
+      sums(x, g, Sp, C, G, i0, i1, mean, dsc, db);
+      const A r = rstd[q];
+      A a = 0, bg = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const A wc = w[i % C];
+        a += wc * dsc[i];
+        bg += wc * db[i];
+        a_in[i] = r * wc;
+      }
+      c2[q] = -a * r * r * r * s;
+      c3[q] = -c2[q] * mean[q] - bg * r * s;
+      input_grad(x, g, dx, Sp, C, i0, i1, a_in, c2, c3, D, G);
     }
   }
 
@@ -474,6 +502,15 @@ struct GnBackwardKernel {
                                          const acc_of<S>* a, const acc_of<S>* b,              \
                                          const acc_of<S>* c, int64_t D, int64_t G) {          \
       GnBackwardKernel<VB, S>::input_grad(x, g, dx, Sp, C, i0, i1, a, b, c, D, G);            \
+    }                                                                                         \
+    template <typename S>                                                                     \
+    TARGET static void gn_backward_groups(const S* x, const S* g, S* dx, int64_t Sp,          \
+                                          int64_t C, int64_t G, int64_t q0, int64_t q1,       \
+                                          const acc_of<S>* mean, const acc_of<S>* rstd,       \
+                                          const acc_of<S>* w, acc_of<S>* dsc, acc_of<S>* db,  \
+                                          acc_of<S>* a_in, acc_of<S>* c2, acc_of<S>* c3) {    \
+      GnBackwardKernel<VB, S>::groups(x, g, dx, Sp, C, G, q0, q1, mean, rstd, w, dsc, db,     \
+                                      a_in, c2, c3);                                          \
     }                                                                                         \
   };
 
@@ -699,47 +736,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_a
       const A* mu = mu_t.data_ptr<A>();
       const A* r = r_t.data_ptr<A>();
       const A* w = w_t.data_ptr<A>();
-      std::vector<A> dsc(N * C), db(N * C), a_in(N * C);
+      std::vector<A> dsc(N * C), db(N * C);
       with_norm_isa([&](auto isa) {
-        at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
-          decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
-                                                             dsc.data(), db.data());
-        });
+        if (need_input_grad) {
+          std::vector<A> a_in(N * C), c2(N * G), c3(N * G);
+          scalar_t* dx = grad_input.data_ptr<scalar_t>();
+          at::parallel_for(0, N * G, grain_for(D * Sp), [&](int64_t q0, int64_t q1) {
+            decltype(isa)::template gn_backward_groups<scalar_t>(
+                xp, gp, dx, Sp, C, G, q0, q1, mu, r, w, dsc.data(), db.data(), a_in.data(),
+                c2.data(), c3.data());
+          });
+        } else {
+          at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
+            decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
+                                                               dsc.data(), db.data());
+          });
+        }
       });
+      // γ and β gradients (summed over samples) and the per-sample norms.
       A* nrm = norms.data_ptr<A>();
       A* dw = grad_weight.data_ptr<A>();
       A* dbias = grad_bias.data_ptr<A>();
-      std::vector<A> c2(N * G), c3(N * G);
-      const A s = A(1) / static_cast<A>(D * Sp);
       for (int64_t n = 0; n < N; ++n) {
         A total = 0;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t ng = n * G + g;
-          A a = 0, bg = 0;
-          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-            const int64_t i = n * C + c;
-            const A gamma_grad = r[ng] * dsc[i];
-            if (with_weight) total += gamma_grad * gamma_grad;
-            if (with_bias) total += db[i] * db[i];
-            dw[c] += gamma_grad;
-            dbias[c] += db[i];
-            a += w[c] * dsc[i];
-            bg += w[c] * db[i];
-            a_in[i] = r[ng] * w[c];
-          }
-          c2[ng] = -a * r[ng] * r[ng] * r[ng] * s;
-          c3[ng] = -c2[ng] * mu[ng] - bg * r[ng] * s;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = n * C + c;
+          const A gamma_grad = r[n * G + c / D] * dsc[i];
+          if (with_weight) total += gamma_grad * gamma_grad;
+          if (with_bias) total += db[i] * db[i];
+          dw[c] += gamma_grad;
+          dbias[c] += db[i];
         }
         nrm[n] = total;
-      }
-      if (need_input_grad) {
-        scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        with_norm_isa([&](auto isa) {
-          at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
-            decltype(isa)::template gn_backward_input<scalar_t>(
-                xp, gp, dx, Sp, C, i0, i1, a_in.data(), c2.data(), c3.data(), D, G);
-          });
-        });
       }
     });
   }

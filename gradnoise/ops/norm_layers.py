@@ -275,8 +275,10 @@ def group_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, me
     grad_weight or None, grad_bias or None, n [B]) with n as in
     :func:`group_norm_sq_norms`. The CPU kernel reduces each channel once for
     γ, β, the norms and the input gradient's coefficients, then writes the
-    input gradient: the two passes torch's own backward makes. Other devices
-    run torch's backward and their backend's norms op.
+    input gradient, one group (sample, group) at a time, so that the second
+    pass finds the group's x and dY in cache: one read of each from memory
+    where torch's own backward makes two. Other devices run torch's backward
+    and their backend's norms op.
     """
     B, C, S = check_group_norm_args(x, grad_out, groups, eps)
     be = resolve_backend(x.device, backend)
