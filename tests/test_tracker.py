@@ -326,15 +326,22 @@ def _forward_backward(model, x, batch_loss):
     return out
 
 
-@pytest.mark.parametrize("name", ["lm", "cnn"])
-def test_outputs_unchanged_and_grads_match(name):
-    model, x, y, batch_loss, _ = make_case(name, 4, "mean")
+def _plain_then_tracked(model, x, batch_loss, **tracker_args):
+    """One step without the tracker and one with it: (output and gradients
+    without, the tracker after its step), the output already checked bitwise."""
     out_plain = _forward_backward(model, x, batch_loss)
     grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    with GradNoiseTracker(model) as tracker:
+    with GradNoiseTracker(model, **tracker_args) as tracker:
         out_tracked = _forward_backward(model, x, batch_loss)
     assert torch.equal(out_plain, out_tracked)
+    return grads_plain, tracker
+
+
+@pytest.mark.parametrize("name", ["lm", "cnn"])
+def test_outputs_unchanged_and_grads_match(name):
+    model, x, y, batch_loss, _ = make_case(name, 4, "mean")
+    grads_plain, tracker = _plain_then_tracked(model, x, batch_loss)
     for n, p in model.named_parameters():
         # Bitwise unless the fused kernel replaced a weight-gradient GEMM,
         # whose sum runs in another order: then equal to float rounding.
@@ -443,12 +450,7 @@ def test_row_norm_called_twice_sums_over_calls(norm):
 @pytest.mark.parametrize("name", ["lm", "cnn"])
 def test_bitwise_unchanged_grads_without_fused_backward(name):
     model, x, y, batch_loss, _ = make_case(name, 4, "mean")
-    out_plain = _forward_backward(model, x, batch_loss)
-    grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    with GradNoiseTracker(model, fused_backward=False):
-        out_tracked = _forward_backward(model, x, batch_loss)
-    assert torch.equal(out_plain, out_tracked)
+    grads_plain, _ = _plain_then_tracked(model, x, batch_loss, fused_backward=False)
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, grads_plain[n]), n
 
@@ -458,12 +460,7 @@ def test_two_dimensional_linear_keeps_autograd_backward_bitwise():
     come from the output gradient: the weight gradients stay autograd's."""
     model, x, y, batch_loss, sample_loss = make_case("mlp", 5, "mean")
     truth = model_per_sample_sq_norms(model, x, y, sample_loss)
-    out_plain = _forward_backward(model, x, batch_loss)
-    grads_plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    with GradNoiseTracker(model) as tracker:
-        out_tracked = _forward_backward(model, x, batch_loss)
-    assert torch.equal(out_plain, out_tracked)
+    grads_plain, tracker = _plain_then_tracked(model, x, batch_loss)
     for n, p in model.named_parameters():
         assert torch.equal(p.grad, grads_plain[n]), n
     torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
