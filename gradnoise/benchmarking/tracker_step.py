@@ -86,6 +86,12 @@ class Prepared:
     describe: Callable[[], tuple[str, str]] | None = None
     #: seconds of each step spent in the noise-scale estimator, if it runs one
     estimator_times: list[float] | None = None
+    #: (before, step, after): the plain step of this candidate's own model,
+    #: `before` and `after` run outside the timing. A candidate that has one
+    #: is paired with it rather than with the shared plain model's step, so
+    #: that where each copy's tensors sit in memory (worth ±3% on the CNN
+    #: between two identical copies) cancels out of its ratio.
+    own_plain: tuple[Callable[[], None], Callable[[], None], Callable[[], None]] | None = None
 
 
 @dataclass
@@ -150,12 +156,15 @@ def norm_layer_params(model: nn.Module) -> list[str]:
 
 
 # --------------------------------------------------------------- candidates
-def _plain(model, x, y, loss_fn) -> Prepared:
+def _plain_step(model, x, y, loss_fn) -> Callable[[], None]:
     def step():
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
-        return None
-    return Prepared(step)
+    return step
+
+
+def _plain(model, x, y, loss_fn) -> Prepared:
+    return Prepared(_plain_step(model, x, y, loss_fn))
 
 
 def _gradnoise(layers: str):
@@ -173,7 +182,8 @@ def _gradnoise(layers: str):
         note = ""
         if tracker.fallback_modules:
             note = f"torch.func fallback: {', '.join(tracker.fallback_modules)}"
-        return Prepared(step, lambda: names, note=note)
+        return Prepared(step, lambda: names, note=note, own_plain=(
+            tracker.detach, _plain_step(model, x, y, loss_fn), tracker.attach))
     return prepare
 
 
@@ -195,7 +205,8 @@ def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
         spent.append(gns.overhead_seconds - before)  # its step() and its gradient hooks
         return norms
     return Prepared(step, estimator_times=spent,
-                    detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad")
+                    detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad",
+                    own_plain=(tracker.detach, _plain_step(model, x, y, loss_fn), tracker.attach))
 
 
 def _vmap(model, x, y, loss_fn) -> Prepared:
@@ -216,7 +227,7 @@ def _vmap(model, x, y, loss_fn) -> Prepared:
             norms = n if norms is None else norms + n
             params[k].grad = t.mean(0)
         return norms
-    return Prepared(step)
+    return Prepared(step, own_plain=(lambda: None, _plain_step(model, x, y, loss_fn), lambda: None))
 
 
 def _opacus_hooks(model, x, y, loss_fn) -> Prepared:
@@ -405,13 +416,16 @@ def _time(fn) -> float:
 
 
 def _interleaved(steps: dict[str, Callable], first: dict[str, float], repeats: int,
-                 warmup: int, slow_budget_s: float, min_repeats: int, tick
+                 warmup: int, slow_budget_s: float, min_repeats: int, tick,
+                 own_plain: dict[str, tuple] | None = None
                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(times, paired plain times). Each repetition runs every candidate once,
     in an order rotated by one per repetition, each right next to a plain
     step (before it in even repetitions, after it in odd ones): a candidate's
     ratio to the plain step is taken against that neighbour, so that this
     machine's drift in speed between the two is seconds, not a repetition.
+    The neighbour is the candidate's own model's plain step where
+    `own_plain` has one (Prepared.own_plain), else the shared plain model's.
     A candidate whose step × `repeats` would exceed `slow_budget_s` runs only
     in the first max(min_repeats, budget / step) repetitions."""
     reps = {}
@@ -424,24 +438,43 @@ def _interleaved(steps: dict[str, Callable], first: dict[str, float], repeats: i
             if reps[name] == repeats:
                 fn()
     plain = steps["plain"]
+    own_plain = own_plain or {}
+
+    def time_plain(name: str) -> float:
+        if name not in own_plain:
+            t = _time(plain)
+            times["plain"].append(t)
+            return t
+        before, step, after = own_plain[name]
+        before()
+        try:
+            return _time(step)
+        finally:
+            after()
+
     names = [n for n in steps if n != "plain"]
     times: dict[str, list[float]] = {n: [] for n in steps}
     paired: dict[str, list[float]] = {n: [] for n in steps}
+    for name, (before, step, after) in own_plain.items():
+        for _ in range(warmup):
+            before()
+            step()
+            after()
     for r in range(repeats):
         k = r % max(1, len(names))
+        shared_before = len(times["plain"])
         for name in names[k:] + names[:k]:
             if r >= reps[name]:
                 continue
             if r % 2 == 0:
-                tp = _time(plain)
+                tp = time_plain(name)
                 tc = _time(steps[name])
             else:
                 tc = _time(steps[name])
-                tp = _time(plain)
+                tp = time_plain(name)
             times[name].append(tc)
             paired[name].append(tp)
-            times["plain"].append(tp)
-        if not names:
+        if len(times["plain"]) == shared_before:  # every candidate had its own
             times["plain"].append(_time(plain))
         paired["plain"] = times["plain"]
         gc.collect()
@@ -628,8 +661,10 @@ def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
             for p in prepared.values():
                 if p.estimator_times is not None:
                     p.estimator_times.clear()  # the check and warm-up steps do not count
+            own = {c: p.own_plain for c, p in prepared.items() if p.own_plain is not None}
             times, paired = _interleaved(steps, first, repeats, warmup, slow_budget_s,
-                                         min_repeats, lambda: progress(f"{mname}: timing", 1))
+                                         min_repeats, lambda: progress(f"{mname}: timing", 1),
+                                         own)
             for c, ts in times.items():
                 out[c].repeats = len(ts)
                 out[c].median_ms = statistics.median(ts) * 1e3
