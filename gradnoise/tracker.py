@@ -284,50 +284,64 @@ class GradNoiseTracker:
             return
         outs = [flat[k] for k in index]
         call = Call(args, kwargs, [None] * len(outs), index)
-        self._step.calls.setdefault(id(t.module), []).append(call)
-        self._step.pending[id(call)] = len(outs)
+        step = self._step
+        step.calls.setdefault(id(t.module), []).append(call)
+        step.pending[id(call)] = len(outs)
         for k, o in enumerate(outs):
-            o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(t, call, k, g))
+            o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(step, t, call, k, g))
 
-    def wants(self, module: nn.Module, x: torch.Tensor) -> bool:
-        """Called by a fused-backward module's forward: is this call measured?"""
+    def wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:
+        """Called by a fused-backward module's forward: the step that measures
+        this call, or None if it is not measured."""
         if not self._measuring(module):
-            return False
+            return None
         self._step.calls.setdefault(id(module), []).append(None)
-        return True
+        return self._step
 
-    def _queue_finish(self) -> None:
-        if not self._step.callback_queued:
-            self._step.callback_queued = True
-            step = self._step
+    def _queue_finish(self, step: _Step) -> None:
+        if not step.callback_queued:
+            step.callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(
                 lambda: self._finish(step))
 
-    def _live_step(self) -> _Step | None:
-        """The step being measured, or None once its backward has ended."""
-        step = self._step
-        return None if step is None or step.finished else step
+    def _backward_step(self, step: _Step | None) -> _Step | None:
+        """The step a call's backward adds to: `step`, the one its forward
+        recorded into; None if that step's backward has ended (a second
+        backward through the same graph is not measured) or the tracker was
+        detached or paused since. A backward that also reaches an earlier
+        forward of the model than the last one cannot be measured: error."""
+        if step is None or step.finished or self._step is None:
+            return None
+        if step is not self._step:
+            raise RuntimeError(
+                "GradNoiseTracker: this backward runs through two forward passes of the model "
+                "(e.g. a loss made of model(a) and model(b)); a measurement covers one forward. "
+                "Make them one call of a module that runs both (track that module), or measure "
+                "the passes with separate backward calls.")
+        return step
 
-    def _on_grad(self, t: _Tracked, call: Call, k: int, grad: torch.Tensor) -> None:
-        step = self._live_step()
+    def _on_grad(self, step: _Step, t: _Tracked, call: Call, k: int,
+                 grad: torch.Tensor) -> None:
+        step = self._backward_step(step)
         if step is None:
             return
-        self._queue_finish()
+        self._queue_finish(step)
         call.grad_outputs[k] = grad
         step.pending[id(call)] -= 1
-        if step.pending[id(call)] == 0 and self._is_simple(t):
+        if step.pending[id(call)] == 0 and self._is_simple(step, t):
             self._step_add(step, t, t.rule.sq_norms(t.module, [call], t.own), _batch(call))
             step.calls[id(t.module)].remove(call)
             call.release()
 
-    def module_backward(self, module: nn.Module, x: torch.Tensor, weight, saved: tuple,
-                        grad_out: torch.Tensor, need_input_grad: bool, need_weight: bool,
-                        need_bias: bool):
-        """Backward of a fused-backward module's call: (grad_x, grad_weight, grad_bias)."""
-        step = self._live_step()
+    def module_backward(self, module: nn.Module, step: _Step | None, x: torch.Tensor, weight,
+                        saved: tuple, grad_out: torch.Tensor, need_input_grad: bool,
+                        need_weight: bool, need_bias: bool):
+        """Backward of a fused-backward module's call, measured by `step`:
+        (grad_x, grad_weight, grad_bias)."""
+        step = self._backward_step(step)
         t = self._by_module[id(module)]
         if step is not None:
-            self._queue_finish()
+            self._queue_finish(step)
         if step is not None and len(step.calls.get(id(module), [])) == 1:
             gx, gw, gb, norms = t.rule.fused_backward(module, x, weight, saved, grad_out, t.own,
                                                       need_input_grad)
@@ -342,23 +356,24 @@ class GradNoiseTracker:
         return ((gx if need_input_grad else None), (gw if need_weight else None),
                 (gb if need_bias else None))
 
-    def watch_output(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Forward of a fused-backward module's call that keeps autograd's
-        backward: its norms will come from the gradient of `out`."""
+    def watch_output(self, module: nn.Module, step: _Step, x: torch.Tensor,
+                     out: torch.Tensor) -> None:
+        """Forward of a fused-backward module's call, measured by `step`, that
+        keeps autograd's backward: its norms will come from the gradient of `out`."""
         t = self._by_module[id(module)]
         # The hook lives as long as the graph, so it holds x only until it
         # has used it: autograd's own reference goes after the layer's backward.
         held = [x]
-        out.register_hook(lambda grad_out: self._output_grad(t, held, grad_out))
+        out.register_hook(lambda grad_out: self._output_grad(step, t, held, grad_out))
 
-    def _output_grad(self, t: _Tracked, held: list, grad_out: torch.Tensor) -> None:
+    def _output_grad(self, step: _Step, t: _Tracked, held: list, grad_out: torch.Tensor) -> None:
         """Its norms now or, if the module was called several times, at the
         end of backward over all its calls."""
-        step = self._live_step()
+        step = self._backward_step(step)
         if step is None or not held:
             return
         x = held.pop()
-        self._queue_finish()
+        self._queue_finish(step)
         if len(step.calls.get(id(t.module), ())) == 1:
             self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
                           x, grad_out)
@@ -375,8 +390,8 @@ class GradNoiseTracker:
         else:
             self._step_add(step, t, norms, x.shape[0])
 
-    def _is_simple(self, t: _Tracked) -> bool:
-        calls = self._step.calls.get(id(t.module), [])
+    def _is_simple(self, step: _Step, t: _Tracked) -> bool:
+        calls = step.calls.get(id(t.module), [])
         return not t.shared and len(calls) == 1
 
     # --------------------------------------------------------- end of backward
@@ -547,7 +562,8 @@ class GradNoiseTracker:
     def fused_modules(self) -> list[str]:
         """Modules whose backward the tracker takes over (nn.Linear, zero-padded
         convolutions, LayerNorm, RMSNorm and GroupNorm, not sharing
-        parameters): their weight
+        parameters, or whose one parameter is a weight tied with Linear or
+        Embedding uses): their weight
         gradient comes from the fused kernel with the norms, except for
         Linear calls with 2-D input, which keep autograd's backward."""
         return [t.name for t in self._tracked if t.fused]

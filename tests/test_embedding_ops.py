@@ -59,6 +59,19 @@ def test_bad_input_names_the_culprit():
         ops.embedding_sq_norms(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 4, 4), 5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_negative_padding_idx_counts_from_the_end(backend):
+    idx = torch.randint(0, 6, (3, 5))
+    idx[:, 1] = 5
+    g = torch.randn(3, 5, 4)
+    torch.testing.assert_close(ops.embedding_sq_norms(idx, g, 6, -1, backend=backend),
+                               ops.embedding_sq_norms(idx, g, 6, 5, backend=backend))
+    torch.testing.assert_close(ops.embedding_sq_norms(idx, g, 6, 5, backend=backend).double(),
+                               _truth(idx, g.double(), 6, 5), rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="`padding_idx` = 6 is outside"):
+        ops.embedding_sq_norms(idx, g, 6, 6, backend=backend)
+
+
 def test_opcheck():
     idx = torch.randint(0, 5, (3, 4))
     torch.library.opcheck(torch.ops.gradnoise.embedding_sq_norms.default,

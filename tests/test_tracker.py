@@ -499,6 +499,67 @@ def test_second_backward_through_the_same_graph_is_not_measured(shape):
         torch.testing.assert_close(p.grad, 2 * g)
 
 
+class _Scale(nn.Module):
+    """A bare parameter: measured by the generic fallback through hooks."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _Twice(nn.Module):
+    """One call that runs `inner` on both halves of x [B, 2, ...]."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return (self.inner(x[:, 0]) * self.inner(x[:, 1])).flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("path", ["2-D Linear", "Linear with positions", "hooks"])
+def test_backward_through_two_forwards_is_an_error_not_a_wrong_number(path):
+    shape = (4, 3, 6) if path == "Linear with positions" else (4, 6)
+    first = _Scale(6) if path == "hooks" else nn.Linear(6, 6)
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(6, 2))
+    tracker = GradNoiseTracker(model)
+    a, b = model(torch.randn(*shape)), model(torch.randn(*shape))
+    with pytest.raises(RuntimeError, match="two forward passes of the model"):
+        (a * b).sum().backward()
+    tracker.detach()
+    # the remedy the error names: one call of a module that runs both passes
+    twice = _Twice(model)
+    x = torch.randn(shape[0], 2, *shape[1:])
+    truth = model_per_sample_sq_norms(twice, x, torch.zeros(shape[0]), lambda out, t: out.sum())
+    with GradNoiseTracker(twice, loss_reduction="sum") as both:
+        twice(x).sum().backward()
+    torch.testing.assert_close(both.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
+def test_embedding_with_grad_scaled_by_frequency_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'0'.*scale_grad_by_freq"):
+        GradNoiseTracker(model)
+    GradNoiseTracker(model, layers=lambda name, m: name != "0")  # left out: fine
+
+
+def test_in_place_op_after_a_linear_with_positions():
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 2, (4,))
+
+    def sample_loss(out, t):
+        return nn.functional.cross_entropy(out.mean(1), t, reduction="sum")
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert "0" in tracker.fused_modules
+    sample_loss(model(x), y).backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
 def test_attach_detach_idempotent_and_hooks_removed():
     model, x, y, batch_loss, _ = make_case("lm", 2, "sum")
 

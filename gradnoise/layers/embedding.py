@@ -45,6 +45,11 @@ class EmbeddingRule(NormRule):
             raise ValueError(
                 f"GradNoiseTracker: Embedding '{name}' has max_norm set, which renormalises "
                 "rows in place during forward; per-sample norms are not supported for it.")
+        if module.scale_grad_by_freq:
+            raise ValueError(
+                f"GradNoiseTracker: Embedding '{name}' has scale_grad_by_freq=True, which "
+                "divides each row's gradient by the token's count over the whole batch; "
+                "per-sample norms are not supported for it (leave it out with `layers=`).")
 
     def sq_norms(self, module, calls, params):
         idx, grads = self._cat(calls)

@@ -72,10 +72,10 @@ class _FusedBackwardFunction(torch.autograd.Function):
     the gradients (from the rule's fused backward, with the norms)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, module, rule, sink):
+    def forward(ctx, x, weight, bias, module, rule, sink, step):
         out, saved = rule.forward(module, x, weight, bias)
         ctx.save_for_backward(x, weight, *saved)
-        ctx.module, ctx.sink, ctx.has_bias = module, sink, bias is not None
+        ctx.module, ctx.sink, ctx.step, ctx.has_bias = module, sink, step, bias is not None
         return out
 
     @staticmethod
@@ -83,7 +83,7 @@ class _FusedBackwardFunction(torch.autograd.Function):
         x, weight, *saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = ctx.sink.module_backward(
-            ctx.module, x, weight, tuple(saved), grad_out, need_x, need_w,
+            ctx.module, ctx.step, x, weight, tuple(saved), grad_out, need_x, need_w,
             ctx.has_bias and need_b)
         # (dtype checks first: a no-op .to still costs a call on every layer)
         if grad_x is not None and grad_x.dtype != x.dtype:
@@ -92,30 +92,31 @@ class _FusedBackwardFunction(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None and grad_b.dtype != ctx.module.bias.dtype:
             grad_b = grad_b.to(ctx.module.bias.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink) -> None:
     """Route the module's training-step forward through _FusedBackwardFunction.
 
-    `sink.wants(module, x)` says whether this call is measured;
-    `sink.module_backward(module, x, weight, saved, grad_out, need_input_grad,
-    need_weight, need_bias)` computes the gradients; for calls that keep
-    autograd's backward, `sink.watch_output(module, x, out)` takes the norms
-    from the output's gradient. Outputs are the module's.
+    `sink.wants(module, x)` gives the step that measures this call (None: not
+    measured); `sink.module_backward(module, step, x, weight, saved, grad_out,
+    need_input_grad, need_weight, need_bias)` computes the gradients; for
+    calls that keep autograd's backward, `sink.watch_output(module, step, x,
+    out)` takes the norms from the output's gradient. Outputs are the module's.
     """
     plain_forward = type(module).forward
 
     def forward(x):
-        if not sink.wants(module, x):
+        step = sink.wants(module, x)
+        if step is None:
             return plain_forward(module, x)
         if rule.keeps_autograd_backward(module, x):
             out = plain_forward(module, x)
             if out.requires_grad:
-                sink.watch_output(module, x, out)
+                sink.watch_output(module, step, x, out)
             return out
         return _FusedBackwardFunction.apply(x, module.weight, getattr(module, "bias", None),
-                                            module, rule, sink)
+                                            module, rule, sink, step)
     module.forward = forward
 
 

@@ -74,7 +74,14 @@ class LinearRule(FusedBackwardRule):
         return ops.linear_sq_norms(xc, grad_out, with_bias="bias" in params)
 
     def forward(self, module, x, weight, bias):
-        return nn.functional.linear(x, weight, bias), ()
+        out = nn.functional.linear(x, weight, bias)
+        if out._base is not None:
+            # For 3-D input F.linear returns a view of its 2-D result, and an
+            # autograd Function's output that is a view cannot be modified in
+            # place (ReLU(inplace=True) after the layer would fail). Nothing
+            # else refers to that result: the same storage, as a plain tensor.
+            out = torch.ops.aten._unsafe_view(out, out.shape)
+        return out, ()
 
     @staticmethod
     def _input_grad(x, weight, grad_out):

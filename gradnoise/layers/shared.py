@@ -47,10 +47,10 @@ def _pair(u: Factor, v: Factor, sl: slice, dtype: torch.dtype) -> torch.Tensor:
         aa = torch.bmm(u.a[sl].to(dtype), v.a[sl].to(dtype).transpose(1, 2))
     elif u.kind == "dense":                                                   # dY_u,t[token_s]
         b, Tu, Tv = zz.shape
-        aa = u.a[sl].to(dtype).gather(2, v.tokens[sl].unsqueeze(1).expand(b, Tu, Tv))
+        aa = u.a[sl].gather(2, v.tokens[sl].unsqueeze(1).expand(b, Tu, Tv)).to(dtype)
     elif v.kind == "dense":
         b, Tu, Tv = zz.shape
-        aa = v.a[sl].to(dtype).gather(2, u.tokens[sl].unsqueeze(1).expand(b, Tv, Tu))
+        aa = v.a[sl].gather(2, u.tokens[sl].unsqueeze(1).expand(b, Tv, Tu)).to(dtype)
         aa = aa.transpose(1, 2)
     else:                                                                     # equal tokens
         aa = (u.tokens[sl].unsqueeze(2) == v.tokens[sl].unsqueeze(1)).to(dtype)
@@ -69,7 +69,12 @@ def cross_sq_norms(u: Factor, v: Factor, chunk_bytes: int) -> torch.Tensor:
     `chunk_bytes`."""
     dtype = torch.float64 if u.z.dtype == torch.float64 else torch.float32
     B, Tu, Tv = u.z.shape[0], u.z.shape[1], v.z.shape[1]
-    chunk = max(1, chunk_bytes // max(1, 8 * Tu * Tv))
+    # per sample: two [Tu, Tv] products, and the factors cast to `dtype`
+    # (dense × dense casts A, [T, rows] each)
+    per_sample = 2 * Tu * Tv + (Tu + Tv) * u.z.shape[2]
+    if u.kind == "dense" and v.kind == "dense":
+        per_sample += (Tu + Tv) * u.a.shape[2]
+    chunk = max(1, chunk_bytes // (per_sample * (8 if dtype == torch.float64 else 4)))
     if chunk >= B:
         return _pair(u, v, slice(0, B), dtype)
     return torch.cat([_pair(u, v, slice(s, min(B, s + chunk)), dtype) for s in range(0, B, chunk)])

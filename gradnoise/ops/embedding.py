@@ -31,10 +31,21 @@ def check_embedding_args(indices, grad_out, num_embeddings: int) -> None:
         raise ValueError(f"gradnoise: `num_embeddings` must be a positive int, got {num_embeddings!r}")
 
 
+def normalised_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    """padding_idx as nn.Embedding reads it (a negative index counts from the end)."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"gradnoise: `padding_idx` = {padding_idx} is outside the embedding's "
+                         f"{num_embeddings} rows")
+    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
 def embedding_sq_norms_ref(indices: torch.Tensor, grad_out: torch.Tensor, num_embeddings: int,
                            padding_idx: int | None = None) -> torch.Tensor:
     """Reference twin: one segment sum over (sample, token) keys, in float64."""
     check_embedding_args(indices, grad_out, num_embeddings)
+    padding_idx = normalised_padding_idx(padding_idx, num_embeddings)
     B = indices.shape[0]
     acc = _validate.accumulation_dtype(grad_out.dtype)
     toks = indices.reshape(B, -1).long()
@@ -59,14 +70,16 @@ def embedding_sq_norms(indices: torch.Tensor, grad_out: torch.Tensor, num_embedd
                        padding_idx: int | None = None, backend: str | None = None) -> torch.Tensor:
     """n_i = ‖∇W ℓ_i‖² of an nn.Embedding (W [num_embeddings, d]) from its token
     ids [B, *] and output gradient [B, *, d]; float32 (float64 for float64).
+    padding_idx as nn.Embedding takes it (negative: counted from the end).
 
     CPU tensors: the compiled kernel (each sample's positions sorted by token,
     runs of equal tokens summed, then squared: O(T log T + T·d) a sample,
     samples shared among threads). Other devices: the reference twin.
     """
     check_embedding_args(indices, grad_out, num_embeddings)
+    padding_idx = normalised_padding_idx(padding_idx, num_embeddings)
     be = resolve_backend(grad_out.device, backend)
     if be == "cpu":
-        pad = -1 if padding_idx is None else int(padding_idx)
+        pad = -1 if padding_idx is None else padding_idx
         return torch.ops.gradnoise.embedding_sq_norms(indices, grad_out, num_embeddings, pad)
     return embedding_sq_norms_ref(indices, grad_out, num_embeddings, padding_idx)
