@@ -370,10 +370,30 @@ struct GnKernel {
 //   pass 1, per channel i = (n, c):  dsc_i = Σ_s dY·(x − μ),  db_i = Σ_s dY
 //   pass 2, per channel:             dX = a·dY + b·x + c
 // with a, b, c from the group's sums (see group_norm_backward_and_sq_norms_cpu).
-// With the input gradient, both passes run one group (n, g) at a time: the
-// second finds the group's x and dY in cache, so the layer reads them from
-// memory once instead of twice.
+// With the input gradient and groups enough for the threads, both passes
+// run one group (n, g) at a time: the second finds the group's x and dY in
+// cache, so the layer reads them from memory once instead of twice.
 // ---------------------------------------------------------------------------
+// Group q = (n, g) from its channels' sums: a_in[i] = rstd·γ_c for its
+// channels i, and the group's c2, c3 of dX = a_in·dY + c2·x + c3.
+template <typename A>
+inline void gn_coefficients(int64_t q, int64_t C, int64_t G, int64_t Sp, const A* mean,
+                            const A* rstd, const A* w, const A* dsc, const A* db, A* a_in, A* c2,
+                            A* c3) {
+  const int64_t D = C / G;
+  const int64_t i0 = q / G * C + q % G * D;
+  const A r = rstd[q], s = A(1) / static_cast<A>(D * Sp);
+  A a = 0, bg = 0;
+  for (int64_t i = i0; i < i0 + D; ++i) {
+    const A wc = w[i % C];
+    a += wc * dsc[i];
+    bg += wc * db[i];
+    a_in[i] = r * wc;
+  }
+  c2[q] = -a * r * r * r * s;
+  c3[q] = -c2[q] * mean[q] - bg * r * s;
+}
+
 template <int VB, typename S>
 struct GnBackwardKernel {
   using A = acc_of<S>;
@@ -396,20 +416,10 @@ struct GnBackwardKernel {
                                int64_t q0, int64_t q1, const A* mean, const A* rstd, const A* w,
                                A* dsc, A* db, A* a_in, A* c2, A* c3) {
     const int64_t D = C / G;
-    const A s = A(1) / static_cast<A>(D * Sp);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t i0 = q / G * C + q % G * D, i1 = i0 + D;
       sums(x, g, Sp, C, G, i0, i1, mean, dsc, db);
-      const A r = rstd[q];
-      A a = 0, bg = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const A wc = w[i % C];
-        a += wc * dsc[i];
-        bg += wc * db[i];
-        a_in[i] = r * wc;
-      }
-      c2[q] = -a * r * r * r * s;
-      c3[q] = -c2[q] * mean[q] - bg * r * s;
+      gn_coefficients(q, C, G, Sp, mean, rstd, w, dsc, db, a_in, c2, c3);
       input_grad(x, g, dx, Sp, C, i0, i1, a_in, c2, c3, D, G);
     }
   }
@@ -738,20 +748,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_backward_a
       const A* w = w_t.data_ptr<A>();
       std::vector<A> dsc(N * C), db(N * C);
       with_norm_isa([&](auto isa) {
-        if (need_input_grad) {
-          std::vector<A> a_in(N * C), c2(N * G), c3(N * G);
-          scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        // One group at a time when there are groups enough for every
+        // thread; else (e.g. GroupNorm(1, C) on a small batch) two passes,
+        // each shared among threads by channel.
+        const bool by_group = need_input_grad && N * G >= 2 * at::get_num_threads();
+        std::vector<A> a_in(need_input_grad ? N * C : 0), c2(N * G), c3(N * G);
+        scalar_t* dx = need_input_grad ? grad_input.data_ptr<scalar_t>() : nullptr;
+        if (by_group) {
           at::parallel_for(0, N * G, grain_for(D * Sp), [&](int64_t q0, int64_t q1) {
             decltype(isa)::template gn_backward_groups<scalar_t>(
                 xp, gp, dx, Sp, C, G, q0, q1, mu, r, w, dsc.data(), db.data(), a_in.data(),
                 c2.data(), c3.data());
           });
-        } else {
-          at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
-            decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
-                                                               dsc.data(), db.data());
-          });
+          return;
         }
+        at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
+          decltype(isa)::template gn_backward_sums<scalar_t>(xp, gp, Sp, C, G, i0, i1, mu,
+                                                             dsc.data(), db.data());
+        });
+        if (!need_input_grad) return;
+        for (int64_t q = 0; q < N * G; ++q)
+          gn_coefficients(q, C, G, Sp, mu, r, w, dsc.data(), db.data(), a_in.data(), c2.data(),
+                          c3.data());
+        at::parallel_for(0, N * C, grain_for(Sp), [&](int64_t i0, int64_t i1) {
+          decltype(isa)::template gn_backward_input<scalar_t>(
+              xp, gp, dx, Sp, C, i0, i1, a_in.data(), c2.data(), c3.data(), D, G);
+        });
       });
       // γ and β gradients (summed over samples) and the per-sample norms.
       A* nrm = norms.data_ptr<A>();
