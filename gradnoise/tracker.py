@@ -64,6 +64,9 @@ class _Step:
     # id(module) -> Σ ‖G_i‖² of its one, shared, parameter over this step's
     # single call, from the fused backward (the cross terms come at the end)
     shared_own: dict[int, torch.Tensor] = field(default_factory=dict)
+    # id(module) -> the factor of such a call whose output gradient was not
+    # kept (layers.shared.gathered_dense)
+    shared_factors: dict[int, object] = field(default_factory=dict)
     callback_queued: bool = False
     # set when its backward has ended: a further backward through the same
     # graph (retain_graph=True) is not measured
@@ -386,9 +389,30 @@ class GradNoiseTracker:
         term, the call being kept for the cross terms at the end of backward."""
         if t.shared:
             step.shared_own[id(t.module)] = norms
-            step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+            factor = self._gathered_factor(step, t, x, grad_out)
+            if factor is None:
+                step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+            else:
+                step.shared_factors[id(t.module)] = factor
         else:
             self._step_add(step, t, norms, x.shape[0])
+
+    def _gathered_factor(self, step: _Step, t: _Tracked, x: torch.Tensor,
+                         grad_out: torch.Tensor):
+        """For a Linear use of a tied weight whose other uses are Embeddings
+        called once this step (a tied LM head), its factor with dY gathered at
+        their tokens now, so that dY itself is not kept; else None."""
+        if t.rule.factor_kind != "dense":
+            return None
+        tokens = {}
+        for u, _ in self._shared_params[id(t.module.get_parameter(t.own[0]))]:
+            if u is t:
+                continue
+            calls = [c for c in step.calls.get(id(u.module), []) if c is not None]
+            if u.rule.factor_kind != "onehot" or len(calls) != 1:
+                return None
+            tokens[id(u.module)] = calls[0].args[0]
+        return layers.shared.gathered_dense(x, grad_out, tokens) if tokens else None
 
     def _is_simple(self, step: _Step, t: _Tracked) -> bool:
         calls = step.calls.get(id(t.module), [])
@@ -422,6 +446,7 @@ class GradNoiseTracker:
             step.calls.clear()
             step.pending.clear()
             step.shared_own.clear()
+            step.shared_factors.clear()
             step.finished = True
             step.callback_queued = False
             step.norms = {}
@@ -443,11 +468,13 @@ class GradNoiseTracker:
             for t, pname in uses:
                 calls = [c for c in step.calls.get(id(t.module), [])
                          if c is not None and any(g is not None for g in c.grad_outputs)]
-                if calls:
-                    recorded.append((t, pname, calls))
+                factor = step.shared_factors.pop(id(t.module), None)
+                if calls or factor is not None:
+                    recorded.append((t, pname, calls, factor))
             if not recorded:
                 continue
-            B = _batch(recorded[0][2][0])
+            first = recorded[0]
+            B = first[3].z.shape[0] if first[3] is not None else _batch(first[2][0])
             if pid in self._factored:
                 total = self._factored_sq_norms(step, recorded)
             else:
@@ -458,13 +485,16 @@ class GradNoiseTracker:
     def _factored_sq_norms(self, step: _Step, recorded) -> torch.Tensor:
         """Σ_u ‖G_i^u‖² + 2 Σ_{u<v} ⟨G_i^u, G_i^v⟩ over the uses (layers.shared)."""
         factors, total = [], None
-        for t, pname, calls in recorded:
+        for t, pname, calls, factor in recorded:
             own = step.shared_own.pop(id(t.module), None)
             if own is None:
                 own = t.rule.sq_norms(t.module, calls, [pname])
             own = own.float() if own.dtype != torch.float64 else own
             total = own if total is None else total + own
-            factors.append(t.rule.factor(t.module, calls, pname))
+            if factor is None:
+                factor = t.rule.factor(t.module, calls, pname)
+            factor.key = id(t.module)
+            factors.append(factor)
         for k, u in enumerate(factors):
             for v in factors[k + 1:]:
                 total = total + 2 * layers.shared.cross_sq_norms(u, v, _SHARED_CHUNK_BYTES)
@@ -477,7 +507,7 @@ class GradNoiseTracker:
         for start in range(0, B, chunk):
             sl = slice(start, min(B, start + chunk))
             acc = None
-            for t, pname, calls in recorded:
+            for t, pname, calls, _ in recorded:
                 g = t.rule.per_sample_grads(t.module, calls, [pname], sl)[pname]
                 acc = g if acc is None else acc + g
             total[sl] = acc.flatten(1).square().sum(1)

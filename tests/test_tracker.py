@@ -359,6 +359,44 @@ def test_tied_weight_uses_keep_the_fused_backward():
     assert set(GradNoiseTracker(model, fused_backward=False).fused_modules) == set()
 
 
+@pytest.mark.parametrize("head_input", ["positions", "pooled"])
+def test_tied_head_does_not_keep_the_logits_gradient(head_input):
+    """The cross terms of a tied head need its output gradient only at the
+    embedding's tokens: the [B, T, vocabulary] gradient is gone before
+    backward reaches the embedding, and the norms are exact."""
+    import weakref
+
+    class Tied(nn.Module):
+        def __init__(self, V=13, d=5):
+            super().__init__()
+            self.embed = nn.Embedding(V, d, padding_idx=2)
+            self.mix = nn.Linear(d, d)
+            self.head = nn.Linear(d, V, bias=False)
+            self.head.weight = self.embed.weight
+            self.refs, self.alive = [], []
+
+        def forward(self, idx):
+            e = self.embed(idx)
+            if e.requires_grad:
+                e.register_hook(lambda g: self.alive.append([r() is not None for r in self.refs]))
+            h = torch.tanh(self.mix(e))
+            logits = self.head(h if head_input == "positions" else h.mean(1))
+            if logits.requires_grad:
+                logits.register_hook(lambda g: self.refs.append(weakref.ref(g)))
+            return logits if head_input == "pooled" else logits.mean(1)
+
+    model = Tied()
+    x = torch.randint(0, 13, (4, 6))
+    x[:, 1] = 2
+    y = torch.randint(0, 13, (4,))
+    truth = model_per_sample_sq_norms(model, x, y, lambda out, t: nn.functional.cross_entropy(
+        out, t, reduction="sum"))
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    assert model.alive == [[False]]
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
 @pytest.mark.parametrize("kinds", ["dense-dense", "dense-onehot", "onehot-dense", "onehot-onehot"])
 def test_cross_terms_of_shared_weight_factors(kinds):
     """⟨G_i^u, G_i^v⟩ from factors against materialised float64 gradients."""

@@ -49,8 +49,10 @@ class NormRule(ABC):
     #: children whose parameters this rule measures (their forward never runs)
     claims_children: tuple = ()
     #: parameters for which `factor` works (a weight shared with another
-    #: module is then measured from factors: gradnoise.layers.shared)
+    #: module is then measured from factors: gradnoise.layers.shared), and
+    #: the kind of those factors ("dense" or "onehot")
     factorable: tuple = ()
+    factor_kind: str | None = None
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raise if this module's configuration is not supported."""

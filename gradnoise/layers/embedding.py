@@ -39,6 +39,7 @@ def _rows(module: nn.Embedding, calls):
 @register_rule(nn.Embedding)
 class EmbeddingRule(NormRule):
     factorable = ("weight",)
+    factor_kind = "onehot"
 
     def check(self, module, name):
         if module.max_norm is not None:

@@ -42,6 +42,7 @@ def concat_calls(calls: list[Call]) -> tuple[torch.Tensor, torch.Tensor]:
 @register_rule(nn.Linear)
 class LinearRule(FusedBackwardRule):
     factorable = ("weight",)
+    factor_kind = "dense"
 
     def factor(self, module, calls, param):
         x, g = concat_calls(calls)

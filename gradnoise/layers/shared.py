@@ -32,12 +32,30 @@ class Factor:
     a: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     padding_idx: int | None = None
+    #: which use this is (set by the tracker): the key of `gathered`
+    key: int | None = None
+    #: a dense use whose A was gathered early: {key of a onehot use: A at
+    #: that use's tokens, [B, T, T_v]} in place of a
+    gathered: dict | None = None
 
     def keep(self, sl: slice) -> torch.Tensor | None:
         """[b, T] mask of the positions that carry gradient (None: all)."""
         if self.kind != "onehot" or self.padding_idx is None:
             return None
         return self.tokens[sl] != self.padding_idx
+
+
+def gathered_dense(x: torch.Tensor, grad_out: torch.Tensor, tokens: dict) -> Factor:
+    """A Linear use's factor whose A = dY is kept only at the tokens of the
+    onehot uses ({key: token ids [B, T_v]}): [B, T, T_v] each, all that the
+    cross terms read of it, instead of [B, T, rows] (a tied LM head's logits
+    gradient) until the end of backward."""
+    B = x.shape[0]
+    z = x.reshape(B, -1, x.shape[-1])
+    a = grad_out.reshape(B, -1, grad_out.shape[-1])
+    gathered = {k: a.gather(2, tok.reshape(B, 1, -1).long().expand(B, a.shape[1], -1))
+                for k, tok in tokens.items()}
+    return Factor("dense", z=z, gathered=gathered)
 
 
 def _pair(u: Factor, v: Factor, sl: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -47,10 +65,12 @@ def _pair(u: Factor, v: Factor, sl: slice, dtype: torch.dtype) -> torch.Tensor:
         aa = torch.bmm(u.a[sl].to(dtype), v.a[sl].to(dtype).transpose(1, 2))
     elif u.kind == "dense":                                                   # dY_u,t[token_s]
         b, Tu, Tv = zz.shape
-        aa = u.a[sl].gather(2, v.tokens[sl].unsqueeze(1).expand(b, Tu, Tv)).to(dtype)
+        aa = (u.gathered[v.key][sl] if u.a is None else
+              u.a[sl].gather(2, v.tokens[sl].unsqueeze(1).expand(b, Tu, Tv))).to(dtype)
     elif v.kind == "dense":
         b, Tu, Tv = zz.shape
-        aa = v.a[sl].gather(2, u.tokens[sl].unsqueeze(1).expand(b, Tv, Tu)).to(dtype)
+        aa = (v.gathered[u.key][sl] if v.a is None else
+              v.a[sl].gather(2, u.tokens[sl].unsqueeze(1).expand(b, Tv, Tu))).to(dtype)
         aa = aa.transpose(1, 2)
     else:                                                                     # equal tokens
         aa = (u.tokens[sl].unsqueeze(2) == v.tokens[sl].unsqueeze(1)).to(dtype)
