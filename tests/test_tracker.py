@@ -578,6 +578,36 @@ def test_backward_through_two_forwards_is_an_error_not_a_wrong_number(path):
     torch.testing.assert_close(both.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("shape", [(5, 6), (5, 3, 6)])
+def test_activation_checkpointing(reentrant, shape):
+    """Modules whose forward is recomputed during backward are measured in the
+    same step as the rest (their recomputed call is the one with a gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ln, self.b = nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+        def block(self, t):
+            return torch.tanh(self.ln(self.a(t)))
+
+        def forward(self, x):
+            transformed = torch._C._are_functorch_transforms_active()
+            h = self.block(x) if transformed else checkpoint(self.block, x,
+                                                              use_reentrant=reentrant)
+            return self.b(h).reshape(x.shape[0], -1).sum(1)
+
+    model = Checkpointed()
+    x = torch.randn(*shape, requires_grad=reentrant)
+    truth = model_per_sample_sq_norms(model, x.detach(), torch.zeros(shape[0]),
+                                      lambda out, t: out.sum())
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    model(x).sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
 def test_embedding_with_grad_scaled_by_frequency_is_refused():
     model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="'0'.*scale_grad_by_freq"):
