@@ -202,7 +202,8 @@ class GradNoiseTracker:
         # parameter is that weight (a tied LM head) keeps its fused backward,
         # which gives the use's own term with the weight gradient.
         self._factored = {pid for pid, uses in self._shared_params.items()
-                          if all(pname in t.rule.factorable for t, pname in uses)}
+                          if all(t.rule.factor_kind and pname in t.rule.factorable
+                                 for t, pname in uses)}
         for t in self._tracked:
             if (t.shared and t.own == t.shared and len(t.own) == 1 and self._fused_backward
                     and getattr(t.rule, "replaces_backward", False)
@@ -353,7 +354,7 @@ class GradNoiseTracker:
             # Called several times: the per-sample gradient sums over calls,
             # so keep (x, dY) until the end of backward.
             if step is not None:
-                step.calls[id(module)].append(Call((x,), {}, [grad_out]))
+                self._keep_call(step, t, x, grad_out)
             gx, gw, gb = t.rule.plain_backward(module, x, weight, saved, grad_out,
                                                need_input_grad, need_weight, need_bias)
         return ((gx if need_input_grad else None), (gw if need_weight else None),
@@ -381,7 +382,12 @@ class GradNoiseTracker:
             self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
                           x, grad_out)
         else:
-            step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+            self._keep_call(step, t, x, grad_out)
+
+    @staticmethod
+    def _keep_call(step: _Step, t: _Tracked, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """Keep a call's (x, dY) for the end of backward."""
+        step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
 
     def _add_own(self, step: _Step, t: _Tracked, norms: torch.Tensor, x: torch.Tensor,
                  grad_out: torch.Tensor) -> None:
@@ -391,7 +397,7 @@ class GradNoiseTracker:
             step.shared_own[id(t.module)] = norms
             factor = self._gathered_factor(step, t, x, grad_out)
             if factor is None:
-                step.calls[id(t.module)].append(Call((x,), {}, [grad_out]))
+                self._keep_call(step, t, x, grad_out)
             else:
                 step.shared_factors[id(t.module)] = factor
         else:

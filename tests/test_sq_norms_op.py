@@ -60,4 +60,3 @@ def test_bad_input_names_the_tensor():
 def test_opcheck():
     ts = [torch.randn(40, 3), torch.randn(5, dtype=torch.float64)]
     torch.library.opcheck(torch.ops.gradnoise.sq_norms.default, (ts,))
-

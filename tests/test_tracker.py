@@ -359,6 +359,39 @@ def test_tied_weight_uses_keep_the_fused_backward():
     assert set(GradNoiseTracker(model, fused_backward=False).fused_modules) == set()
 
 
+def test_weight_tied_with_a_module_without_factors_is_materialised():
+    """An embedding weight also used by a module only the generic fallback
+    knows: per-sample gradients of every use, summed, then squared."""
+    class Readout(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, h):
+            return h @ self.weight.T
+
+    class Model(nn.Module):
+        def __init__(self, V=9, d=4):
+            super().__init__()
+            self.embed = nn.Embedding(V, d, padding_idx=1)
+            self.readout = Readout(self.embed.weight)
+
+        def forward(self, idx):
+            return self.readout(torch.tanh(self.embed(idx)).mean(1))
+
+    model = Model()
+    x = torch.randint(0, 9, (5, 6))
+    x[:, 0] = 1
+    x[0, 2] = x[0, 3]
+    y = torch.randint(0, 9, (5,))
+    truth = model_per_sample_sq_norms(model, x, y, lambda out, t: nn.functional.cross_entropy(
+        out, t, reduction="sum"))
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert tracker.fallback_modules == ["readout"]
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL, atol=1e-8)
+
+
 @pytest.mark.parametrize("head_input", ["positions", "pooled"])
 def test_tied_head_does_not_keep_the_logits_gradient(head_input):
     """The cross terms of a tied head need its output gradient only at the

@@ -41,16 +41,18 @@ class NormRule(ABC):
     module's parameters is shared with another module) and may override
     `per_sample_grads` (chunks of materialised per-sample gradients, used for
     parameters that are shared, whose per-sample gradient must be summed over
-    every use before it is squared).
+    every use before it is squared). A rule whose gradient factors as
+    Aᵀ Z (gradnoise.layers.shared) lists those parameters in `factorable`,
+    names the kind in `factor_kind` and defines
+    `factor(module, calls, param) -> shared.Factor`; a parameter shared only
+    by such uses is then measured from the factors instead.
     """
 
     #: counted by GradNoiseTracker(layers="norm")
     is_norm_layer = False
     #: children whose parameters this rule measures (their forward never runs)
     claims_children: tuple = ()
-    #: parameters for which `factor` works (a weight shared with another
-    #: module is then measured from factors: gradnoise.layers.shared), and
-    #: the kind of those factors ("dense" or "onehot")
+    #: parameters with factors, and their kind ("dense" or "onehot")
     factorable: tuple = ()
     factor_kind: str | None = None
 
@@ -71,11 +73,6 @@ class NormRule(ABC):
         formula."""
         from .generic import per_sample_grads_by_torch_func
         return per_sample_grads_by_torch_func(module, calls, params, samples)
-
-    def factor(self, module: nn.Module, calls: list[Call], param: str):
-        """The gradnoise.layers.shared.Factor of `param` (one of `factorable`)
-        over the recorded calls."""
-        raise NotImplementedError(f"{type(self).__name__} has no factors for {param!r}")
 
 
 _RULES: dict[type, NormRule] = {}

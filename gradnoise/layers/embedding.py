@@ -16,26 +16,6 @@ from .base import NormRule, register_rule
 from .shared import Factor
 
 
-def _rows(module: nn.Embedding, calls):
-    """Token ids [N] (with their sample index [N]) and gradient rows [N, d]."""
-    toks, samples, grads = [], [], []
-    for c in calls:
-        g = c.grad_outputs[0]
-        if g is None:
-            continue
-        idx = c.args[0]
-        B = idx.shape[0]
-        flat = idx.reshape(B, -1)
-        toks.append(flat.reshape(-1))
-        samples.append(torch.arange(B, device=idx.device).repeat_interleave(flat.shape[1]))
-        grads.append(g.reshape(-1, g.shape[-1]).float())
-    toks, samples, grads = torch.cat(toks), torch.cat(samples), torch.cat(grads)
-    if module.padding_idx is not None:
-        keep = toks != module.padding_idx
-        toks, samples, grads = toks[keep], samples[keep], grads[keep]
-    return toks, samples, grads
-
-
 @register_rule(nn.Embedding)
 class EmbeddingRule(NormRule):
     factorable = ("weight",)
@@ -77,10 +57,13 @@ class EmbeddingRule(NormRule):
         return idx[0], grads[0]
 
     def per_sample_grads(self, module, calls, params, samples):
-        toks, sample_of, grads = _rows(module, calls)
-        start = samples.start or 0
-        b = samples.stop - start
-        keep = (sample_of >= start) & (sample_of < samples.stop)
-        out = grads.new_zeros(b * module.num_embeddings, grads.shape[1])
-        out.index_add_(0, (sample_of[keep] - start) * module.num_embeddings + toks[keep], grads[keep])
-        return {"weight": out.view(b, module.num_embeddings, -1)}
+        idx, grads = self._cat(calls)
+        idx, grads = idx[samples].long(), grads[samples].float()
+        b, V = idx.shape[0], module.num_embeddings
+        rows = (torch.arange(b, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+        grads = grads.reshape(rows.shape[0], -1)
+        if module.padding_idx is not None:
+            keep = idx.reshape(-1) != module.padding_idx
+            rows, grads = rows[keep], grads[keep]
+        out = grads.new_zeros(b * V, grads.shape[1]).index_add_(0, rows, grads)
+        return {"weight": out.view(b, V, -1)}

@@ -24,7 +24,7 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from .base import NormRule
+from .base import Call, NormRule
 
 
 class FusedBackwardRule(NormRule):
@@ -44,8 +44,8 @@ class FusedBackwardRule(NormRule):
     def norms_from_output_grad(self, module: nn.Module, x: torch.Tensor,
                                grad_out: torch.Tensor, params: list[str]) -> torch.Tensor:
         """Per-sample sq norms [B] of `params` from such a call's input and
-        output gradient."""
-        raise NotImplementedError
+        output gradient: the rule's `sq_norms` of that one call."""
+        return self.sq_norms(module, [Call((x,), {}, [grad_out])], params)
 
     @abstractmethod
     def forward(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None,

@@ -68,12 +68,6 @@ class LinearRule(FusedBackwardRule):
     def keeps_autograd_backward(self, module, x):
         return x.dim() == 2
 
-    def norms_from_output_grad(self, module, x, grad_out, params):
-        if "weight" not in params:
-            return _bias_sq_norms(_flat3(grad_out))
-        xc = x if x.dtype == grad_out.dtype else x.to(grad_out.dtype)
-        return ops.linear_sq_norms(xc, grad_out, with_bias="bias" in params)
-
     def forward(self, module, x, weight, bias):
         out = nn.functional.linear(x, weight, bias)
         if out._base is not None:

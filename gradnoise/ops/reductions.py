@@ -53,4 +53,3 @@ def sq_norms(tensors, backend: str | None = None) -> torch.Tensor:
     if be == "cpu":
         return torch.ops.gradnoise.sq_norms.default(tensors)
     return torch.stack(torch._foreach_norm(tensors)).double().square()
-
