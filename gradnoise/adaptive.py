@@ -643,7 +643,8 @@ class AdaptiveBatch:
             half as many samples). Not available with ≥ 2 DDP processes. A
             ready object with the GradientNoiseScale interface (step(batch_size),
             read(), state_dict(), load_state_dict(); optional
-            after_backward(loss_scale) and attribute `source`) is used as is.
+            after_backward(loss_scale, batch_size) and attribute `source`) is
+            used as is.
         warmup_steps: optimizer steps over which the LR factor ramps linearly
             to its new value after a batch change (0: at once).
         critical_factor: c in the critical policy's target c·B_simple.
@@ -1063,7 +1064,6 @@ class AdaptiveBatch:
         n = len(plan.parts[plan.backwards])
         share = n * self.world_size / plan.global_size
         scaled = loss * share
-        loss_scale = share
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward(**kwargs)
@@ -1072,9 +1072,7 @@ class AdaptiveBatch:
         plan.loss_sum = value if plan.loss_sum is None else plan.loss_sum + value
         after = getattr(self.noise, "after_backward", None)
         if after is not None:
-            if self.scaler is not None:
-                loss_scale *= float(self.scaler.get_scale())
-            after(loss_scale)
+            after(share, n)
 
     # ------------------------------------------------------------------ step
     def step(self, clip_grad_norm: float | None = None) -> bool:

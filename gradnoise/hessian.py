@@ -12,9 +12,13 @@ their mean ḡ, and Hessian-vector products by double backward (Pearlmutter
 1994). Gᵀ H G uses the batch gradient G of the whole batch; tr(H Σ) uses the
 unbiased sample covariance,
     tr(H Σ) ≈ 1/(n − 1) Σ_i (g_i − ḡ)ᵀ H (g_i − ḡ).
-Cost: n + 1 gradients and n + 1 Hessian-vector products (each about two
-backward passes), so about 3(n + 1) backward passes of single samples plus
-one of the batch. Memory: one extra copy of the parameters per live vector.
+Cost: n single-sample gradients; one forward and one backward of the whole
+batch, kept as a graph (create_graph=True); and n + 1 Hessian-vector
+products, each one more backward through that batch graph. So about
+n + 2 batch backward passes beside the n single-sample ones: choose the
+batch for H (`inputs`) no larger than the estimate of GᵀHG needs. Memory:
+the batch's double-backward graph, and one copy of the parameters per live
+vector.
 """
 from __future__ import annotations
 
@@ -53,22 +57,24 @@ def hessian_noise_scale(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch
     if n < 2:
         raise ValueError("hessian_noise_scale: needs at least 2 samples")
 
-    def hvp(vec: torch.Tensor, x, y) -> torch.Tensor:
-        loss = loss_fn(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        dot = (_flat(grads) * vec).sum()
-        return _flat(torch.autograd.grad(dot, params))
-
     def gradient(x, y) -> torch.Tensor:
         return _flat(torch.autograd.grad(loss_fn(model(x), y), params)).detach()
 
-    G = gradient(inputs, targets)
-    gHg = (G * hvp(G, inputs, targets)).sum().item()
     per_sample = torch.stack([gradient(inputs[i:i + 1], targets[i:i + 1]) for i in range(n)])
+    # One graph of the batch gradient serves every Hessian-vector product.
+    batch_grad = _flat(torch.autograd.grad(loss_fn(model(inputs), targets), params,
+                                           create_graph=True))
+
+    def hvp(vec: torch.Tensor) -> torch.Tensor:
+        return _flat(torch.autograd.grad(batch_grad, params, grad_outputs=vec,
+                                         retain_graph=True))
+
+    G = batch_grad.detach()
+    gHg = (G * hvp(G)).sum().item()
     centred = per_sample - per_sample.mean(0)
     # The Hessian of the batch loss stands for H (the per-sample Hessians
     # average to it); one HVP per centred sample gradient.
-    quad = sum((c * hvp(c, inputs, targets)).sum().item() for c in centred)
+    quad = sum((c * hvp(c)).sum().item() for c in centred)
     tr_h_sigma = quad / (n - 1)
     sq = G.square().sum().item()
     ok = gHg > 0

@@ -8,35 +8,59 @@ Sources (all give the same estimate on the same data):
                  model (BatchNorm included) and needs no per-sample kernel.
   "distributed"  b = local batch, B = global batch, under
                  DistributedDataParallel: each rank's gradient before the
-                 all-reduce against the all-reduced one. Only two scalars per
-                 step cross the network.
+                 all-reduce against the all-reduced one. Only a few scalars
+                 per layer and step cross the network.
 
     gns = GradientNoiseScale(model, source="micro_batch")
-    for micro_batch in step_batches:
-        (loss_fn(model(x), y) / len(step_batches)).backward()
-    gns.step()                      # after the last backward, before zero_grad
+    for x, y in step_batches:                       # k micro-batches
+        (loss_fn(model(x), y) / k).backward()
+    gns.step(batch_size)            # after the last backward, before zero_grad
     optimizer.step(); optimizer.zero_grad()
     gns.read().b_simple, gns.read().interval()
 
-B_simple does not depend on how the loss was scaled (mean, sum, /k, a
-GradScaler), since 𝒢 and 𝒮 scale alike; ‖G‖² and tr(Σ) are reported for a
-loss that is the mean over samples (the GradScaler's scale undone).
+Micro-batches (and DDP shards) of unequal sizes, or losses weighted by
+anything but 1/k, are declared with `after_backward(loss_scale, batch_size)`
+after each backward; the estimates then use each backward's own batch size
+and weight (estimators.effective_batch_size), so they stay unbiased.
+B_simple does not depend on a loss scale common to every backward (mean or
+sum, a constant factor, a GradScaler), since 𝒢 and 𝒮 scale alike; ‖G‖² and
+tr(Σ) are reported for the mean loss over samples, the GradScaler's scale
+undone.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Iterable
+from dataclasses import dataclass, field, replace
+from numbers import Real
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .estimators import NoiseScale, NoiseScaleEstimator, unbiased_sq_norm_and_trace
+from .estimators import (NoiseScale, NoiseScaleEstimator, effective_batch_size,
+                         unbiased_sq_norm_and_trace)
 from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
+
+
+def _positive(value, what: str) -> float:
+    """`value` as a float if it is a finite number > 0, else a ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"GradientNoiseScale.{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t‖², accumulated in float32 (float64 for float64 tensors)."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.coalesce().values()
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t, dtype=acc).square()
 
 
 def _owner_names(model: nn.Module) -> dict[int, str]:
@@ -48,6 +72,17 @@ def _owner_names(model: nn.Module) -> dict[int, str]:
     return owners
 
 
+@dataclass
+class _Backward:
+    """One backward pass of the step being measured: the factor c on its
+    loss (its mean over its samples, or their sum; a GradScaler's scale is
+    not part of c), its number of samples b, and, for the micro-batch
+    source, ‖g‖² of the gradient it produced, per layer."""
+    loss_scale: float | None = None
+    batch_size: float | None = None
+    sq_norms: dict = field(default_factory=dict)
+
+
 class GradientNoiseScale:
     """Measures B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018) during training.
 
@@ -55,12 +90,13 @@ class GradientNoiseScale:
         model: the model being trained (the DDP-wrapped module for
             source="distributed").
         source: "per_sample", "micro_batch" or "distributed" (see module doc).
-        beta: EMA factor of the smoothed estimates.
+        beta: EMA factor of the smoothed estimates, in [0, 1).
         per_layer: also keep one estimator per module that owns parameters.
-        tracker: for "per_sample", an existing GradNoiseTracker to read
-            (default: one is created with loss_reduction).
-        loss_reduction: "mean" or "sum", how the loss combines samples
-            (per_sample: passed to the tracker; all: for ‖G‖², tr(Σ) units).
+        tracker: for "per_sample", an existing GradNoiseTracker of this model
+            to read (default: one is created with loss_reduction).
+        loss_reduction: "mean" or "sum": whether each backward's loss is the
+            mean or the sum of its samples' losses (times a constant, see
+            `after_backward`).
         scaler: a torch.amp.GradScaler whose scale is undone.
         process_group: for "distributed", and for "per_sample" under DDP,
             where the per-sample sums are all-reduced (default: the world).
@@ -73,57 +109,90 @@ class GradientNoiseScale:
             step divides by `interval`.
 
     Call `step(batch_size)` once per optimizer step, after the last backward
-    and before the gradients are zeroed or clipped. With the per-sample
-    source and several backward passes per step (gradient accumulation),
-    call `after_backward(loss_scale)` after each of them, loss_scale being
-    the factor that multiplied that micro-batch's mean loss (e.g. 1/k).
+    and before the gradients are zeroed or clipped, and before the
+    GradScaler's `step` (after its `unscale_` is fine).
+
+    Several backward passes per step (gradient accumulation): by default the
+    step's `batch_size` samples are taken to be split evenly among them and
+    each loss to be scaled by 1/k (k backward passes) for "mean", by 1 for
+    "sum". Otherwise call `after_backward(loss_scale, batch_size)` after each
+    backward with that backward's factor and samples (the per-sample source
+    needs it whenever there are several backward passes).
     """
 
     def __init__(self, model: nn.Module, source: str = "per_sample", beta: float = 0.95,
                  per_layer: bool = False, tracker: GradNoiseTracker | None = None,
                  loss_reduction: str = "mean", scaler=None, process_group=None,
                  owns_tracker: bool | None = None, interval: int = 1):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradientNoiseScale: `model` must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
         if source not in SOURCES:
             raise ValueError(f"GradientNoiseScale: `source` must be one of {SOURCES}, got {source!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"GradientNoiseScale: `loss_reduction` must be 'mean' or 'sum', "
                              f"got {loss_reduction!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise ValueError(f"GradientNoiseScale: `beta` must be a number in [0, 1), got {beta!r}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"GradientNoiseScale: `interval` must be an integer ≥ 1 (measure one "
                              f"step in `interval`), got {interval!r}")
+        if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "is_enabled")):
+            raise TypeError(f"GradientNoiseScale: `scaler` must be a torch.amp.GradScaler, got "
+                            f"{type(scaler).__name__}")
         if source == "distributed" and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("GradientNoiseScale(source='distributed') needs an initialised "
                                "torch.distributed process group (init_process_group).")
         self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("GradientNoiseScale: `model` has no trainable parameters "
+                             "(requires_grad=True); there is no gradient to measure")
+        if tracker is not None:
+            self._check_tracker(tracker, source, loss_reduction)
         self.source = source
-        self.beta = beta
+        self.beta = float(beta)
         self.loss_reduction = loss_reduction
         self.scaler = scaler
         self.group = process_group
-        self.estimator = NoiseScaleEstimator(beta)
+        self.estimator = NoiseScaleEstimator(self.beta)
         self.per_layer = per_layer
         self.layer_estimators: dict[str, NoiseScaleEstimator] = {}
         self.skipped_steps = 0
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self._owners = _owner_names(model)
         self._handles = []
         self._own_seconds = 0.0
         self.interval = interval
         self.steps_seen = 0          # step() calls so far, measured or not
+        self._backwards: list[_Backward] = []   # this step's, in order
         self.tracker = None
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
             self._owns_tracker = tracker is None if owns_tracker is None else owns_tracker
-            self._ps_sums: dict[str, float] = {}          # layer -> Σ_i ‖∇ℓ_i‖² this step
-            self._ps_count = 0
+            self._ps_sums: dict[str, float] = {}   # layer -> Σ_i ‖∇ℓ_i‖² this step
         else:
-            self._micro: list[dict[str, float]] = []   # per backward: {layer: ‖g‖²}
             self._local: dict[str, float] = {}         # distributed: ‖local accumulated‖²
-            self._current: dict[str, float] | None = None
+            self._in_backward = False
             self._pending_local: dict[str, float] = {}
             for p in self.params:
                 self._handles.append(p.register_hook(
                     lambda g, p=p: self._on_param_grad(p, g)))
+
+    def _check_tracker(self, tracker, source: str, loss_reduction: str) -> None:
+        if source != "per_sample":
+            raise ValueError(f"GradientNoiseScale: `tracker` is read by the per-sample source "
+                             f"only; source={source!r} measures without one")
+        if not isinstance(tracker, GradNoiseTracker):
+            raise TypeError(f"GradientNoiseScale: `tracker` must be a GradNoiseTracker, got "
+                            f"{type(tracker).__name__}")
+        if {id(p) for p in tracker.model.parameters() if p.requires_grad} != {
+                id(p) for p in self.params}:
+            raise ValueError("GradientNoiseScale: `tracker` measures another model than `model`")
+        if tracker.loss_reduction != loss_reduction:
+            raise ValueError(
+                f"GradientNoiseScale: the tracker's loss_reduction is "
+                f"{tracker.loss_reduction!r} but `loss_reduction` is {loss_reduction!r}; "
+                "pass the same value to both")
 
     # ------------------------------------------------------------ capture
     def _on_param_grad(self, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -137,24 +206,55 @@ class GradientNoiseScale:
         if not self.measuring:
             return
         layer = self._owners.get(id(p), "")
-        if self._current is None:
-            self._current = {}
-            self._micro.append(self._current)
+        if not self._in_backward:
+            self._in_backward = True
+            self._backwards.append(_Backward())
             torch.autograd.Variable._execution_engine.queue_callback(self._close_backward)
-        self._current[layer] = self._current.get(layer, 0.0) + g.detach().float().square().sum()
-        if self.source == "distributed":
+        if self.source == "micro_batch":
+            norms = self._backwards[-1].sq_norms
+            norms[layer] = norms.get(layer, 0.0) + _sq_norm(g)
+        else:
             # Before DDP's all-reduce: .grad holds this rank's earlier
             # micro-batches (no_sync), g is this backward's contribution.
-            local = g.detach().float() if p.grad is None else p.grad.detach().float() + g.detach().float()
-            self._pending_local[layer] = self._pending_local.get(layer, 0.0) + local.square().sum()
+            local = g if p.grad is None else p.grad.detach() + g
+            self._pending_local[layer] = self._pending_local.get(layer, 0.0) + _sq_norm(local)
 
     def _close_backward(self) -> None:
-        self._current = None
+        self._in_backward = False
         if self.source == "distributed":
             # The last backward's value is the one that counts (it includes
             # every earlier micro-batch of this rank).
             self._local = dict(self._pending_local)
             self._pending_local.clear()
+
+    def after_backward(self, loss_scale: float = 1.0, batch_size: int | None = None) -> None:
+        """Declare the backward pass just run: `loss_scale` is the factor c
+        on its loss (c · mean or c · sum of its samples' losses, e.g. 1/k or
+        b_j/N; not the GradScaler's scale, which is undone separately) and
+        `batch_size` its number of samples (the per-sample source reads it
+        from the tracker). With the per-sample source this also adds the
+        backward's per-sample norms ‖∇ℓ_i‖² = (tracker's value)/c²."""
+        if not self.measuring:
+            return
+        c = _positive(loss_scale, "after_backward: `loss_scale`")
+        if self.source == "per_sample":
+            layers, sums, B = self.tracker.per_layer_sums()
+            if not layers:
+                return
+            if batch_size is not None and _positive(batch_size, "after_backward: `batch_size`") != B:
+                raise ValueError(f"GradientNoiseScale.after_backward: batch_size={batch_size} but "
+                                 f"the tracker measured {B} samples in this backward")
+            for layer, v in zip(layers, sums):
+                self._ps_sums[layer] = self._ps_sums.get(layer, 0.0) + v / (c * c)
+            self._backwards.append(_Backward(c, float(B)))
+            return
+        if not self._backwards or self._backwards[-1].loss_scale is not None:
+            raise RuntimeError("GradientNoiseScale.after_backward: no backward pass of this model "
+                               "since the last call; call it once after each backward")
+        last = self._backwards[-1]
+        last.loss_scale = c
+        last.batch_size = None if batch_size is None else _positive(
+            batch_size, "after_backward: `batch_size`")
 
     # --------------------------------------------------------------- step
     def _grad_sq_norms(self) -> dict[str, float]:
@@ -176,6 +276,14 @@ class GradientNoiseScale:
             out[layer] = out.get(layer, 0.0) + v
         return out
 
+    def _batch_grad_sq_norms(self) -> dict[str, float]:
+        grads = self._grad_sq_norms()
+        if not grads:
+            raise RuntimeError(
+                "GradientNoiseScale.step: no parameter of the model has a gradient. Call step() "
+                "after the step's last backward and before optimizer.zero_grad().")
+        return grads
+
     def _distributed_world(self) -> int:
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size(self.group)
@@ -196,41 +304,52 @@ class GradientNoiseScale:
         hooks: what measuring the noise scale has cost the training loop."""
         return self._own_seconds
 
-    def _scaler_on(self) -> bool:
-        return self.scaler is not None and self.scaler.is_enabled()
-
-    def _scale_sq(self) -> float:
-        if self._scaler_on():
-            s = float(self.scaler.get_scale())
-            return s * s
-        return 1.0
+    def _scales_sq(self) -> tuple[float, float]:
+        """(s², s²_grad): the GradScaler's scale squared, which multiplies every
+        gradient captured during backward, and the factor still on .grad
+        (1 once the scaler has unscaled the gradients)."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return 1.0, 1.0
+        stages = [st.get("stage") for st in
+                  getattr(self.scaler, "_per_optimizer_states", {}).values()]
+        if any(getattr(st, "name", None) == "STEPPED" for st in stages):
+            raise RuntimeError(
+                "GradientNoiseScale.step: the GradScaler has already stepped the optimizer "
+                "this iteration; call gns.step() before scaler.step(optimizer) (after "
+                "scaler.unscale_(optimizer) is fine)")
+        s2 = float(self.scaler.get_scale()) ** 2
+        unscaled = any(getattr(st, "name", None) == "UNSCALED" for st in stages)
+        return s2, (1.0 if unscaled else s2)
 
     def step(self, batch_size: int | None = None) -> NoiseScale | None:
         """Update the estimates from the step just completed and return the
         reading (None if the step is not one measured, see `interval`, or was
-        skipped for non-finite gradients).
+        skipped for non-finite gradients; see `skipped_steps`).
 
         batch_size: samples in this optimizer step on this process (needed
-        for "micro_batch" and "distributed"; the per-sample source reads it).
+        for "micro_batch" and "distributed" unless every backward declared
+        its own with after_backward; the per-sample source reads it and
+        checks it against the tracker's count).
         """
         start = time.perf_counter()
         measured = self.measuring
         try:
             return self._step(batch_size) if measured else None
         finally:
+            self._backwards = []
             self.steps_seen += 1
             self._pause_owned_tracker()
             self._own_seconds += time.perf_counter() - start
 
     def _step(self, batch_size: int | None) -> NoiseScale | None:
+        if batch_size is not None:
+            batch_size = _positive(batch_size, "step: `batch_size`")
         if self.source == "per_sample":
-            pairs = self._per_sample_pairs()
+            pairs = self._per_sample_pairs(batch_size)
         elif self.source == "micro_batch":
             pairs = self._micro_batch_pairs(batch_size)
         else:
             pairs = self._distributed_pairs(batch_size)
-        if pairs is None:
-            return None
         finite = all(math.isfinite(g) and math.isfinite(s) for g, s in pairs.values())
         if not finite:
             self.skipped_steps += 1
@@ -243,102 +362,127 @@ class GradientNoiseScale:
                 self.layer_estimators.setdefault(layer, NoiseScaleEstimator(self.beta)).update(g, s)
         return self.read()
 
-    def after_backward(self, loss_scale: float = 1.0) -> None:
-        """Per-sample source: add this backward's per-sample norms. The
-        tracker reports ‖c·∇ℓ_i‖² for a loss c·mean_i ℓ_i; c = loss_scale
-        (including a GradScaler's scale, if any) is undone here."""
-        if self.source != "per_sample" or not self.measuring:
-            return  # the other sources see each backward through their hooks
-        c2 = float(loss_scale) ** 2
-        layers, sums, B = self.tracker.per_layer_sums()
-        if not layers:
-            return
-        for layer, v in zip(layers, sums):
-            self._ps_sums[layer] = self._ps_sums.get(layer, 0.0) + v / c2
-        self._ps_count += B
+    def _weights(self, batch_size: float | None) -> tuple[list[float], list[float]]:
+        """(w_j, b_j) of this step's backward passes on this process: b_j its
+        samples and w_j the factor on its mean gradient G_{b_j} in what it
+        added to .grad (c_j for a mean loss, c_j·b_j for a sum)."""
+        backs = self._backwards
+        k = len(backs)
+        declared = [bk.batch_size is not None for bk in backs]
+        if all(declared):
+            sizes = [bk.batch_size for bk in backs]
+            if batch_size is not None and abs(sum(sizes) - batch_size) > 1e-9 * batch_size:
+                raise ValueError(
+                    f"GradientNoiseScale.step: batch_size={batch_size:g} but the backward "
+                    f"passes declared {sum(sizes):g} samples ({', '.join(f'{b:g}' for b in sizes)})")
+        elif any(declared):
+            raise ValueError("GradientNoiseScale: after_backward gave batch_size for some "
+                             "backward passes of this step and not for others")
+        else:
+            if batch_size is None:
+                raise ValueError("GradientNoiseScale.step: pass batch_size (samples in this "
+                                 "optimizer step on this process)")
+            if k > 1 and batch_size % k:
+                raise ValueError(
+                    f"GradientNoiseScale.step: batch_size={batch_size:g} does not split evenly "
+                    f"into the step's {k} backward passes; call after_backward(loss_scale, "
+                    "batch_size) after each backward to give each one's samples")
+            sizes = [batch_size / k] * k
+        default_c = 1.0 / k if self.loss_reduction == "mean" else 1.0
+        scales = [default_c if bk.loss_scale is None else bk.loss_scale for bk in backs]
+        if self.loss_reduction == "sum":
+            return [c * b for c, b in zip(scales, sizes)], sizes
+        return scales, sizes
 
-    def _per_sample_pairs(self):
-        if self._ps_count == 0:  # one backward in the step, nothing added yet
-            self.after_backward(float(self.scaler.get_scale()) if self._scaler_on() else 1.0)
-        sums, count = self._ps_sums, self._ps_count
-        self._ps_sums, self._ps_count = {}, 0
+    def _per_sample_pairs(self, batch_size):
+        if not self._backwards:  # one backward in the step, not declared
+            self.after_backward(1.0)
+        if not self._backwards:
+            raise RuntimeError("GradientNoiseScale.step: the tracker measured no backward pass "
+                               "this step")
+        w, b = self._weights(None)
+        count = sum(b)
+        if batch_size is not None and abs(count - batch_size) > 1e-9 * batch_size:
+            raise ValueError(
+                f"GradientNoiseScale.step: batch_size={batch_size:g} but the tracker measured "
+                f"{count:g} samples; with several backward passes per step, call "
+                "after_backward(loss_scale) after each of them")
+        sums, self._ps_sums = self._ps_sums, {}
         layers = list(sums)
-        vec = [float(sums[n]) for n in layers] + [float(count)]
+        vec = [float(sums[n]) for n in layers] + [count, sum(w), sum(x * x / y for x, y in zip(w, b))]
         world = self._distributed_world()
         if world > 1:
             summed = torch.tensor(vec, dtype=torch.float64)
             dist.all_reduce(summed, group=self.group)
             vec = summed.tolist()
-        N = vec[-1]
+        N, W, W2 = vec[-3:]
         if N < 2:
             raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
                              "samples in a step")
-        grads = self._grad_sq_norms()
-        scale = self._scale_sq()
-        # ‖G_B‖² of the mean loss: DDP's averaged .grad of a sum loss is (N/R)·G_B
-        batch_div = 1.0 if self.loss_reduction == "mean" else (N / world) ** 2
-        pairs = {}
-        for j, layer in enumerate(layers):
-            small = vec[j] / N
-            big = float(grads.get(layer, 0.0)) / scale / batch_div
-            pairs[layer] = unbiased_sq_norm_and_trace(small, big, 1, N)
-        return pairs
+        grads = self._batch_grad_sq_norms()
+        s2, s2_grad = self._scales_sq()
+        # .grad = (1/R) Σ w_j G_{b_j} (DDP averages over R ranks): G_big = .grad·R/W,
+        # E‖G_big‖² = ‖G‖² + tr(Σ)/B_eff.
+        big_factor, B_eff = (world / W) ** 2 / s2_grad, effective_batch_size(W, W2)
+        return {layer: unbiased_sq_norm_and_trace(vec[j] / N / s2,
+                                                  float(grads.get(layer, 0.0)) * big_factor,
+                                                  1, B_eff)
+                for j, layer in enumerate(layers)}
 
     def _micro_batch_pairs(self, batch_size):
-        micro = self._micro
-        self._micro = []
-        self._current = None
-        k = len(micro)
+        k = len(self._backwards)
         if k < 2:
             raise ValueError(
                 "GradientNoiseScale(source='micro_batch'): this step had "
                 f"{k} backward pass(es); the estimate needs at least 2 micro-batches per "
                 "optimizer step (gradient accumulation).")
-        if batch_size is None:
-            raise ValueError("GradientNoiseScale.step: pass batch_size (samples in the step)")
-        b, B = batch_size / k, float(batch_size)
-        grads = self._grad_sq_norms()
-        # Each backward saw c·G_k (c = the user's loss scale, e.g. 1/k); the
-        # accumulated gradient is c·k·G_B. Reported for c = 1/k.
-        scale = self._scale_sq()
+        w, b = self._weights(batch_size)
+        grads = self._batch_grad_sq_norms()
+        s2, s2_grad = self._scales_sq()
+        W, W2 = sum(w), sum(x * x / y for x, y in zip(w, b))
+        # small: mean_j ‖g_j / w_j‖² = mean_j ‖G_{b_j}‖², E = ‖G‖² + tr(Σ)·mean_j(1/b_j)
+        b_small = k / sum(1.0 / y for y in b)
         pairs = {}
         for layer in grads:
-            small = sum(m.get(layer, 0.0) for m in micro) / k * (k * k) / scale
-            big = float(grads[layer]) / scale
-            pairs[layer] = unbiased_sq_norm_and_trace(float(small), big, b, B)
+            small = sum(float(bk.sq_norms.get(layer, 0.0)) / (wj * wj)
+                        for bk, wj in zip(self._backwards, w)) / k / s2
+            big = float(grads[layer]) / (W * W) / s2_grad
+            pairs[layer] = unbiased_sq_norm_and_trace(small, big, b_small,
+                                                      effective_batch_size(W, W2))
         return pairs
 
     def _distributed_pairs(self, batch_size):
-        if batch_size is None:
-            raise ValueError("GradientNoiseScale.step: pass batch_size (samples in the step "
-                             "on this rank)")
         local, self._local = self._local, {}
-        self._micro, self._current = [], None
-        grads = self._grad_sq_norms()
-        layers = sorted(set(grads) | set(local), key=lambda n: n)
+        if not self._backwards:
+            raise RuntimeError("GradientNoiseScale.step: no backward pass of the model since "
+                               "the last step")
+        w, b = self._weights(batch_size)
+        grads = self._batch_grad_sq_norms()
+        layers = sorted(set(grads) | set(local))
         world = dist.get_world_size(self.group)
-        # one all-reduce: per layer ‖local‖²·(stuff) summed over ranks, and Σ 1/b_r
-        vec = torch.tensor([float(local.get(n, 0.0)) for n in layers] + [1.0 / batch_size],
-                           dtype=torch.float64)
-        dist.all_reduce(vec, group=self.group)
-        sum_inv_b = vec[-1].item()
-        # E mean_r ‖G_{b_r}‖² = ‖G‖² + tr Σ · mean_r(1/b_r); the DDP average of
-        # local means has E‖·‖² = ‖G‖² + tr Σ · Σ_r(1/b_r)/R².
-        b_eff = world / sum_inv_b
-        B_eff = world * world / sum_inv_b
         if world < 2:
             raise ValueError("GradientNoiseScale(source='distributed') needs at least 2 ranks")
-        scale = self._scale_sq()
-        pairs = {}
-        for j, layer in enumerate(layers):
-            small = vec[j].item() / world / scale
-            big = float(grads.get(layer, 0.0)) / scale
-            pairs[layer] = unbiased_sq_norm_and_trace(small, big, b_eff, B_eff)
-        return pairs
+        s2, s2_grad = self._scales_sq()
+        # This rank's accumulated gradient is Σ_j w_j G_{b_j} = W_r·(a batch
+        # mean of effective size b_r); one all-reduce of ‖local/W_r‖² per
+        # layer, Σ 1/b_r, Σ W_r and Σ w²/b.
+        W_r, W2_r = sum(w), sum(x * x / y for x, y in zip(w, b))
+        b_r = effective_batch_size(W_r, W2_r)
+        vec = torch.tensor([float(local.get(n, 0.0)) / (W_r * W_r) / s2 for n in layers]
+                           + [1.0 / b_r, W_r, W2_r], dtype=torch.float64)
+        dist.all_reduce(vec, group=self.group)
+        *smalls, sum_inv_b, W, W2 = vec.tolist()
+        b_small = world / sum_inv_b
+        big_factor = (world / W) ** 2 / s2_grad
+        return {layer: unbiased_sq_norm_and_trace(smalls[j] / world,
+                                                  float(grads.get(layer, 0.0)) * big_factor,
+                                                  b_small, effective_batch_size(W, W2))
+                for j, layer in enumerate(layers)}
 
     # ------------------------------------------------------------ reading
     def read(self) -> NoiseScale:
-        return self.estimator.read()
+        """The smoothed estimates, with the count of skipped (non-finite) steps."""
+        return replace(self.estimator.read(), skipped_steps=self.skipped_steps)
 
     def read_layers(self) -> dict[str, NoiseScale]:
         return {k: v.read() for k, v in self.layer_estimators.items()}
@@ -350,6 +494,11 @@ class GradientNoiseScale:
                 "layers": {k: v.state_dict() for k, v in self.layer_estimators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("source", "beta", "skipped_steps", "estimator", "layers")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"GradientNoiseScale.load_state_dict: not a state of "
+                             f"GradientNoiseScale.state_dict() (missing {missing})")
         if state["source"] != self.source:
             raise ValueError(f"GradientNoiseScale.load_state_dict: state is from source "
                              f"{state['source']!r}, this object measures {self.source!r}")

@@ -3,6 +3,7 @@ Every process group has a timeout, and every spawn is bounded by the test's."""
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import tempfile
@@ -41,29 +42,35 @@ def _quiesce(ddp, gns):
     leave_group()
 
 
-def _global_batches(world, uneven=False):
+def _global_batches(world, uneven=False, steps=STEPS):
+    """uneven: "last" (the last step's shards shrink by rank), "all" (every
+    step's shards differ), or False."""
     gen = torch.Generator().manual_seed(11)
     _, w_star = regression_model()
     out = []
-    for step in range(STEPS):
+    for step in range(steps):
         sizes = [LOCAL_B] * world
-        if uneven and step == STEPS - 1:
-            sizes = [LOCAL_B - r for r in range(world)]
+        if uneven == "all" or (uneven and step == steps - 1):
+            sizes = [LOCAL_B - 3 * r for r in range(world)]
         out.append([regression_batch(gen, n, w_star) for n in sizes])
     return out
 
 
-def _worker(rank, world, init_file, result_file, uneven, fail_rank):
+def _worker(rank, world, init_file, result_file, uneven, fail_rank, nan_rank=-1, steps=STEPS,
+            beta=0.95):
     _init(rank, world, init_file)
     try:
         model, _ = regression_model()
         ddp = DDP(model)
-        gns = GradientNoiseScale(ddp.module, source="distributed")
-        for step, parts in enumerate(_global_batches(world, uneven)):
+        gns = GradientNoiseScale(ddp.module, source="distributed", beta=beta)
+        for step, parts in enumerate(_global_batches(world, uneven, steps)):
             if rank == fail_rank and step == 3:
                 raise RuntimeError(f"rank {rank} fails on purpose")
             model.zero_grad()
             x, y = parts[rank]
+            if rank == nan_rank and step == 3:
+                x = x.clone()
+                x[0, 0] = float("nan")
             loss_fn(ddp, x, y).backward()
             gns.step(x.shape[0])
         with open(f"{result_file}.{rank}", "wb") as f:
@@ -73,10 +80,11 @@ def _worker(rank, world, init_file, result_file, uneven, fail_rank):
         dist.destroy_process_group()
 
 
-def _run(world, uneven=False, fail_rank=-1):
+def _run(world, uneven=False, fail_rank=-1, nan_rank=-1, steps=STEPS, beta=0.95):
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "result")
-        mp.spawn(_worker, args=(world, init_file, result_file, uneven, fail_rank),
+        mp.spawn(_worker, args=(world, init_file, result_file, uneven, fail_rank, nan_rank, steps,
+                                beta),
                  nprocs=world, join=True)
         results = []
         for r in range(world):
@@ -85,14 +93,17 @@ def _run(world, uneven=False, fail_rank=-1):
         return results
 
 
-def _single_process_accumulation(world):
+def _single_process_accumulation(world, uneven=False):
+    """The same batches as micro-batches of one process, each backward's
+    mean loss weighted 1/R as DDP's average weights each rank's."""
     model, _ = regression_model()
     gns = GradientNoiseScale(model, source="micro_batch")
-    for parts in _global_batches(world):
+    for parts in _global_batches(world, uneven):
         model.zero_grad()
         for x, y in parts:
             (loss_fn(model, x, y) / world).backward()
-        gns.step(LOCAL_B * world)
+            gns.after_backward(1.0 / world, x.shape[0])
+        gns.step(sum(x.shape[0] for x, _ in parts))
     return gns.read()
 
 
@@ -111,10 +122,40 @@ def test_ranks_agree_with_single_process_accumulation(world):
 
 
 @pytest.mark.timeout(240)
-def test_uneven_last_batch():
-    results = _run(2, uneven=True)
-    assert results[0][0].b_simple == results[1][0].b_simple
-    assert results[0][0].b_simple is not None and results[0][0].steps == STEPS
+@pytest.mark.parametrize("uneven", ["last", "all"])
+def test_uneven_shards_match_single_process_accumulation(uneven):
+    """Shards of 8 and 5 samples: each rank's own batch size enters the
+    estimate (harmonic b, B_eff = R²/Σ 1/b_r for DDP's average of means), as
+    it does for the same micro-batches declared in one process."""
+    results = _run(2, uneven=uneven)
+    reference = _single_process_accumulation(2, uneven)
+    for reading, _ in results:
+        assert reading.steps == STEPS
+        assert reading.b_simple == pytest.approx(reference.b_simple, rel=1e-6)
+        assert reading.sq_norm == pytest.approx(reference.sq_norm, rel=1e-6)
+        assert reading.trace == pytest.approx(reference.trace, rel=1e-6)
+    assert results[0][1] == results[1][1]
+
+
+@pytest.mark.timeout(240)
+def test_closed_form_linear_regression_on_two_ranks():
+    """The closed form of B_simple for linear regression (tests/test_noise_scale.py)
+    from the distributed source: 2 ranks × 8 samples, fresh batches."""
+    from tests.test_noise_scale import DELTA_SQ, TRUE_B_SIMPLE
+    results = _run(2, steps=1500, beta=0.995)
+    reading, _ = results[0]
+    assert reading.b_simple == pytest.approx(TRUE_B_SIMPLE, rel=0.05)
+    assert reading.sq_norm == pytest.approx(DELTA_SQ, rel=0.1)
+    assert results[0][1] == results[1][1]
+
+
+@pytest.mark.timeout(240)
+def test_non_finite_gradients_on_one_rank_skip_the_step_on_every_rank():
+    results = _run(2, nan_rank=1)
+    for reading, state in results:
+        assert reading.skipped_steps == 1 and reading.steps == STEPS - 1
+        assert all(math.isfinite(v) for v in (reading.b_simple, reading.sq_norm, reading.trace))
+    assert results[0][1] == results[1][1]
 
 
 @pytest.mark.timeout(240)
