@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import layers
 from .layers.base import Call, NormRule
@@ -68,6 +69,8 @@ class _Step:
     # kept (layers.shared.gathered_dense)
     shared_factors: dict[int, object] = field(default_factory=dict)
     callback_queued: bool = False
+    # why this step's backward cannot be measured (a create_graph backward)
+    unmeasurable: str | None = None
     # set when its backward has ended: a further backward through the same
     # graph (retain_graph=True) is not measured
     finished: bool = False
@@ -128,6 +131,8 @@ class GradNoiseTracker:
         self._attached = False
         self._step: _Step | None = None
         self._results: tuple[list[str], torch.Tensor | None, float] | None = None
+        self._unmeasured: str | None = None
+        self._eval_forward = False
         self._suspended = False
         #: while True, forward passes start no measurement: the step runs as
         #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
@@ -137,9 +142,15 @@ class GradNoiseTracker:
         self.attach()
 
     # ------------------------------------------------------------------ setup
+    def _batchnorm_mixing(self) -> list[tuple[str, nn.Module]]:
+        """BatchNorm modules that normalise with the batch's statistics: in
+        train mode, or in eval mode without running statistics."""
+        return [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, _BATCHNORM_TYPES)
+                and (m.training or not m.track_running_stats or m.running_mean is None)]
+
     def _check_batchnorm(self) -> None:
-        offending = [(n, m) for n, m in self.model.named_modules()
-                     if isinstance(m, _BATCHNORM_TYPES) and m.training]
+        offending = self._batchnorm_mixing()
         if offending:
             raise ValueError(_batchnorm_message(offending))
 
@@ -162,6 +173,12 @@ class GradNoiseTracker:
                 continue
             own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             rule = layers.find_rule(module)
+            instance_forward = module.__dict__.get("forward")
+            if instance_forward is not None and not layers.fused_backward.is_tracked_forward(
+                    instance_forward):
+                # A forward replaced on the instance computes what its owner
+                # wrote, which the type's rule does not describe.
+                rule = None
             for child in getattr(rule, "claims_children", ()):
                 sub = module.get_submodule(child)
                 claimed.add(id(sub))
@@ -184,12 +201,24 @@ class GradNoiseTracker:
                         "slower) or unsupported='skip' (leave it out).")
                 rule, fallback = layers.GENERIC_RULE, True
                 self.fallback_modules.append(name)
+            if parametrize.is_parametrized(module) or isinstance(
+                    module, parametrize.ParametrizationList):
+                raise ValueError(
+                    f"GradNoiseTracker: module '{name}' ({type(module).__name__}) is parametrized "
+                    "(torch.nn.utils.parametrize, e.g. weight_norm), which is not supported. "
+                    "Remove the parametrization (parametrize.remove_parametrizations), or leave "
+                    "the module out with layers=.")
             rule.check(module, name)
             shared = [n for n in own if owners[id(module.get_parameter(n))] > 1]
+            # (another tracker's fused forward stays: this one uses hooks)
             fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
-                     and rule.supports_fused_backward(module) and not shared)
+                     and rule.supports_fused_backward(module) and not shared
+                     and "forward" not in module.__dict__)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
+        self._check_shared_with_untracked()
         self._by_module = {id(t.module): t for t in self._tracked}
+        self._state_ids = ({id(p) for p in self.model.parameters()}
+                           | {id(b) for b in self.model.buffers()})
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.
         self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
@@ -211,24 +240,57 @@ class GradNoiseTracker:
                     and id(t.module.get_parameter(t.own[0])) in self._factored):
                 t.fused = True
 
+    def _check_shared_with_untracked(self) -> None:
+        """A tracked parameter that another, untracked module also uses would
+        be measured from part of its gradient: refused."""
+        users: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules():
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    users.setdefault(id(p), []).append(name)
+        measured: dict[int, set[str]] = {}
+        for t in self._tracked:
+            for pname in t.own:
+                owner = t.name if "." not in pname else (
+                    f"{t.name}.{pname.rsplit('.', 1)[0]}" if t.name else pname.rsplit(".", 1)[0])
+                measured.setdefault(id(t.module.get_parameter(pname)), set()).add(owner)
+        for pid, names in measured.items():
+            missing = [n for n in users[pid] if n not in names]
+            if missing:
+                raise ValueError(
+                    f"GradNoiseTracker: a parameter of {sorted(names)} is also used by "
+                    f"{missing}, which this tracker does not measure ({self._why_untracked()}); its "
+                    "per-sample gradient is the sum over every use. Measure all of them (add them "
+                    "to `layers`, or register a rule) or none.")
+
+    def _why_untracked(self) -> str:
+        if self.skipped_modules:
+            return "unsupported='skip'"
+        return f"layers={self._layers!r}" if isinstance(self._layers, str) else "layers="
+
     # ------------------------------------------------------------ attach/detach
     def attach(self) -> "GradNoiseTracker":
         """Install the hooks (no-op if attached)."""
         if self._attached:
             return self
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
-        for name, module in self.model.named_modules():
-            if isinstance(module, _BATCHNORM_TYPES):
-                self._handles.append(module.register_forward_pre_hook(
-                    lambda m, args, name=name: self._on_batchnorm_forward(name, m)))
-        for t in self._tracked:
-            if t.fused:
-                layers.fused_backward.install_tracked_forward(t.module, t.rule, self)
-            else:
-                self._handles.append(t.module.register_forward_hook(
-                    lambda m, args, kwargs, out, t=t: self._on_forward(t, args, kwargs, out),
-                    with_kwargs=True))
         self._attached = True
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+            self._handles.append(self.model.register_forward_hook(self._after_model_forward))
+            for module in self.model.modules():
+                if isinstance(module, _BATCHNORM_TYPES):
+                    self._handles.append(module.register_forward_pre_hook(
+                        lambda m, args: self._on_batchnorm_forward(m)))
+            for t in self._tracked:
+                if t.fused:
+                    layers.fused_backward.install_tracked_forward(t.module, t.rule, self, t.name)
+                else:
+                    self._handles.append(t.module.register_forward_hook(
+                        lambda m, args, kwargs, out, t=t: self._on_forward(t, args, kwargs, out),
+                        with_kwargs=True))
+        except Exception:
+            self.detach()
+            raise
         return self
 
     def detach(self) -> "GradNoiseTracker":
@@ -240,7 +302,7 @@ class GradNoiseTracker:
             h.remove()
         self._handles.clear()
         for t in self._tracked:
-            if t.fused:
+            if t.fused and layers.fused_backward._INSTALLED.get(t.module, (None, None))[1] is self:
                 layers.fused_backward.remove_tracked_forward(t.module)
         self._step = None
         self._attached = False
@@ -257,37 +319,52 @@ class GradNoiseTracker:
         return self._attached
 
     # ------------------------------------------------------------------ hooks
-    def _measuring(self, module: nn.Module, rule: NormRule | None = None) -> bool:
-        # Nothing is measured inside torch.func transforms (vmap, grad, ...):
-        # those are someone else's per-sample computations.
-        return (self._step is not None and not self._suspended
-                and (module.training or getattr(rule, "measures_in_eval", False))
-                and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active())
+    def _measuring(self) -> bool:
+        # Every call in a measured step counts, modules in eval mode included
+        # (their parameters get gradients all the same). Nothing is measured
+        # inside torch.func transforms (vmap, grad, ...): those are someone
+        # else's per-sample computations.
+        return (self._step is not None and not self._step.finished and not self._eval_forward
+                and not self._suspended and torch.is_grad_enabled()
+                and not torch._C._are_functorch_transforms_active())
 
     def _on_model_forward(self, model, args) -> None:
         # A model may keep some submodules (e.g. BatchNorm) in eval mode while
-        # the rest trains: the step is measured if any tracked module trains.
+        # the rest trains: the step is measured if any tracked module trains,
+        # and then every tracked call counts. A forward in eval mode captures
+        # nothing (it may come between a training forward and its backward).
+        self._eval_forward = False
         if self.paused:
             self._step = None
             return
-        if (torch.is_grad_enabled() and not self._suspended
-                and not torch._C._are_functorch_transforms_active()
-                and (model.training or any(t.module.training for t in self._tracked))):
+        if not (torch.is_grad_enabled() and not self._suspended
+                and not torch._C._are_functorch_transforms_active()):
+            return
+        if model.training or any(t.module.training for t in self._tracked):
             self._step = _Step()
+        else:
+            self._eval_forward = True
 
-    def _on_batchnorm_forward(self, name: str, module: nn.Module) -> None:
-        if module.training and torch.is_grad_enabled() and not self._suspended:
-            raise RuntimeError(_batchnorm_message([(name, module)]))
+    def _after_model_forward(self, model, args, out) -> None:
+        self._eval_forward = False
+
+    def _on_batchnorm_forward(self, module: nn.Module) -> None:
+        if self._measuring() and (module.training or not module.track_running_stats
+                                  or module.running_mean is None):
+            raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
 
     def _on_forward(self, t: _Tracked, args, kwargs, out) -> None:
-        if not self._measuring(t.module, t.rule):
+        if not self._measuring():
             return
         flat = _tensors(out)
         index = [k for k, o in enumerate(flat) if o.requires_grad]
         if not index:
             return
         outs = [flat[k] for k in index]
-        call = Call(args, kwargs, [None] * len(outs), index)
+        state = self._state_ids
+        shared = frozenset([k for k, a in enumerate(args) if id(a) in state]
+                           + [k for k, a in kwargs.items() if id(a) in state])
+        call = Call(args, kwargs, [None] * len(outs), index, shared)
         step = self._step
         step.calls.setdefault(id(t.module), []).append(call)
         step.pending[id(call)] = len(outs)
@@ -297,7 +374,7 @@ class GradNoiseTracker:
     def wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:
         """Called by a fused-backward module's forward: the step that measures
         this call, or None if it is not measured."""
-        if not self._measuring(module):
+        if not self._measuring():
             return None
         self._step.calls.setdefault(id(module), []).append(None)
         return self._step
@@ -330,10 +407,13 @@ class GradNoiseTracker:
         if step is None:
             return
         self._queue_finish(step)
+        if torch.is_grad_enabled():
+            self._mark_unmeasurable(step)
+            return
         call.grad_outputs[k] = grad
         step.pending[id(call)] -= 1
         if step.pending[id(call)] == 0 and self._is_simple(step, t):
-            self._step_add(step, t, t.rule.sq_norms(t.module, [call], t.own), _batch(call))
+            self._step_add(step, t, self._rule_call(t, "sq_norms", [call], t.own), _batch(call))
             step.calls[id(t.module)].remove(call)
             call.release()
 
@@ -378,11 +458,30 @@ class GradNoiseTracker:
             return
         x = held.pop()
         self._queue_finish(step)
+        if torch.is_grad_enabled():
+            self._mark_unmeasurable(step)
+            return
         if len(step.calls.get(id(t.module), ())) == 1:
             self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
                           x, grad_out)
         else:
             self._keep_call(step, t, x, grad_out)
+
+    def unmeasurable(self, step: _Step | None) -> None:
+        """Told by a fused-backward module of a backward with create_graph=True."""
+        step = self._backward_step(step)
+        if step is not None:
+            self._queue_finish(step)
+            self._mark_unmeasurable(step)
+
+    @staticmethod
+    def _mark_unmeasurable(step: _Step) -> None:
+        step.unmeasurable = (
+            "GradNoiseTracker: the last backward ran with create_graph=True (a gradient penalty, "
+            "Hessian-vector products), which is not measured: the norms would miss the gradient "
+            "that flows through the differentiated graph. Gradients are unaffected. Pause the "
+            "tracker (tracker.paused = True) around such passes, or read results after an "
+            "ordinary backward.")
 
     @staticmethod
     def _keep_call(step: _Step, t: _Tracked, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -430,19 +529,29 @@ class GradNoiseTracker:
         parameters, batch-size check, loss-reduction scaling."""
         self._suspended = True
         try:
+            if step.unmeasurable is not None:
+                self._results, self._unmeasured = None, step.unmeasurable
+                return
             for mid, calls in step.calls.items():
                 calls = [c for c in calls if c is not None and any(
                     g is not None for g in c.grad_outputs)]
                 if not calls:
                     continue
                 t = self._by_module[mid]
+                sizes = sorted({_batch(c) for c in calls})
+                if len(sizes) > 1:
+                    raise RuntimeError(
+                        f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) was "
+                        f"called with inputs of {sizes} rows along dim 0 in one step; per-sample "
+                        "norms need every call of a tracked module to see the batch along dim 0 "
+                        "(leave the module out with `layers=` if some calls do not).")
                 unshared = [p for p in t.own if p not in t.shared]
                 if unshared:
-                    self._step_add(step, t, t.rule.sq_norms(t.module, calls, unshared), _batch(calls[0]))
-                for c in calls:
-                    step.batch.setdefault(t.name, _batch(c))
+                    self._step_add(step, t, self._rule_call(t, "sq_norms", calls, unshared),
+                                   sizes[0])
+                step.batch.setdefault(t.name, sizes[0])
             self._finish_shared(step)
-            self._results = self._scaled(step)
+            self._results, self._unmeasured = self._scaled(step), None
         finally:
             for calls in step.calls.values():
                 for c in calls:
@@ -456,6 +565,18 @@ class GradNoiseTracker:
             step.finished = True
             step.callback_queued = False
             step.norms = {}
+
+    @staticmethod
+    def _rule_call(t: _Tracked, method: str, *args):
+        """A rule's method on the module's recorded calls; an error of the
+        torch.func fallback (which knows no names) is given the module's."""
+        try:
+            return getattr(t.rule, method)(t.module, *args)
+        except (ValueError, RuntimeError) as e:
+            if not isinstance(t.rule, layers.generic.GenericRule):
+                raise
+            raise type(e)(f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}): "
+                          f"{e}") from e
 
     def _step_add(self, step: _Step, t: _Tracked, norms, batch: int) -> None:
         """Add a rule's [B] result (or {child: [B]}) to the step's per-layer sums."""
@@ -514,7 +635,7 @@ class GradNoiseTracker:
             sl = slice(start, min(B, start + chunk))
             acc = None
             for t, pname, calls, _ in recorded:
-                g = t.rule.per_sample_grads(t.module, calls, [pname], sl)[pname]
+                g = self._rule_call(t, "per_sample_grads", calls, [pname], sl)[pname]
                 acc = g if acc is None else acc + g
             total[sl] = acc.flatten(1).square().sum(1)
         return total
@@ -549,6 +670,8 @@ class GradNoiseTracker:
 
     # ---------------------------------------------------------------- results
     def _require_results(self) -> tuple[list[str], torch.Tensor | None, float]:
+        if self._unmeasured is not None:
+            raise RuntimeError(self._unmeasured)
         if self._results is None:
             raise RuntimeError(
                 "GradNoiseTracker: nothing measured yet. Run a training-mode forward "

@@ -847,3 +847,297 @@ def test_autocast(name):
     assert norms.dtype == torch.float32 and torch.isfinite(norms).all()
     torch.testing.assert_close(norms.double(), truth, rtol=0.1, atol=1e-3)
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------ what a training loop also does
+def _penalised_step(model, x):
+    """A gradient penalty: ‖∂out/∂x‖² differentiated again (create_graph)."""
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = model(x).sum()
+    gx, = torch.autograd.grad(out, x, create_graph=True)
+    (out + gx.square().sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "group"])
+def test_double_backward_gives_autograds_gradients_and_is_not_measured(norm):
+    torch.manual_seed(0)
+    if norm == "group":
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(16, 1))
+        x = torch.randn(3, 2, 4, 4)
+    else:
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4) if norm == "layer" else nn.RMSNorm(4),
+                              nn.Tanh(), nn.Linear(4, 1))
+        x = torch.randn(3, 4)
+    plain = _penalised_step(model, x)
+    tracker = GradNoiseTracker(model)
+    assert tracker.fused_modules
+    tracked = _penalised_step(model, x)
+    for n in plain:
+        torch.testing.assert_close(tracked[n], plain[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        tracker.per_sample_sq_norms()
+    # an ordinary step afterwards is measured again
+    model.zero_grad()
+    model(x).sum().backward()
+    assert tracker.per_sample_sq_norms().shape == (3,)
+
+
+def test_copies_of_a_tracked_model_run_their_own_weights_and_pickle():
+    import copy
+    import io
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    tracker = GradNoiseTracker(model)
+    assert tracker.fused_modules
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.zero_()
+    x = torch.randn(3, 5, 4)
+    assert torch.equal(copied(x), torch.zeros(3, 5, 2))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), model(x))
+    # the tracker still measures the original, and only it
+    model(x).square().sum().backward()
+    assert tracker.per_sample_sq_norms().shape == (3,)
+    copied(x).sum().backward()
+    assert tracker.per_sample_sq_norms().shape == (3,)
+
+
+def test_two_trackers_on_one_model_both_measure_and_detach_their_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    x = torch.randn(5, 2, 4)
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.square().sum(),
+                                      params=["1.weight", "1.bias"])
+    norm_only = GradNoiseTracker(model, layers="norm", loss_reduction="sum")
+    every = GradNoiseTracker(model, loss_reduction="sum")
+    model(x).square().sum().backward()
+    torch.testing.assert_close(norm_only.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+    torch.testing.assert_close(every.per_layer_sq_norms()["1"].double(), truth, rtol=1e-5, atol=0)
+    every.detach()
+    assert norm_only.attached and "forward" in model[1].__dict__
+    norm_only.detach()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    # a module taken over by another tracker while this one was detached
+    first = GradNoiseTracker(model)
+    first.detach()
+    second = GradNoiseTracker(model)
+    with pytest.raises(ValueError, match="already measured by another"):
+        first.attach()
+    assert not first.attached and second.attached
+    assert all("forward" in model[k].__dict__ for k in (0, 2))
+
+
+def test_forward_replaced_on_the_instance_is_kept():
+    import functools
+    lin = nn.Linear(4, 4)
+    lin.forward = functools.partial(lambda x, f: f(x) * 2.0, f=lin.forward)
+    model = nn.Sequential(lin, nn.Linear(4, 2))
+    x = torch.randn(3, 5, 4)
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.sum())
+    before = model(x)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert tracker.fused_modules == ["1"] and tracker.fallback_modules == ["0"]
+    out = model(x)
+    assert torch.equal(out, before)
+    out.sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+    tracker.detach()
+    assert torch.equal(model(x), before) and "forward" in lin.__dict__
+
+
+def test_layers_called_by_keyword():
+    class ByKeyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.norm = nn.RMSNorm(3)
+
+        def forward(self, x):
+            return self.norm(x=self.fc(input=x))
+
+    torch.manual_seed(0)
+    model = ByKeyword()
+    x = torch.randn(2, 5, 4)
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.square().sum())
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    assert set(tracker.fused_modules) == {"fc", "norm"}
+    model(x).square().sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+
+
+def test_modules_in_eval_mode_inside_a_training_forward_are_measured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[1].eval()
+    x = torch.randn(3, 4)
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.sum())
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    model(x).sum().backward()
+    assert set(tracker.per_layer_sq_norms()) == {"0", "1", "2"}
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+
+
+def test_parameter_shared_with_an_untracked_module_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4)
+            self.mix = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 9, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.mix(self.emb(idx))))
+
+    with pytest.raises(ValueError, match=r"\['emb'\] is also used by \['head'\]"):
+        GradNoiseTracker(Tied(), layers=lambda name, m: name == "emb")
+    GradNoiseTracker(Tied(), layers=lambda name, m: name in ("emb", "head")).detach()
+
+
+def test_one_module_called_with_different_batch_sizes_is_an_error():
+    class Query(nn.Module):
+        def __init__(self, mod):
+            super().__init__()
+            self.mod = mod
+            self.q = torch.randn(1, 4, 5)
+            self.head = nn.Linear(20, 2)
+
+        def forward(self, x):
+            return self.head((self.mod(x) * self.mod(self.q)).flatten(1))
+
+    for mod, kw in [(nn.Linear(5, 5), {}), (nn.GroupNorm(2, 4), dict(fused_backward=False)),
+                    (nn.BatchNorm1d(4).eval(), {})]:
+        model = Query(mod)
+        tracker = GradNoiseTracker(model, **kw)
+        with pytest.raises(RuntimeError, match=r"module 'mod' .* \[1, 3\] rows along dim 0"):
+            model(torch.randn(3, 4, 5)).sum().backward()
+        tracker.detach()
+
+
+def test_batchnorm_with_batch_statistics_in_eval_mode_is_refused_and_all_are_named():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+                          nn.Linear(4, 2))
+    model[1].eval()
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\)"):
+        GradNoiseTracker(model)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(8, 3),
+                          nn.BatchNorm1d(3, affine=False))
+    model.eval()
+    model[0].train()
+    model[3].train()
+    GradNoiseTracker(model)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"'1' \(BatchNorm1d\), '4' \(BatchNorm1d\)"):
+        model(torch.randn(4, 2, 4))
+
+
+def test_attention_masks_shared_and_per_sample():
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, mask):
+            return self.head(self.mha(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    # a causal [T, T] mask with T = B, and a per-sample [B·heads, T, T] one
+    for B, T, mask in [(4, 4, nn.Transformer.generate_square_subsequent_mask(4)),
+                       (3, 5, torch.randn(6, 5, 5))]:
+        model = Attend()
+        x = torch.randn(B, T, 8)
+        tracker = GradNoiseTracker(model, loss_reduction="sum")
+        model(x, mask).square().sum().backward()
+        tracker.detach()
+        truth = []
+        for i in range(B):
+            model.zero_grad()
+            m_i = mask if mask.dim() == 2 else mask.reshape(B, 2, T, T)[i]
+            model.double()(x[i:i + 1].double(), m_i.double()).square().sum().backward()
+            truth.append(sum(p.grad.square().sum() for p in model.parameters()))
+            model.float()
+        torch.testing.assert_close(tracker.per_sample_sq_norms().double(), torch.stack(truth),
+                                   rtol=1e-4, atol=0)
+
+
+def test_fallback_keeps_the_models_own_tensors_shared_whatever_their_dim_0():
+    class BiasedMix(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d) * 0.5)
+
+        def forward(self, x, bias):
+            return ((x * self.w) @ x.transpose(1, 2) + bias).softmax(-1) @ x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = BiasedMix(3)
+            self.register_buffer("bias", torch.randn(4, 4))
+
+        def forward(self, x):
+            return self.mix(x, self.bias).mean(1).sum(1)
+
+    torch.manual_seed(1)
+    model = Model()
+    x = torch.randn(4, 4, 3)                              # B = T = 4 = the buffer's dim 0
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.sum())
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    model(x).sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)
+
+
+def test_fallback_refuses_what_it_cannot_recompute_with_the_modules_name():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[1][-1])          # h_n: [layers, B, H]
+
+    model = Recurrent()
+    GradNoiseTracker(model)
+    with pytest.raises(ValueError, match=r"module 'rnn' \(GRU\).*dim 0 is not the batch"):
+        model(torch.randn(3, 6, 4)).sum().backward()
+    with pytest.raises(ValueError, match=r"'0' .*parametrized"):
+        GradNoiseTracker(nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.Linear(4, 3)))
+    with pytest.raises(ValueError, match=r"'0.self_attn' \(MultiheadAttention\) has dropout 0.1"):
+        GradNoiseTracker(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)))
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x * self.w)
+
+    with pytest.raises(ValueError, match=r"'0.drop' \(Dropout\) has dropout 0.5"):
+        GradNoiseTracker(nn.Sequential(Noisy()))
+
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return F.dropout(x * self.w, 0.5, self.training)
+
+    model = nn.Sequential(FunctionalDropout())
+    GradNoiseTracker(model)
+    with pytest.raises(RuntimeError, match=r"module '0' \(FunctionalDropout\).*random"):
+        model(torch.randn(3, 4)).sum().backward()

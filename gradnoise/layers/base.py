@@ -27,6 +27,9 @@ class Call:
     grad_outputs: list = field(default_factory=list)
     #: positions, among the call's flattened tensor outputs, of those in grad_outputs
     output_index: list = field(default_factory=lambda: [0])
+    #: args positions and kwargs names of inputs that are the model's own
+    #: parameters or buffers (never per-sample, whatever their dim 0)
+    shared: frozenset = frozenset()
 
     def release(self) -> None:
         """Drop the tensors once the call is measured: the gradient hooks that
@@ -106,4 +109,9 @@ def find_rule(module: nn.Module) -> NormRule | None:
 
 
 def batch_size_of(calls: list[Call]) -> int:
-    return calls[0].args[0].shape[0]
+    """Dim 0 of the first tensor input (positional, else keyword) of the first call."""
+    c = calls[0]
+    for a in (*c.args, *c.kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.shape[0]
+    raise ValueError("the module was called without a tensor input, so it has no batch dimension")

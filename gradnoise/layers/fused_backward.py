@@ -19,6 +19,8 @@ cost more than the norms themselves.
 """
 from __future__ import annotations
 
+import types
+import weakref
 from abc import abstractmethod
 
 import torch
@@ -75,13 +77,21 @@ class _FusedBackwardFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, module, rule, sink, step):
         out, saved = rule.forward(module, x, weight, bias)
         ctx.save_for_backward(x, weight, *saved)
-        ctx.module, ctx.sink, ctx.step, ctx.has_bias = module, sink, step, bias is not None
+        ctx.module, ctx.rule, ctx.sink, ctx.step = module, rule, sink, step
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, Hessian-vector products):
+            # the fused kernels have no derivative of their own, so the
+            # gradients come from autograd through a re-run of the forward,
+            # differentiable; such a backward is not measured.
+            ctx.sink.unmeasurable(ctx.step)
+            return _differentiable_backward(ctx, x, weight, grad_out) + (None,) * 4
         grad_x, grad_w, grad_b = ctx.sink.module_backward(
             ctx.module, ctx.step, x, weight, tuple(saved), grad_out, need_x, need_w,
             ctx.has_bias and need_b)
@@ -95,31 +105,78 @@ class _FusedBackwardFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink) -> None:
+def _differentiable_backward(ctx, x, weight, grad_out):
+    bias = ctx.module.bias if ctx.has_bias else None
+    inputs = (x, weight, bias)
+    wanted = [k for k, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad[:3]))
+              if t is not None and need]
+    with torch.enable_grad():
+        out, _ = ctx.rule.forward(ctx.module, x, weight, bias)
+        grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad_out,
+                                    create_graph=True, allow_unused=True)
+    result = [None, None, None]
+    for k, g in zip(wanted, grads):
+        result[k] = g
+    return tuple(result)
+
+
+# Modules whose forward is routed through _FusedBackwardFunction: module ->
+# (rule, sink). Weak, so that it never keeps a module alive; a copy of a
+# module (copy.deepcopy, pickling) is not in it and runs its own plain forward.
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def forward(self, *args, **kwargs):
+    """The forward of a module whose backward the tracker takes over; set on
+    the instance (bound to it, so that a deep copy is bound to the copy)."""
+    entry = _INSTALLED.get(self)
+    plain_forward = type(self).forward
+    if entry is None or len(args) + len(kwargs) != 1:
+        return plain_forward(self, *args, **kwargs)
+    rule, sink = entry
+    x = args[0] if args else next(iter(kwargs.values()))
+    step = sink.wants(self, x)
+    if step is None:
+        return plain_forward(self, *args, **kwargs)
+    if rule.keeps_autograd_backward(self, x):
+        out = plain_forward(self, *args, **kwargs)
+        if out.requires_grad:
+            sink.watch_output(self, step, x, out)
+        return out
+    return _FusedBackwardFunction.apply(x, self.weight, getattr(self, "bias", None),
+                                        self, rule, sink, step)
+
+
+def is_tracked_forward(fn) -> bool:
+    """Whether `fn` (a module's instance attribute `forward`) is the one
+    install_tracked_forward sets."""
+    return getattr(fn, "__func__", None) is forward
+
+
+def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink, name: str) -> None:
     """Route the module's training-step forward through _FusedBackwardFunction.
 
     `sink.wants(module, x)` gives the step that measures this call (None: not
     measured); `sink.module_backward(module, step, x, weight, saved, grad_out,
     need_input_grad, need_weight, need_bias)` computes the gradients; for
     calls that keep autograd's backward, `sink.watch_output(module, step, x,
-    out)` takes the norms from the output's gradient. Outputs are the module's.
+    out)` takes the norms from the output's gradient; `sink.unmeasurable(step)`
+    is told of a backward that cannot be measured. Outputs are the module's.
     """
-    plain_forward = type(module).forward
-
-    def forward(x):
-        step = sink.wants(module, x)
-        if step is None:
-            return plain_forward(module, x)
-        if rule.keeps_autograd_backward(module, x):
-            out = plain_forward(module, x)
-            if out.requires_grad:
-                sink.watch_output(module, step, x, out)
-            return out
-        return _FusedBackwardFunction.apply(x, module.weight, getattr(module, "bias", None),
-                                            module, rule, sink, step)
-    module.forward = forward
+    if module in _INSTALLED:
+        raise ValueError(
+            f"GradNoiseTracker: module '{name}' ({type(module).__name__}) is already measured by "
+            "another attached GradNoiseTracker. Detach that one first, or share one tracker "
+            "(GradientNoiseScale(model, tracker=tracker) reads an existing one).")
+    if "forward" in module.__dict__:
+        raise ValueError(
+            f"GradNoiseTracker: module '{name}' ({type(module).__name__}) had its forward replaced "
+            "on the instance after the tracker was built; build the tracker after replacing it.")
+    _INSTALLED[module] = (rule, sink)
+    module.forward = types.MethodType(forward, module)
 
 
 def remove_tracked_forward(module: nn.Module) -> None:
-    if "forward" in module.__dict__:
+    _INSTALLED.pop(module, None)
+    if is_tracked_forward(module.__dict__.get("forward")):
         del module.forward

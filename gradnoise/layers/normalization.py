@@ -195,7 +195,6 @@ class EvalBatchNormRule(NormRule):
     """BatchNorm in eval mode normalises each sample with the running
     statistics, so its per-sample gradients exist (train mode is refused by
     the tracker). x̂ = (x − running_mean) / sqrt(running_var + eps)."""
-    measures_in_eval = True
 
     def check(self, module, name):
         if not module.track_running_stats:
