@@ -276,7 +276,6 @@ class GradNoiseTracker:
         self._attached = True
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
-            self._handles.append(self.model.register_forward_hook(self._after_model_forward))
             for module in self.model.modules():
                 if isinstance(module, _BATCHNORM_TYPES):
                     self._handles.append(module.register_forward_pre_hook(
@@ -332,7 +331,8 @@ class GradNoiseTracker:
         # A model may keep some submodules (e.g. BatchNorm) in eval mode while
         # the rest trains: the step is measured if any tracked module trains,
         # and then every tracked call counts. A forward in eval mode captures
-        # nothing (it may come between a training forward and its backward).
+        # nothing (it may come between a training forward and its backward);
+        # the flag holds until the next forward of the model.
         self._eval_forward = False
         if self.paused:
             self._step = None
@@ -344,9 +344,6 @@ class GradNoiseTracker:
             self._step = _Step()
         else:
             self._eval_forward = True
-
-    def _after_model_forward(self, model, args, out) -> None:
-        self._eval_forward = False
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
         if self._measuring() and (module.training or not module.track_running_stats
