@@ -952,11 +952,12 @@ class AdaptiveBatch:
         if name == "per_sample":
             noise = GradientNoiseScale(self.module, source="per_sample", beta=beta,
                                        tracker=tracker, scaler=self.scaler,
-                                       process_group=self._group, owns_tracker=True,
-                                       interval=interval)
+                                       optimizer=self.optimizer, process_group=self._group,
+                                       owns_tracker=True, interval=interval)
         else:
             noise = GradientNoiseScale(self.module, source=name, beta=beta, scaler=self.scaler,
-                                       process_group=self._group, interval=interval)
+                                       optimizer=self.optimizer, process_group=self._group,
+                                       interval=interval)
         return noise, name, reason
 
     def _open_tensorboard(self, directory):

@@ -39,11 +39,23 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .estimators import (NoiseScale, NoiseScaleEstimator, effective_batch_size,
-                         unbiased_sq_norm_and_trace)
+from .estimators import NoiseScale, NoiseScaleEstimator, effective_batch_size
+from .estimators import unbiased_sq_norm_and_trace as _two_batch
 from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
+
+
+def unbiased_sq_norm_and_trace(small, big, b, B):
+    """estimators.unbiased_sq_norm_and_trace, with what to check when the
+    declared weights make the accumulated batch no larger than the small one."""
+    if not b < B:
+        raise ValueError(
+            f"GradientNoiseScale: the backward passes' weights and sizes give a small batch "
+            f"b = {b:g} no smaller than the accumulated one B_eff = {B:g}; check the loss_scale "
+            "and batch_size given to after_backward (weights far from proportional to the sizes "
+            "leave no larger batch to compare with)")
+    return _two_batch(small, big, b, B)
 
 
 def _positive(value, what: str) -> float:
@@ -98,6 +110,10 @@ class GradientNoiseScale:
             mean or the sum of its samples' losses (times a constant, see
             `after_backward`).
         scaler: a torch.amp.GradScaler whose scale is undone.
+        optimizer: the optimizer of this model's parameters, whose state in
+            `scaler` says whether .grad is already unscaled. Without it, the
+            scaler's state for any optimizer is taken to be this one's: pass
+            it when the scaler serves several optimizers.
         process_group: for "distributed", and for "per_sample" under DDP,
             where the per-sample sums are all-reduced (default: the world).
         owns_tracker: detach the tracker on close() (default: if created here).
@@ -123,7 +139,7 @@ class GradientNoiseScale:
     def __init__(self, model: nn.Module, source: str = "per_sample", beta: float = 0.95,
                  per_layer: bool = False, tracker: GradNoiseTracker | None = None,
                  loss_reduction: str = "mean", scaler=None, process_group=None,
-                 owns_tracker: bool | None = None, interval: int = 1):
+                 owns_tracker: bool | None = None, interval: int = 1, optimizer=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientNoiseScale: `model` must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
@@ -154,6 +170,7 @@ class GradientNoiseScale:
         self.beta = float(beta)
         self.loss_reduction = loss_reduction
         self.scaler = scaler
+        self.optimizer = optimizer
         self.group = process_group
         self.estimator = NoiseScaleEstimator(self.beta)
         self.per_layer = per_layer
@@ -170,9 +187,11 @@ class GradientNoiseScale:
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
             self._owns_tracker = tracker is None if owns_tracker is None else owns_tracker
             self._ps_sums: dict[str, float] = {}   # layer -> Σ_i ‖∇ℓ_i‖² this step
+            self._tracker_steps = self.tracker.steps_measured  # at the last after_backward/step
         else:
             self._local: dict[str, float] = {}         # distributed: ‖local accumulated‖²
             self._in_backward = False
+            self._backward_task = -1
             self._pending_local: dict[str, float] = {}
             for p in self.params:
                 self._handles.append(p.register_hook(
@@ -206,8 +225,14 @@ class GradientNoiseScale:
         if not self.measuring:
             return
         layer = self._owners.get(id(p), "")
-        if not self._in_backward:
-            self._in_backward = True
+        # A backward that raised never ran its end-of-backward callback: its
+        # graph task is not this one.
+        task = torch._C._current_graph_task_id()
+        if not self._in_backward or task != self._backward_task:
+            if self._in_backward and self.source == "micro_batch":
+                self._backwards.pop()                      # the failed backward's
+            self._in_backward, self._backward_task = True, task
+            self._pending_local.clear()
             self._backwards.append(_Backward())
             torch.autograd.Variable._execution_engine.queue_callback(self._close_backward)
         if self.source == "micro_batch":
@@ -238,6 +263,7 @@ class GradientNoiseScale:
             return
         c = _positive(loss_scale, "after_backward: `loss_scale`")
         if self.source == "per_sample":
+            self._check_one_new_backward("after_backward")
             layers, sums, B = self.tracker.per_layer_sums()
             if not layers:
                 return
@@ -310,16 +336,24 @@ class GradientNoiseScale:
         (1 once the scaler has unscaled the gradients)."""
         if self.scaler is None or not self.scaler.is_enabled():
             return 1.0, 1.0
-        stages = [st.get("stage") for st in
-                  getattr(self.scaler, "_per_optimizer_states", {}).values()]
-        if any(getattr(st, "name", None) == "STEPPED" for st in stages):
+        states = getattr(self.scaler, "_per_optimizer_states", {})
+        if self.optimizer is not None:
+            stages = {getattr(states[id(self.optimizer)].get("stage"), "name", "READY")
+                      if id(self.optimizer) in states else "READY"}
+        else:
+            stages = {getattr(st.get("stage"), "name", "READY") for st in states.values()}
+            if len(stages) > 1:
+                raise RuntimeError(
+                    "GradientNoiseScale.step: the GradScaler serves several optimizers, in "
+                    "different stages; pass GradientNoiseScale(..., optimizer=...) so that it "
+                    "knows whether this model's gradients are unscaled yet")
+        if "STEPPED" in stages:
             raise RuntimeError(
                 "GradientNoiseScale.step: the GradScaler has already stepped the optimizer "
                 "this iteration; call gns.step() before scaler.step(optimizer) (after "
                 "scaler.unscale_(optimizer) is fine)")
         s2 = float(self.scaler.get_scale()) ** 2
-        unscaled = any(getattr(st, "name", None) == "UNSCALED" for st in stages)
-        return s2, (1.0 if unscaled else s2)
+        return s2, (1.0 if "UNSCALED" in stages else s2)
 
     def step(self, batch_size: int | None = None) -> NoiseScale | None:
         """Update the estimates from the step just completed and return the
@@ -337,6 +371,12 @@ class GradientNoiseScale:
             return self._step(batch_size) if measured else None
         finally:
             self._backwards = []
+            if self.source == "per_sample":
+                self._ps_sums = {}
+                self._tracker_steps = self.tracker.steps_measured
+            else:
+                self._in_backward = False
+                self._pending_local.clear()
             self.steps_seen += 1
             self._pause_owned_tracker()
             self._own_seconds += time.perf_counter() - start
@@ -393,6 +433,20 @@ class GradientNoiseScale:
         if self.loss_reduction == "sum":
             return [c * b for c, b in zip(scales, sizes)], sizes
         return scales, sizes
+
+    def _check_one_new_backward(self, where: str) -> None:
+        """The per-sample source reads the tracker's last backward: exactly one
+        must have been measured since the previous after_backward or step."""
+        new = self.tracker.steps_measured - self._tracker_steps
+        self._tracker_steps = self.tracker.steps_measured
+        if new > 1:
+            raise ValueError(
+                f"GradientNoiseScale.{where}: the tracker measured {new} backward passes since "
+                "the last call; with several backward passes per step, call "
+                "after_backward(loss_scale) after each of them")
+        if new == 0:
+            raise RuntimeError(f"GradientNoiseScale.{where}: the tracker measured no backward "
+                               "pass since the last call")
 
     def _per_sample_pairs(self, batch_size):
         if not self._backwards:  # one backward in the step, not declared

@@ -71,6 +71,8 @@ class _Step:
     callback_queued: bool = False
     # why this step's backward cannot be measured (a create_graph backward)
     unmeasurable: str | None = None
+    # ids of the model's parameters and buffers, taken at its first fallback call
+    state_ids: set | None = None
     # set when its backward has ended: a further backward through the same
     # graph (retain_graph=True) is not measured
     finished: bool = False
@@ -133,6 +135,8 @@ class GradNoiseTracker:
         self._results: tuple[list[str], torch.Tensor | None, float] | None = None
         self._unmeasured: str | None = None
         self._eval_forward = False
+        #: backward passes measured so far
+        self.steps_measured = 0
         self._suspended = False
         #: while True, forward passes start no measurement: the step runs as
         #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
@@ -173,9 +177,7 @@ class GradNoiseTracker:
                 continue
             own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             rule = layers.find_rule(module)
-            instance_forward = module.__dict__.get("forward")
-            if instance_forward is not None and not layers.fused_backward.is_tracked_forward(
-                    instance_forward):
+            if layers.fused_backward.replaced_forward(module):
                 # A forward replaced on the instance computes what its owner
                 # wrote, which the type's rule does not describe.
                 rule = None
@@ -210,15 +212,13 @@ class GradNoiseTracker:
                     "the module out with layers=.")
             rule.check(module, name)
             shared = [n for n in own if owners[id(module.get_parameter(n))] > 1]
-            # (another tracker's fused forward stays: this one uses hooks)
+            # (another attached tracker's fused forward stays: this one uses hooks)
             fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
                      and rule.supports_fused_backward(module) and not shared
-                     and "forward" not in module.__dict__)
+                     and layers.fused_backward.installed_sink(module) is None)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
         self._check_shared_with_untracked()
         self._by_module = {id(t.module): t for t in self._tracked}
-        self._state_ids = ({id(p) for p in self.model.parameters()}
-                           | {id(b) for b in self.model.buffers()})
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.
         self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
@@ -264,9 +264,10 @@ class GradNoiseTracker:
                     "to `layers`, or register a rule) or none.")
 
     def _why_untracked(self) -> str:
+        why = [f"layers={self._layers!r}" if isinstance(self._layers, str) else "layers="]
         if self.skipped_modules:
-            return "unsupported='skip'"
-        return f"layers={self._layers!r}" if isinstance(self._layers, str) else "layers="
+            why.append("unsupported='skip'")
+        return " or ".join(why)
 
     # ------------------------------------------------------------ attach/detach
     def attach(self) -> "GradNoiseTracker":
@@ -301,7 +302,7 @@ class GradNoiseTracker:
             h.remove()
         self._handles.clear()
         for t in self._tracked:
-            if t.fused and layers.fused_backward._INSTALLED.get(t.module, (None, None))[1] is self:
+            if t.fused and layers.fused_backward.installed_sink(t.module) is self:
                 layers.fused_backward.remove_tracked_forward(t.module)
         self._step = None
         self._attached = False
@@ -358,9 +359,15 @@ class GradNoiseTracker:
         if not index:
             return
         outs = [flat[k] for k in index]
-        state = self._state_ids
-        shared = frozenset([k for k, a in enumerate(args) if id(a) in state]
-                           + [k for k, a in kwargs.items() if id(a) in state])
+        shared = frozenset()
+        if isinstance(t.rule, layers.generic.GenericRule):
+            # the model's own tensors passed as inputs: never per-sample
+            state = self._step.state_ids
+            if state is None:
+                state = self._step.state_ids = ({id(p) for p in self.model.parameters()}
+                                                | {id(b) for b in self.model.buffers()})
+            shared = frozenset([k for k, a in enumerate(args) if id(a) in state]
+                               + [k for k, a in kwargs.items() if id(a) in state])
         call = Call(args, kwargs, [None] * len(outs), index, shared)
         step = self._step
         step.calls.setdefault(id(t.module), []).append(call)
@@ -549,6 +556,7 @@ class GradNoiseTracker:
                 step.batch.setdefault(t.name, sizes[0])
             self._finish_shared(step)
             self._results, self._unmeasured = self._scaled(step), None
+            self.steps_measured += 1
         finally:
             for calls in step.calls.values():
                 for c in calls:

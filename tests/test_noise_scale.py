@@ -547,3 +547,95 @@ def test_hessian_noise_scale_equals_its_closed_form_on_the_same_batch():
     assert est.trace_h_sigma == pytest.approx(tr_h_sigma, rel=1e-10)
     assert est.b_noise == pytest.approx(tr_h_sigma / g_h_g, rel=1e-10)
     assert est.eps_max == pytest.approx(G.square().sum().item() / g_h_g, rel=1e-10)
+
+
+def test_a_failed_backward_or_step_leaves_the_next_step_whole():
+    class FailOnce(torch.autograd.Function):
+        fail = True
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if FailOnce.fail:
+                FailOnce.fail = False
+                raise RuntimeError("fails once")
+            return g
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    model = nn.Sequential(first, second)
+    parts = _parts([4, 4])
+
+    def micro_step(gns, fn=lambda h: h):
+        model.zero_grad()
+        for x, y in parts:
+            ((second(fn(first(x))) - y).square().sum(1).mean() / 2).backward()
+        return gns.step(8)
+
+    reference = micro_step(GradientNoiseScale(model, source="micro_batch", beta=0.0))
+    gns = GradientNoiseScale(model, source="micro_batch", beta=0.0)
+    with pytest.raises(RuntimeError, match="fails once"):
+        micro_step(gns, FailOnce.apply)                   # the loop skips this step
+    after = micro_step(gns)
+    assert (after.sq_norm, after.trace) == pytest.approx((reference.sq_norm, reference.trace),
+                                                         rel=1e-12)
+    # per-sample: a step refused for a wrong batch_size adds nothing to the next
+    ps = GradientNoiseScale(model, source="per_sample", beta=0.0)
+    x, y = _parts([8])[0]
+    ((model(x) - y).square().sum(1).mean()).backward()
+    with pytest.raises(ValueError, match="batch_size=9"):
+        ps.step(9)
+    model.zero_grad()
+    fresh = GradientNoiseScale(model, source="per_sample", beta=0.0)
+    ((model(x) - y).square().sum(1).mean()).backward()
+    got = ps.step(8)
+    assert (got.sq_norm, got.trace) == pytest.approx((fresh.step(8).sq_norm, fresh.read().trace),
+                                                     rel=1e-12)
+
+
+def test_undeclared_per_sample_accumulation_is_refused_without_batch_size():
+    model = nn.Linear(3, 1)
+    gns = GradientNoiseScale(model, source="per_sample")
+    for xs in torch.randn(8, 3).chunk(2):
+        (model(xs).square().mean() / 2).backward()
+    with pytest.raises(ValueError, match="2 backward passes"):
+        gns.step()
+
+
+def test_grad_scaler_serving_two_optimizers():
+    torch.manual_seed(0)
+    model, other = nn.Linear(3, 2).double(), nn.Linear(3, 1).double()
+    x, y = _parts([16])[0]
+
+    def run(action, optimizer):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        opt, opt_other = (torch.optim.SGD(m.parameters(), lr=0.0) for m in (model, other))
+        gns = GradientNoiseScale(model, source="micro_batch", beta=0.0, scaler=scaler,
+                                 optimizer=opt if optimizer else None)
+        model.zero_grad()
+        other.zero_grad()
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            scaler.scale((model(xs) - ys).square().sum(1).mean() / 2 + other(xs).sum()).backward()
+        if action == "unscale other":
+            scaler.unscale_(opt_other)
+        elif action == "step other":
+            scaler.step(opt_other)
+        elif action == "unscale own":
+            scaler.unscale_(opt)
+        elif action == "step other, unscale own":
+            scaler.step(opt_other)
+            scaler.unscale_(opt)
+        r = gns.step(16)
+        gns.close()
+        return r.sq_norm, r.trace
+
+    expected = run(None, True)
+    for action in ("unscale other", "step other", "unscale own", "step other, unscale own"):
+        assert run(action, True) == pytest.approx(expected, rel=1e-9), action
+    assert run("unscale own", False) == pytest.approx(expected, rel=1e-9)
+    # without optimizer=, optimizers of the scaler in different stages are ambiguous
+    with pytest.raises(RuntimeError, match="optimizer="):
+        run("step other, unscale own", False)

@@ -1141,3 +1141,81 @@ def test_fallback_refuses_what_it_cannot_recompute_with_the_modules_name():
     GradNoiseTracker(model)
     with pytest.raises(RuntimeError, match=r"module '0' \(FunctionalDropout\).*random"):
         model(torch.randn(3, 4)).sum().backward()
+
+
+def test_a_dropped_tracker_keeps_nothing_alive():
+    import weakref
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+    tracker = GradNoiseTracker(model)
+    assert tracker.fused_modules
+    refs = weakref.ref(model), weakref.ref(tracker)
+    del model, tracker
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_a_loaded_copy_of_a_tracked_model_is_planned_as_a_fresh_one():
+    import copy
+    import io
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    GradNoiseTracker(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        tracker = GradNoiseTracker(other)
+        assert tracker.fused_modules == ["0", "1", "2"] and not tracker.fallback_modules
+        assert GradNoiseTracker(other, layers="norm").tracked_modules == ["1"]
+        tracker.detach()
+
+
+def test_double_backward_under_autocast_through_fused_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(3, 5, 4)
+
+    def step():
+        model.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xi).float().sum()
+        gx, = torch.autograd.grad(out, xi, create_graph=True)
+        (out + gx.square().sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = step()
+    tracker = GradNoiseTracker(model)
+    assert tracker.fused_modules == ["0", "2"]
+    tracked = step()
+    for n in plain:
+        # the same bfloat16 products, summed in another order
+        torch.testing.assert_close(tracked[n], plain[n], rtol=1.6e-2, atol=1e-3)
+
+
+def test_fallback_shared_tensors_follow_the_model_after_it_is_converted():
+    torch.manual_seed(1)
+
+    class BiasedMix(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d) * 0.5)
+
+        def forward(self, x, bias):
+            return ((x * self.w) @ x.transpose(1, 2) + bias).softmax(-1) @ x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = BiasedMix(3)
+            self.register_buffer("bias", torch.randn(4, 4))
+
+        def forward(self, x):
+            return self.mix(x, self.bias).mean(1).sum(1)
+
+    model = Model()
+    x = torch.randn(4, 4, 3, dtype=torch.float64)
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    model.double()                                        # new buffer and parameter objects
+    truth = model_per_sample_sq_norms(model, x, torch.zeros(4), lambda o, t: o.sum())
+    model(x).sum().backward()
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5, atol=0)

@@ -78,6 +78,8 @@ class _FusedBackwardFunction(torch.autograd.Function):
         out, saved = rule.forward(module, x, weight, bias)
         ctx.save_for_backward(x, weight, *saved)
         ctx.module, ctx.rule, ctx.sink, ctx.step = module, rule, sink, step
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.has_bias = bias is not None
         return out
 
@@ -110,7 +112,8 @@ def _differentiable_backward(ctx, x, weight, grad_out):
     inputs = (x, weight, bias)
     wanted = [k for k, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad[:3]))
               if t is not None and need]
-    with torch.enable_grad():
+    device, enabled, dtype = ctx.autocast
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
         out, _ = ctx.rule.forward(ctx.module, x, weight, bias)
         grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad_out,
                                     create_graph=True, allow_unused=True)
@@ -121,9 +124,17 @@ def _differentiable_backward(ctx, x, weight, grad_out):
 
 
 # Modules whose forward is routed through _FusedBackwardFunction: module ->
-# (rule, sink). Weak, so that it never keeps a module alive; a copy of a
-# module (copy.deepcopy, pickling) is not in it and runs its own plain forward.
+# (rule, weak reference to the sink). Weak both ways (the sink, a tracker,
+# holds the model), so that it never keeps a module or a tracker alive; a
+# copy of a module (copy.deepcopy, pickling) is not in it and runs its own
+# plain forward.
 _INSTALLED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def installed_sink(module: nn.Module):
+    """The live sink whose fused forward `module` runs, or None."""
+    entry = _INSTALLED.get(module)
+    return None if entry is None else entry[1]()
 
 
 def forward(self, *args, **kwargs):
@@ -131,9 +142,10 @@ def forward(self, *args, **kwargs):
     the instance (bound to it, so that a deep copy is bound to the copy)."""
     entry = _INSTALLED.get(self)
     plain_forward = type(self).forward
-    if entry is None or len(args) + len(kwargs) != 1:
+    sink = None if entry is None else entry[1]()
+    if sink is None or len(args) + len(kwargs) != 1:
         return plain_forward(self, *args, **kwargs)
-    rule, sink = entry
+    rule = entry[0]
     x = args[0] if args else next(iter(kwargs.values()))
     step = sink.wants(self, x)
     if step is None:
@@ -153,6 +165,17 @@ def is_tracked_forward(fn) -> bool:
     return getattr(fn, "__func__", None) is forward
 
 
+def replaced_forward(module: nn.Module) -> bool:
+    """Whether the module's instance carries a forward of its owner's own:
+    not the tracker's, nor its type's own bound to it (what unpickling a
+    tracked module leaves)."""
+    fn = module.__dict__.get("forward")
+    if fn is None or is_tracked_forward(fn):
+        return False
+    return not (getattr(fn, "__func__", None) is type(module).forward
+                and getattr(fn, "__self__", None) is module)
+
+
 def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink, name: str) -> None:
     """Route the module's training-step forward through _FusedBackwardFunction.
 
@@ -163,20 +186,20 @@ def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink, na
     out)` takes the norms from the output's gradient; `sink.unmeasurable(step)`
     is told of a backward that cannot be measured. Outputs are the module's.
     """
-    if module in _INSTALLED:
+    if installed_sink(module) is not None:
         raise ValueError(
             f"GradNoiseTracker: module '{name}' ({type(module).__name__}) is already measured by "
             "another attached GradNoiseTracker. Detach that one first, or share one tracker "
             "(GradientNoiseScale(model, tracker=tracker) reads an existing one).")
-    if "forward" in module.__dict__:
+    if replaced_forward(module):
         raise ValueError(
             f"GradNoiseTracker: module '{name}' ({type(module).__name__}) had its forward replaced "
             "on the instance after the tracker was built; build the tracker after replacing it.")
-    _INSTALLED[module] = (rule, sink)
+    _INSTALLED[module] = (rule, weakref.ref(sink))
     module.forward = types.MethodType(forward, module)
 
 
 def remove_tracked_forward(module: nn.Module) -> None:
     _INSTALLED.pop(module, None)
-    if is_tracked_forward(module.__dict__.get("forward")):
+    if "forward" in module.__dict__ and not replaced_forward(module):
         del module.forward
