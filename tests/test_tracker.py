@@ -379,7 +379,7 @@ def test_weight_tied_with_a_module_without_factors_is_materialised():
         def forward(self, idx):
             return self.readout(torch.tanh(self.embed(idx)).mean(1))
 
-    model = Model()
+    model = _BufferAsInput()
     x = torch.randint(0, 9, (5, 6))
     x[:, 0] = 1
     x[0, 2] = x[0, 3]
@@ -1069,26 +1069,30 @@ def test_attention_masks_shared_and_per_sample():
                                    rtol=1e-4, atol=0)
 
 
+class _BiasedMix(nn.Module):
+    """A fallback module that takes one of the model's buffers as an input."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d) * 0.5)
+
+    def forward(self, x, bias):
+        return ((x * self.w) @ x.transpose(1, 2) + bias).softmax(-1) @ x
+
+
+class _BufferAsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = _BiasedMix(3)
+        self.register_buffer("bias", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.mix(x, self.bias).mean(1).sum(1)
+
+
 def test_fallback_keeps_the_models_own_tensors_shared_whatever_their_dim_0():
-    class BiasedMix(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(d) * 0.5)
-
-        def forward(self, x, bias):
-            return ((x * self.w) @ x.transpose(1, 2) + bias).softmax(-1) @ x
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mix = BiasedMix(3)
-            self.register_buffer("bias", torch.randn(4, 4))
-
-        def forward(self, x):
-            return self.mix(x, self.bias).mean(1).sum(1)
-
     torch.manual_seed(1)
-    model = Model()
+    model = _BufferAsInput()
     x = torch.randn(4, 4, 3)                              # B = T = 4 = the buffer's dim 0
     truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.sum())
     tracker = GradNoiseTracker(model, loss_reduction="sum")
@@ -1195,24 +1199,7 @@ def test_double_backward_under_autocast_through_fused_linear():
 def test_fallback_shared_tensors_follow_the_model_after_it_is_converted():
     torch.manual_seed(1)
 
-    class BiasedMix(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(d) * 0.5)
-
-        def forward(self, x, bias):
-            return ((x * self.w) @ x.transpose(1, 2) + bias).softmax(-1) @ x
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mix = BiasedMix(3)
-            self.register_buffer("bias", torch.randn(4, 4))
-
-        def forward(self, x):
-            return self.mix(x, self.bias).mean(1).sum(1)
-
-    model = Model()
+    model = _BufferAsInput()
     x = torch.randn(4, 4, 3, dtype=torch.float64)
     tracker = GradNoiseTracker(model, loss_reduction="sum")
     model.double()                                        # new buffer and parameter objects
