@@ -366,8 +366,8 @@ class GradNoiseTracker:
             if state is None:
                 state = self._step.state_ids = ({id(p) for p in self.model.parameters()}
                                                 | {id(b) for b in self.model.buffers()})
-            shared = frozenset([k for k, a in enumerate(args) if id(a) in state]
-                               + [k for k, a in kwargs.items() if id(a) in state])
+            shared = frozenset([k for k, a in enumerate(args) if _is_state(a, state)]
+                               + [k for k, a in kwargs.items() if _is_state(a, state)])
         call = Call(args, kwargs, [None] * len(outs), index, shared)
         step = self._step
         step.calls.setdefault(id(t.module), []).append(call)
@@ -741,6 +741,13 @@ def _tensors(out) -> Iterable[torch.Tensor]:
     if isinstance(out, dict):
         return list(itertools.chain.from_iterable(_tensors(o) for o in out.values()))
     return []
+
+
+def _is_state(value, state_ids: set) -> bool:
+    """Whether `value` is one of the model's parameters or buffers, or a view
+    of one (a slice of a mask buffer, say)."""
+    return isinstance(value, torch.Tensor) and (
+        id(value) in state_ids or (value._base is not None and id(value._base) in state_ids))
 
 
 def _batch(call: Call) -> int:
