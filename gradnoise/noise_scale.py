@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from numbers import Real
 
 import torch
@@ -182,6 +182,7 @@ class GradientNoiseScale:
         self.interval = interval
         self.steps_seen = 0          # step() calls so far, measured or not
         self._backwards: list[_Backward] = []   # this step's, in order
+        self._grad_devices: set | None = None
         self.tracker = None
         if source == "per_sample":
             self.tracker = tracker or GradNoiseTracker(model, loss_reduction=loss_reduction)
@@ -293,9 +294,19 @@ class GradientNoiseScale:
             return {}
         grads = []
         for p in with_grad:
-            g = p.grad.detach()
-            grads.append(g.coalesce().values() if g.is_sparse else g)
-        values = ops.sq_norms(grads).tolist()
+            g = p.grad
+            if g.is_sparse:
+                g = g.coalesce().values()
+            elif g.requires_grad:  # (after create_graph=True; an op per gradient otherwise)
+                g = g.detach()
+            grads.append(g)
+        # gradients of one model's parameters: checked once, the first time
+        # (a model spread over devices takes the checked path every step)
+        devices = self._grad_devices
+        if devices is None:
+            devices = self._grad_devices = {p.grad.device for p in with_grad}
+        values = (ops.reductions.sq_norms_unchecked(grads) if len(devices) == 1
+                  else ops.sq_norms(grads)).tolist()
         out: dict[str, float] = {}
         for p, v in zip(with_grad, values):
             layer = self._owners.get(id(p), "")
@@ -536,7 +547,9 @@ class GradientNoiseScale:
     # ------------------------------------------------------------ reading
     def read(self) -> NoiseScale:
         """The smoothed estimates, with the count of skipped (non-finite) steps."""
-        return replace(self.estimator.read(), skipped_steps=self.skipped_steps)
+        reading = self.estimator.read()
+        reading.skipped_steps = self.skipped_steps
+        return reading
 
     def read_layers(self) -> dict[str, NoiseScale]:
         return {k: v.read() for k, v in self.layer_estimators.items()}

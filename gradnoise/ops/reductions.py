@@ -47,7 +47,16 @@ def sq_norms(tensors, backend: str | None = None) -> torch.Tensor:
     if any(t.device != device for t in tensors):
         raise ValueError("gradnoise.ops.sq_norms: the tensors are on several devices ("
                          + ", ".join(sorted({str(t.device) for t in tensors})) + ")")
-    be = resolve_backend(device, backend)
+    return sq_norms_unchecked(tensors, backend)
+
+
+def sq_norms_unchecked(tensors: list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
+    """:func:`sq_norms` of a non-empty list of dense tensors of a supported
+    dtype on one device, without the Python checks (the compiled kernel
+    checks them too): the noise-scale estimator's call on every step, where
+    a check per gradient costs more than the CPU kernel's pass over a small
+    model's gradients."""
+    be = resolve_backend(tensors[0].device, backend)
     if be == "reference":
         return sq_norms_ref(tensors)
     if be == "cpu":
