@@ -379,7 +379,7 @@ def test_weight_tied_with_a_module_without_factors_is_materialised():
         def forward(self, idx):
             return self.readout(torch.tanh(self.embed(idx)).mean(1))
 
-    model = _BufferAsInput()
+    model = Model()
     x = torch.randint(0, 9, (5, 6))
     x[:, 0] = 1
     x[0, 2] = x[0, 3]
