@@ -52,6 +52,12 @@ def unbiased_sq_norm_and_trace(small_sq_norm: float, big_sq_norm: float, b: floa
     return g2, tr
 
 
+def weight_sums(weights, sizes) -> tuple[float, float]:
+    """(Σ_j w_j, Σ_j w_j²/b_j): what `effective_batch_size` takes, and what
+    processes add up before taking it."""
+    return sum(weights), sum(w * w / b for w, b in zip(weights, sizes))
+
+
 def effective_batch_size(weight_sum: float, weighted_inverse_sizes: float) -> float:
     """B_eff = (Σ_j w_j)² / Σ_j (w_j²/b_j) of Σ_j w_j G_{b_j} / Σ_j w_j, given
     Σ_j w_j and Σ_j w_j²/b_j: N for b_j/N weights (the mean over all N

@@ -39,14 +39,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .estimators import NoiseScale, NoiseScaleEstimator, effective_batch_size
-from .estimators import unbiased_sq_norm_and_trace as _two_batch
+from .estimators import NoiseScale, NoiseScaleEstimator, effective_batch_size, weight_sums
+from .estimators import unbiased_sq_norm_and_trace
 from .tracker import GradNoiseTracker
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
 
 
-def unbiased_sq_norm_and_trace(small, big, b, B):
+def _two_batch_estimates(small, big, b, B):
     """estimators.unbiased_sq_norm_and_trace, with what to check when the
     declared weights make the accumulated batch no larger than the small one."""
     if not b < B:
@@ -55,7 +55,7 @@ def unbiased_sq_norm_and_trace(small, big, b, B):
             f"b = {b:g} no smaller than the accumulated one B_eff = {B:g}; check the loss_scale "
             "and batch_size given to after_backward (weights far from proportional to the sizes "
             "leave no larger batch to compare with)")
-    return _two_batch(small, big, b, B)
+    return unbiased_sq_norm_and_trace(small, big, b, B)
 
 
 def _positive(value, what: str) -> float:
@@ -191,8 +191,8 @@ class GradientNoiseScale:
             self._tracker_steps = self.tracker.steps_measured  # at the last after_backward/step
         else:
             self._local: dict[str, float] = {}         # distributed: ‖local accumulated‖²
-            self._in_backward = False
-            self._backward_task = -1
+            # graph task of the backward the hooks are recording (None between)
+            self._open_task: int | None = None
             self._pending_local: dict[str, float] = {}
             for p in self.params:
                 self._handles.append(p.register_hook(
@@ -229,10 +229,10 @@ class GradientNoiseScale:
         # A backward that raised never ran its end-of-backward callback: its
         # graph task is not this one.
         task = torch._C._current_graph_task_id()
-        if not self._in_backward or task != self._backward_task:
-            if self._in_backward and self.source == "micro_batch":
+        if task != self._open_task:
+            if self._open_task is not None and self.source == "micro_batch":
                 self._backwards.pop()                      # the failed backward's
-            self._in_backward, self._backward_task = True, task
+            self._open_task = task
             self._pending_local.clear()
             self._backwards.append(_Backward())
             torch.autograd.Variable._execution_engine.queue_callback(self._close_backward)
@@ -246,7 +246,7 @@ class GradientNoiseScale:
             self._pending_local[layer] = self._pending_local.get(layer, 0.0) + _sq_norm(local)
 
     def _close_backward(self) -> None:
-        self._in_backward = False
+        self._open_task = None
         if self.source == "distributed":
             # The last backward's value is the one that counts (it includes
             # every earlier micro-batch of this rank).
@@ -386,7 +386,7 @@ class GradientNoiseScale:
                 self._ps_sums = {}
                 self._tracker_steps = self.tracker.steps_measured
             else:
-                self._in_backward = False
+                self._open_task = None
                 self._pending_local.clear()
             self.steps_seen += 1
             self._pause_owned_tracker()
@@ -465,16 +465,10 @@ class GradientNoiseScale:
         if not self._backwards:
             raise RuntimeError("GradientNoiseScale.step: the tracker measured no backward pass "
                                "this step")
-        w, b = self._weights(None)
-        count = sum(b)
-        if batch_size is not None and abs(count - batch_size) > 1e-9 * batch_size:
-            raise ValueError(
-                f"GradientNoiseScale.step: batch_size={batch_size:g} but the tracker measured "
-                f"{count:g} samples; with several backward passes per step, call "
-                "after_backward(loss_scale) after each of them")
+        w, b = self._weights(batch_size)
         sums, self._ps_sums = self._ps_sums, {}
         layers = list(sums)
-        vec = [float(sums[n]) for n in layers] + [count, sum(w), sum(x * x / y for x, y in zip(w, b))]
+        vec = [float(sums[n]) for n in layers] + [sum(b), *weight_sums(w, b)]
         world = self._distributed_world()
         if world > 1:
             summed = torch.tensor(vec, dtype=torch.float64)
@@ -489,7 +483,7 @@ class GradientNoiseScale:
         # .grad = (1/R) Σ w_j G_{b_j} (DDP averages over R ranks): G_big = .grad·R/W,
         # E‖G_big‖² = ‖G‖² + tr(Σ)/B_eff.
         big_factor, B_eff = (world / W) ** 2 / s2_grad, effective_batch_size(W, W2)
-        return {layer: unbiased_sq_norm_and_trace(vec[j] / N / s2,
+        return {layer: _two_batch_estimates(vec[j] / N / s2,
                                                   float(grads.get(layer, 0.0)) * big_factor,
                                                   1, B_eff)
                 for j, layer in enumerate(layers)}
@@ -504,7 +498,7 @@ class GradientNoiseScale:
         w, b = self._weights(batch_size)
         grads = self._batch_grad_sq_norms()
         s2, s2_grad = self._scales_sq()
-        W, W2 = sum(w), sum(x * x / y for x, y in zip(w, b))
+        W, W2 = weight_sums(w, b)
         # small: mean_j ‖g_j / w_j‖² = mean_j ‖G_{b_j}‖², E = ‖G‖² + tr(Σ)·mean_j(1/b_j)
         b_small = k / sum(1.0 / y for y in b)
         pairs = {}
@@ -512,7 +506,7 @@ class GradientNoiseScale:
             small = sum(float(bk.sq_norms.get(layer, 0.0)) / (wj * wj)
                         for bk, wj in zip(self._backwards, w)) / k / s2
             big = float(grads[layer]) / (W * W) / s2_grad
-            pairs[layer] = unbiased_sq_norm_and_trace(small, big, b_small,
+            pairs[layer] = _two_batch_estimates(small, big, b_small,
                                                       effective_batch_size(W, W2))
         return pairs
 
@@ -531,7 +525,7 @@ class GradientNoiseScale:
         # This rank's accumulated gradient is Σ_j w_j G_{b_j} = W_r·(a batch
         # mean of effective size b_r); one all-reduce of ‖local/W_r‖² per
         # layer, Σ 1/b_r, Σ W_r and Σ w²/b.
-        W_r, W2_r = sum(w), sum(x * x / y for x, y in zip(w, b))
+        W_r, W2_r = weight_sums(w, b)
         b_r = effective_batch_size(W_r, W2_r)
         vec = torch.tensor([float(local.get(n, 0.0)) / (W_r * W_r) / s2 for n in layers]
                            + [1.0 / b_r, W_r, W2_r], dtype=torch.float64)
@@ -539,7 +533,7 @@ class GradientNoiseScale:
         *smalls, sum_inv_b, W, W2 = vec.tolist()
         b_small = world / sum_inv_b
         big_factor = (world / W) ** 2 / s2_grad
-        return {layer: unbiased_sq_norm_and_trace(smalls[j] / world,
+        return {layer: _two_batch_estimates(smalls[j] / world,
                                                   float(grads.get(layer, 0.0)) * big_factor,
                                                   b_small, effective_batch_size(W, W2))
                 for j, layer in enumerate(layers)}

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import layers
-from .layers.base import Call, NormRule
+from .layers.base import Call, NormRule, batch_size_of
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # Memory allowed for one chunk of materialised per-sample gradients of a
@@ -41,6 +41,12 @@ _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # [b, T_u, T_v] products of its cross terms: small, so that a tied
 # embedding adds little to the step's peak memory.
 _SHARED_CHUNK_BYTES = 2 * 2**20
+_UNMEASURABLE = (
+    "GradNoiseTracker: the last backward ran with create_graph=True (a gradient penalty, "
+    "Hessian-vector products), which is not measured: the norms would miss the gradient "
+    "that flows through the differentiated graph. Gradients are unaffected. Pause the "
+    "tracker (tracker.paused = True) around such passes, or read results after an "
+    "ordinary backward.")
 
 
 @dataclass
@@ -150,8 +156,7 @@ class GradNoiseTracker:
         """BatchNorm modules that normalise with the batch's statistics: in
         train mode, or in eval mode without running statistics."""
         return [(n, m) for n, m in self.model.named_modules()
-                if isinstance(m, _BATCHNORM_TYPES)
-                and (m.training or not m.track_running_stats or m.running_mean is None)]
+                if isinstance(m, _BATCHNORM_TYPES) and _mixes_samples(m)]
 
     def _check_batchnorm(self) -> None:
         offending = self._batchnorm_mixing()
@@ -166,11 +171,12 @@ class GradNoiseTracker:
         return bool(self._layers(name, module))
 
     def _plan(self) -> None:
-        owners: dict[int, int] = {}
-        for _, module in self.model.named_modules():
+        # id(trainable parameter) -> names of the modules that own it
+        owners: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules():
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
-                    owners[id(p)] = owners.get(id(p), 0) + 1
+                    owners.setdefault(id(p), []).append(name)
         claimed: set[int] = set()
         for name, module in self.model.named_modules():
             if id(module) in claimed:
@@ -211,13 +217,13 @@ class GradNoiseTracker:
                     "Remove the parametrization (parametrize.remove_parametrizations), or leave "
                     "the module out with layers=.")
             rule.check(module, name)
-            shared = [n for n in own if owners[id(module.get_parameter(n))] > 1]
+            shared = [n for n in own if len(owners[id(module.get_parameter(n))]) > 1]
             # (another attached tracker's fused forward stays: this one uses hooks)
             fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
                      and rule.supports_fused_backward(module) and not shared
                      and layers.fused_backward.installed_sink(module) is None)
             self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
-        self._check_shared_with_untracked()
+        self._check_shared_with_untracked(owners)
         self._by_module = {id(t.module): t for t in self._tracked}
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.
@@ -240,14 +246,9 @@ class GradNoiseTracker:
                     and id(t.module.get_parameter(t.own[0])) in self._factored):
                 t.fused = True
 
-    def _check_shared_with_untracked(self) -> None:
+    def _check_shared_with_untracked(self, users: dict[int, list[str]]) -> None:
         """A tracked parameter that another, untracked module also uses would
         be measured from part of its gradient: refused."""
-        users: dict[int, list[str]] = {}
-        for name, module in self.model.named_modules():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    users.setdefault(id(p), []).append(name)
         measured: dict[int, set[str]] = {}
         for t in self._tracked:
             for pname in t.own:
@@ -347,8 +348,7 @@ class GradNoiseTracker:
             self._eval_forward = True
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
-        if self._measuring() and (module.training or not module.track_running_stats
-                                  or module.running_mean is None):
+        if self._measuring() and _mixes_samples(module):
             raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
 
     def _on_forward(self, t: _Tracked, args, kwargs, out) -> None:
@@ -405,19 +405,29 @@ class GradNoiseTracker:
                 "the passes with separate backward calls.")
         return step
 
-    def _on_grad(self, step: _Step, t: _Tracked, call: Call, k: int,
-                 grad: torch.Tensor) -> None:
+    def _enter_backward(self, step: _Step | None) -> _Step | None:
+        """Every backward hook's first call: the step it measures (its
+        end-of-backward work queued), or None. A backward with
+        create_graph=True is not measured, and marks its step so."""
         step = self._backward_step(step)
         if step is None:
-            return
+            return None
         self._queue_finish(step)
         if torch.is_grad_enabled():
-            self._mark_unmeasurable(step)
+            step.unmeasurable = _UNMEASURABLE
+            return None
+        return step
+
+    def _on_grad(self, step: _Step, t: _Tracked, call: Call, k: int,
+                 grad: torch.Tensor) -> None:
+        step = self._enter_backward(step)
+        if step is None:
             return
         call.grad_outputs[k] = grad
         step.pending[id(call)] -= 1
         if step.pending[id(call)] == 0 and self._is_simple(step, t):
-            self._step_add(step, t, self._rule_call(t, "sq_norms", [call], t.own), _batch(call))
+            self._step_add(step, t, self._rule_call(t, "sq_norms", [call], t.own),
+                           batch_size_of([call]))
             step.calls[id(t.module)].remove(call)
             call.release()
 
@@ -426,10 +436,8 @@ class GradNoiseTracker:
                         need_weight: bool, need_bias: bool):
         """Backward of a fused-backward module's call, measured by `step`:
         (grad_x, grad_weight, grad_bias)."""
-        step = self._backward_step(step)
+        step = self._enter_backward(step)
         t = self._by_module[id(module)]
-        if step is not None:
-            self._queue_finish(step)
         if step is not None and len(step.calls.get(id(module), [])) == 1:
             gx, gw, gb, norms = t.rule.fused_backward(module, x, weight, saved, grad_out, t.own,
                                                       need_input_grad)
@@ -457,13 +465,11 @@ class GradNoiseTracker:
     def _output_grad(self, step: _Step, t: _Tracked, held: list, grad_out: torch.Tensor) -> None:
         """Its norms now or, if the module was called several times, at the
         end of backward over all its calls."""
-        step = self._backward_step(step)
-        if step is None or not held:
+        if not held:
             return
         x = held.pop()
-        self._queue_finish(step)
-        if torch.is_grad_enabled():
-            self._mark_unmeasurable(step)
+        step = self._enter_backward(step)
+        if step is None:
             return
         if len(step.calls.get(id(t.module), ())) == 1:
             self._add_own(step, t, t.rule.norms_from_output_grad(t.module, x, grad_out, t.own),
@@ -473,19 +479,7 @@ class GradNoiseTracker:
 
     def unmeasurable(self, step: _Step | None) -> None:
         """Told by a fused-backward module of a backward with create_graph=True."""
-        step = self._backward_step(step)
-        if step is not None:
-            self._queue_finish(step)
-            self._mark_unmeasurable(step)
-
-    @staticmethod
-    def _mark_unmeasurable(step: _Step) -> None:
-        step.unmeasurable = (
-            "GradNoiseTracker: the last backward ran with create_graph=True (a gradient penalty, "
-            "Hessian-vector products), which is not measured: the norms would miss the gradient "
-            "that flows through the differentiated graph. Gradients are unaffected. Pause the "
-            "tracker (tracker.paused = True) around such passes, or read results after an "
-            "ordinary backward.")
+        self._enter_backward(step)
 
     @staticmethod
     def _keep_call(step: _Step, t: _Tracked, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -542,7 +536,7 @@ class GradNoiseTracker:
                 if not calls:
                     continue
                 t = self._by_module[mid]
-                sizes = sorted({_batch(c) for c in calls})
+                sizes = sorted({batch_size_of([c]) for c in calls})
                 if len(sizes) > 1:
                     raise RuntimeError(
                         f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) was "
@@ -606,7 +600,7 @@ class GradNoiseTracker:
             if not recorded:
                 continue
             first = recorded[0]
-            B = first[3].z.shape[0] if first[3] is not None else _batch(first[2][0])
+            B = first[3].z.shape[0] if first[3] is not None else batch_size_of(first[2])
             if pid in self._factored:
                 total = self._factored_sq_norms(step, recorded)
             else:
@@ -743,6 +737,12 @@ def _tensors(out) -> Iterable[torch.Tensor]:
     return []
 
 
+def _mixes_samples(batchnorm: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the batch's statistics."""
+    return (batchnorm.training or not batchnorm.track_running_stats
+            or batchnorm.running_mean is None)
+
+
 def _is_state(value, state_ids: set) -> bool:
     """Whether `value` is one of the model's parameters or buffers, or a view
     of one (a slice of a mask buffer, say)."""
@@ -750,11 +750,6 @@ def _is_state(value, state_ids: set) -> bool:
         id(value) in state_ids or (value._base is not None and id(value._base) in state_ids))
 
 
-def _batch(call: Call) -> int:
-    for a in itertools.chain(call.args, call.kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.shape[0]
-    raise RuntimeError("GradNoiseTracker: a tracked module was called without a tensor input")
 
 
 def _batchnorm_message(offending) -> str:

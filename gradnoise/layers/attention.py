@@ -11,7 +11,7 @@ import inspect
 from torch import nn
 
 from .base import Call, batch_size_of, register_rule
-from .generic import GenericRule, _refuse_random, per_sample_grads_by_torch_func
+from .generic import GenericRule, per_sample_grads_by_torch_func
 
 _MHA_INPUTS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 
@@ -25,7 +25,7 @@ class MultiheadAttentionRule(GenericRule):
             raise ValueError(
                 f"GradNoiseTracker: MultiheadAttention '{name}' has batch_first=False, so its "
                 "inputs are [T, B, E] and dim 0 is not the batch. Build it with batch_first=True.")
-        _refuse_random(module, name)
+        super().check(module, name)
 
     def per_sample_grads(self, module, calls, params, samples):
         # Masks: a 2-D attn_mask [L, S] is shared by the samples whatever L

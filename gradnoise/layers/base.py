@@ -114,4 +114,5 @@ def batch_size_of(calls: list[Call]) -> int:
     for a in (*c.args, *c.kwargs.values()):
         if isinstance(a, torch.Tensor):
             return a.shape[0]
-    raise ValueError("the module was called without a tensor input, so it has no batch dimension")
+    raise RuntimeError("GradNoiseTracker: a tracked module was called without a tensor input, "
+                       "so it has no batch dimension")

@@ -7,6 +7,7 @@ Costs a per-sample re-run of the module's forward and backward.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .base import NormRule, batch_size_of
@@ -15,7 +16,6 @@ from .base import NormRule, batch_size_of
 def _refuse_random(module, name):
     """A module whose forward is re-run per sample must not draw random
     numbers: the re-run could not reproduce the step's dropout masks."""
-    from torch import nn
     for sub_name, sub in module.named_modules():
         p = getattr(sub, "dropout", None) if isinstance(sub, nn.MultiheadAttention) else (
             sub.p if isinstance(sub, nn.modules.dropout._DropoutNd) else None)
