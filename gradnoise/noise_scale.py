@@ -484,8 +484,7 @@ class GradientNoiseScale:
         # E‖G_big‖² = ‖G‖² + tr(Σ)/B_eff.
         big_factor, B_eff = (world / W) ** 2 / s2_grad, effective_batch_size(W, W2)
         return {layer: _two_batch_estimates(vec[j] / N / s2,
-                                                  float(grads.get(layer, 0.0)) * big_factor,
-                                                  1, B_eff)
+                                            float(grads.get(layer, 0.0)) * big_factor, 1, B_eff)
                 for j, layer in enumerate(layers)}
 
     def _micro_batch_pairs(self, batch_size):
@@ -507,7 +506,7 @@ class GradientNoiseScale:
                         for bk, wj in zip(self._backwards, w)) / k / s2
             big = float(grads[layer]) / (W * W) / s2_grad
             pairs[layer] = _two_batch_estimates(small, big, b_small,
-                                                      effective_batch_size(W, W2))
+                                                effective_batch_size(W, W2))
         return pairs
 
     def _distributed_pairs(self, batch_size):
@@ -534,8 +533,8 @@ class GradientNoiseScale:
         b_small = world / sum_inv_b
         big_factor = (world / W) ** 2 / s2_grad
         return {layer: _two_batch_estimates(smalls[j] / world,
-                                                  float(grads.get(layer, 0.0)) * big_factor,
-                                                  b_small, effective_batch_size(W, W2))
+                                            float(grads.get(layer, 0.0)) * big_factor,
+                                            b_small, effective_batch_size(W, W2))
                 for j, layer in enumerate(layers)}
 
     # ------------------------------------------------------------ reading
