@@ -17,7 +17,7 @@ int64_t linear_norm_method(int64_t B, int64_t T, int64_t d, int64_t p,
       choose_linear_norm_method(B, T, d, p, with_weight_grad));
 }
 
-std::string cpu_kernel_isa();  // defined in cpu/linear_cpu.cpp
+std::string cpu_kernel_isa();  // defined in cpu/fused_engine.cpp
 
 std::string build_info() {
   return std::string("cpu_isa=") + cpu_kernel_isa();

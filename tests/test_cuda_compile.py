@@ -1,6 +1,6 @@
 """The CUDA sources build with this machine's nvcc, although no GPU is here.
 
-No development or CI machine has a GPU (DESIGN.md §4), so these tests are
+No development or CI machine has a GPU (docs/design.md §4), so these tests are
 what keeps the CUDA path honest:
 
 * every ``csrc/**/*.cu`` file compiles to an object file for sm_80 and sm_90

@@ -1,6 +1,6 @@
 // The fused weight-gradient + per-sample-norm kernel for one instruction set.
 //
-// linear_cpu.cpp includes this file once per instruction set, each time inside
+// fused_engine.cpp includes this file once per instruction set, each time inside
 // its own namespace and `#pragma GCC target`, with GN_VEC_BYTES set to the
 // vector width. Nothing here may include headers: they come before.
 //

@@ -1,6 +1,6 @@
 // CPU kernels of the Linear per-sample-norm ops (schemas in registration.cpp).
 //
-// Methods (DESIGN.md section 1), for X_i [T, d], dY_i [T, p], G_i = dY_iᵀ X_i:
+// Methods (docs/design.md §1), for X_i [T, d], dY_i [T, p], G_i = dY_iᵀ X_i:
 //   goodfellow  T = 1: ‖G_i‖² = ‖x_i‖²‖dy_i‖²                (Goodfellow 2015)
 //   ghost       ‖G_i‖² = ⟨X_i X_iᵀ, dY_i dY_iᵀ⟩_F             (Li et al. 2021)
 //   fused       G_i tile by tile inside the weight-gradient GEMM, squared in

@@ -7,7 +7,7 @@
 //   G_i = dY_iᵀ X_i [p, d]       n_i = ‖G_i‖²_F (+ ‖Σ_t dY_i,t‖² with a bias)
 //   grad_weight = Σ_i G_i        grad_bias = Σ_i Σ_t dY_i,t
 //
-// n_i by one of three methods (DESIGN.md §1; "auto" takes the cheapest by
+// n_i by one of three methods (docs/design.md §1; "auto" takes the cheapest by
 // gradnoise::choose_linear_norm_method in common.h):
 //   goodfellow  T = 1: ‖G_i‖² = ‖x_i‖²·‖dy_i‖²                 (Goodfellow 2015)
 //   ghost       ‖G_i‖² = ⟨X_iX_iᵀ, dY_idY_iᵀ⟩_F, over T×T tiles  (Li et al. 2021)
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(GhostTile<BT, TM>::kThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Fused weight gradient and per-sample norms ("fused", DESIGN.md §1).
+// Fused weight gradient and per-sample norms ("fused", docs/design.md §1).
 //
 // grad_weight[m, n] = Σ_r dY[r, m]·X[r, n] over the rows r of the flattened
 // [B·T] dimension: a GEMM whose operands are both stored reduction-major, so

@@ -2,7 +2,7 @@
 
 A rule turns what the tracker recorded for one module during a step (its
 inputs and its output gradients, for every call) into, for each sample i,
-‖∂ℓ_i/∂θ‖² over the module's own trainable parameters θ (DESIGN.md section 1).
+‖∂ℓ_i/∂θ‖² over the module's own trainable parameters θ (docs/design.md §1).
 Rules see raw output gradients (of the loss as the user reduced it); the
 tracker undoes the loss reduction afterwards.
 """

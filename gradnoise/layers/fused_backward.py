@@ -1,9 +1,9 @@
 """Rules whose module's backward the tracker replaces by one fused op.
 
 For nn.Linear and convolutions the weight gradient Σ_i G_i and the
-per-sample norms ‖G_i‖² come out of one pass of the fused kernel (DESIGN.md
-section 1); for GroupNorm the per-sample γ and β gradients are by-products
-of the sums its backward computes anyway. Either way, measuring the norms
+per-sample norms ‖G_i‖² come out of one pass of the fused kernel
+(docs/design.md §1); for GroupNorm the per-sample γ and β gradients are
+by-products of the sums its backward computes anyway. Either way, measuring the norms
 costs the kernel's epilogue instead of a second pass over (x, dY). The
 module's forward is routed through `_FusedBackwardFunction`, whose backward
 asks the tracker (the "sink") for the gradients; the sink runs the rule's

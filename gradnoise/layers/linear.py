@@ -1,6 +1,6 @@
 """nn.Linear: y = x Wᵀ + b, x [B, *, d], y [B, *, p].
 
-Per-sample gradients G_i = dY_iᵀ X_i and Σ_t dY_i,t (DESIGN.md section 1).
+Per-sample gradients G_i = dY_iᵀ X_i and Σ_t dY_i,t (docs/design.md §1).
 When the layer runs once per step and its weight is not shared, its backward
 is replaced (gradnoise.layers.fused_backward): the fused op computes the
 weight gradient and the per-sample norms in one pass

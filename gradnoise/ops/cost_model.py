@@ -4,7 +4,7 @@ Python twin of ``linear_norm_costs`` / ``choose_linear_norm_method`` in
 csrc/common.h (the compiled ops decide there; the reference and Triton
 backends decide here, and a test checks that both agree).
 
-Costs, in floating-point operations for one call (DESIGN.md section 1):
+Costs, in floating-point operations for one call (docs/design.md §2):
   goodfellow (T = 1)  2B(d + p)
   ghost               B(2T²(d + p) + 4T²)     two Gram matrices per sample
   fused, norms only   2BTdp                   the per-sample GEMM itself
