@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_ci_environment_is_the_brand_new_one():
               and "site-packages" in p]
     assert not leaked, f"the machine's site-packages is on sys.path: {leaked}"
     pins = constraints()
-    for dist in metadata.distributions():
+    # (this folder alone: setuptools puts its vendored copies of packages on sys.path)
+    for dist in metadata.distributions(path=[sysconfig.get_paths()["purelib"]]):
         name = canonical(dist.metadata["Name"])
         if name in pins:
             assert Version(Version(dist.version).base_version) == pins[name] \
