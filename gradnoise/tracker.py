@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import layers
+from .layers import batching
 from .layers.base import Call, NormRule, batch_size_of
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -64,6 +65,11 @@ class _Tracked:
 @dataclass
 class _Step:
     """What one training step has recorded so far."""
+    #: B, dim 0 of the model's input (layers.batching); None if it has no tensor input
+    batch_size: int | None = None
+    #: the watch over tensors shared by every sample, from the first call on such an
+    #: input to the end of the model's forward (layers.broadcast)
+    shared: object = None
     calls: dict[int, list[Call]] = field(default_factory=dict)      # id(module) -> calls
     pending: dict[int, int] = field(default_factory=dict)           # id(call) -> grads awaited
     norms: dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> raw [B]
@@ -217,12 +223,14 @@ class GradNoiseTracker:
                     "Remove the parametrization (parametrize.remove_parametrizations), or leave "
                     "the module out with layers=.")
             rule.check(module, name)
-            shared = [n for n in own if len(owners[id(module.get_parameter(n))]) > 1]
+            self._tracked.append(_Tracked(name, module, rule, own, [], fallback))
+        self._subtree_params_to_fallbacks(owners)
+        for t in self._tracked:
+            t.shared = [n for n in t.own if len(owners[id(t.module.get_parameter(n))]) > 1]
             # (another attached tracker's fused forward stays: this one uses hooks)
-            fused = (self._fused_backward and getattr(rule, "replaces_backward", False)
-                     and rule.supports_fused_backward(module) and not shared
-                     and layers.fused_backward.installed_sink(module) is None)
-            self._tracked.append(_Tracked(name, module, rule, own, shared, fallback, fused))
+            t.fused = (self._fused_backward and getattr(t.rule, "replaces_backward", False)
+                       and t.rule.supports_fused_backward(t.module) and not t.shared
+                       and layers.fused_backward.installed_sink(t.module) is None)
         self._check_shared_with_untracked(owners)
         self._by_module = {id(t.module): t for t in self._tracked}
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
@@ -245,6 +253,26 @@ class GradNoiseTracker:
                     and t.rule.supports_fused_backward(t.module)
                     and id(t.module.get_parameter(t.own[0])) in self._factored):
                 t.fused = True
+
+    def _subtree_params_to_fallbacks(self, owners: dict[int, list[str]]) -> None:
+        """A parameter that a fallback module owns and a module inside it owns
+        too (BERT's and RoBERTa's LM heads hold the bias of their decoder
+        Linear) is measured by the fallback alone: re-running the module's
+        forward covers every use inside it, so a use measured again inside
+        would be counted twice."""
+        for t in [t for t in self._tracked if t.fallback]:
+            inside = t.name + "." if t.name else ""
+            ids = {id(t.module.get_parameter(n)) for n in t.own}
+            for u in self._tracked:
+                if u is t or not u.name.startswith(inside):
+                    continue
+                dropped = [n for n in u.own if id(u.module.get_parameter(n)) in ids]
+                if not dropped:
+                    continue
+                u.own = [n for n in u.own if n not in dropped]
+                for n in dropped:
+                    owners[id(u.module.get_parameter(n))].remove(u.name)
+        self._tracked = [t for t in self._tracked if t.own]
 
     def _check_shared_with_untracked(self, users: dict[int, list[str]]) -> None:
         """A tracked parameter that another, untracked module also uses would
@@ -277,7 +305,10 @@ class GradNoiseTracker:
             return self
         self._attached = True
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward,
+                                                                      with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(
+                self._on_model_forward_end, always_call=True))
             for module in self.model.modules():
                 if isinstance(module, _BATCHNORM_TYPES):
                     self._handles.append(module.register_forward_pre_hook(
@@ -329,7 +360,7 @@ class GradNoiseTracker:
                 and not self._suspended and torch.is_grad_enabled()
                 and not torch._C._are_functorch_transforms_active())
 
-    def _on_model_forward(self, model, args) -> None:
+    def _on_model_forward(self, model, args, kwargs) -> None:
         # A model may keep some submodules (e.g. BatchNorm) in eval mode while
         # the rest trains: the step is measured if any tracked module trains,
         # and then every tracked call counts. A forward in eval mode captures
@@ -343,22 +374,29 @@ class GradNoiseTracker:
                 and not torch._C._are_functorch_transforms_active()):
             return
         if model.training or any(t.module.training for t in self._tracked):
-            self._step = _Step()
+            self._step = _Step(batch_size=batching.model_batch_size(args, kwargs))
         else:
             self._eval_forward = True
+
+    def _on_model_forward_end(self, model, args, out) -> None:
+        step = self._step
+        if step is not None and step.shared is not None and step.shared.entered:
+            step.shared.entered = False
+            step.shared.__exit__(None, None, None)
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
         if self._measuring() and _mixes_samples(module):
             raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
 
-    def _on_forward(self, t: _Tracked, args, kwargs, out) -> None:
+    def _on_forward(self, t: _Tracked, args, kwargs, out):
+        """Record the call; returns the output expanded to the batch if the
+        call's input is shared by every sample (layers.batching), else None."""
         if not self._measuring():
-            return
+            return None
         flat = _tensors(out)
         index = [k for k, o in enumerate(flat) if o.requires_grad]
         if not index:
-            return
-        outs = [flat[k] for k in index]
+            return None
         shared = frozenset()
         if isinstance(t.rule, layers.generic.GenericRule):
             # the model's own tensors passed as inputs: never per-sample
@@ -368,12 +406,72 @@ class GradNoiseTracker:
                                                 | {id(b) for b in self.model.buffers()})
             shared = frozenset([k for k, a in enumerate(args) if _is_state(a, state)]
                                + [k for k, a in kwargs.items() if _is_state(a, state)])
-        call = Call(args, kwargs, [None] * len(outs), index, shared)
         step = self._step
+        B = step.batch_size
+        kind = _call_layout(t, args, kwargs, shared, B)
+        if kind not in (batching.BATCH, batching.ROWS):
+            self.shared_call(t.module, step, args, kwargs, shared, out, kind)
+            return
+        split = None
+        if kind == batching.ROWS:
+            args, kwargs = _split(args, shared, B), _split(kwargs, shared, B)
+            split = B
+        outs = [flat[k] for k in index]
+        call = Call(args, kwargs, [None] * len(outs), index, shared)
         step.calls.setdefault(id(t.module), []).append(call)
         step.pending[id(call)] = len(outs)
         for k, o in enumerate(outs):
-            o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(step, t, call, k, g))
+            o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(
+                step, t, call, k, g if split is None else batching.split_rows(g, split)))
+
+    def shared_call(self, module: nn.Module, step: _Step, args, kwargs, shared: frozenset,
+                    out, kind: str | None) -> None:
+        """Record a call whose input has no batch: its output is shared by every
+        sample, and its per-sample output gradient is gathered where it meets
+        the batch (layers.broadcast). The rule then sees the call as B calls
+        on the same input: a [1, …] input expanded to [B, …], another one
+        stacked B times (rules that work row by row only)."""
+        t, B = self._by_module[id(module)], step.batch_size
+        where = f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__})"
+        if not isinstance(out, torch.Tensor):
+            raise RuntimeError(
+                f"{where} was called on an input shared by every sample of the batch and returns "
+                "several tensors; only a module with one tensor output can be measured per "
+                "sample then. Leave it out with `layers=`, or call it on the batch.")
+        x = next(a for k, a in (*enumerate(args), *kwargs.items())
+                 if isinstance(a, torch.Tensor) and k not in shared)
+        rows = x.shape[0]
+        if (kind is None and x.requires_grad
+                and (step.shared is None or not step.shared.is_shared(x))):
+            raise RuntimeError(
+                f"{where} was called on a tensor computed from the batch whose dim 0 ({rows}) is "
+                f"not the batch ({B}, dim 0 of the model's input): the batch dimension differs "
+                "between this module's input and the model's. Per-sample norms need every tracked "
+                "module to see the samples along dim 0; move the batch to dim 0 (e.g. "
+                "batch_first=True) or leave the module out with `layers=`.")
+        if kind == batching.BROADCAST and out.dim() > 0 and out.shape[0] == 1:
+            args, kwargs = _expanded(args, shared, B), _expanded(kwargs, shared, B)
+            shape = out.shape[1:]
+        elif t.rule.rowwise:
+            args, kwargs = _stacked(args, shared, B), _stacked(kwargs, shared, B)
+            shape = out.shape
+        else:
+            raise RuntimeError(
+                f"{where} was called on an input of {rows} rows along dim 0 in a batch of {B} "
+                "samples; per-sample norms need each call of this module to see the batch along "
+                "dim 0, or an input shared by every sample with dim 0 of size 1. Leave the "
+                "module out with `layers=`, or use the micro-batch noise source.")
+        calls = step.calls.setdefault(id(module), [])
+        if None in calls:     # the placeholder of a fused-backward module's call
+            calls.remove(None)
+        call = Call(args, kwargs, [None], [0], shared)
+        calls.append(call)
+        step.pending[id(call)] = 1
+        if step.shared is None:
+            step.shared = layers.broadcast.SharedContributions(B)
+            step.shared.__enter__()
+        step.shared.add_root(out, layers.broadcast.SharedRoot(
+            t.name, out, B, lambda g: self._on_grad(step, t, call, 0, g.reshape(B, *shape))))
 
     def wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:
         """Called by a fused-backward module's forward: the step that measures
@@ -735,6 +833,46 @@ def _tensors(out) -> Iterable[torch.Tensor]:
     if isinstance(out, dict):
         return list(itertools.chain.from_iterable(_tensors(o) for o in out.values()))
     return []
+
+
+def _call_layout(t: _Tracked, args, kwargs, shared: frozenset, B: int | None) -> str | None:
+    """The batch layout (layers.batching) of a call's first per-sample tensor
+    input; ROWS only for rules whose module works row by row."""
+    inputs = [a for k, a in (*enumerate(args), *kwargs.items())
+              if isinstance(a, torch.Tensor) and k not in shared]
+    if not inputs:
+        return batching.BATCH
+    kind = batching.layout(inputs[0], B)
+    if kind == batching.ROWS and not t.rule.rowwise:
+        raise RuntimeError(
+            f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) was called on the "
+            f"batch of {B} samples reshaped into {inputs[0].shape[0]} rows; its rule cannot tell "
+            "which rows belong to which sample. Call it on [B, …] input, or leave it out with "
+            "`layers=`.")
+    return kind
+
+
+def _expanded(values, shared: frozenset, B: int):
+    """Per-sample tensor inputs with dim 0 of size 1 expanded to B."""
+    if isinstance(values, dict):
+        return {k: v if k in shared else batching.expand_to(v, B) for k, v in values.items()}
+    return tuple(v if k in shared else batching.expand_to(v, B) for k, v in enumerate(values))
+
+
+def _stacked(values, shared: frozenset, B: int):
+    """Per-sample tensor inputs stacked B times (a view)."""
+    def stack(v):
+        return v.unsqueeze(0).expand(B, *v.shape) if isinstance(v, torch.Tensor) else v
+    if isinstance(values, dict):
+        return {k: v if k in shared else stack(v) for k, v in values.items()}
+    return tuple(v if k in shared else stack(v) for k, v in enumerate(values))
+
+
+def _split(values, shared: frozenset, B: int):
+    """Per-sample tensor inputs of B·k rows as [B, k, …]."""
+    if isinstance(values, dict):
+        return {k: v if k in shared else batching.split_rows(v, B) for k, v in values.items()}
+    return tuple(v if k in shared else batching.split_rows(v, B) for k, v in enumerate(values))
 
 
 def _mixes_samples(batchnorm: nn.Module) -> bool:

@@ -1002,22 +1002,51 @@ def test_parameter_shared_with_an_untracked_module_is_refused():
     GradNoiseTracker(Tied(), layers=lambda name, m: name in ("emb", "head")).detach()
 
 
-def test_one_module_called_with_different_batch_sizes_is_an_error():
-    class Query(nn.Module):
-        def __init__(self, mod):
-            super().__init__()
-            self.mod = mod
-            self.q = torch.randn(1, 4, 5)
-            self.head = nn.Linear(20, 2)
+class _SharedQuery(nn.Module):
+    """`mod` called on the batch and on a tensor of `rows` rows shared by every sample."""
+    def __init__(self, mod, rows):
+        super().__init__()
+        self.mod = mod
+        self.register_buffer("q", torch.randn(rows, 4, 5, generator=torch.Generator().manual_seed(3)))
+        self.head = nn.Linear(20, 2)
 
-        def forward(self, x):
-            return self.head((self.mod(x) * self.mod(self.q)).flatten(1))
+    def forward(self, x):
+        shared = self.mod(self.q)
+        if shared.shape[0] != 1:
+            shared = shared.mean(0, keepdim=True)
+        return self.head((self.mod(x) * shared).flatten(1))
 
-    for mod, kw in [(nn.Linear(5, 5), {}), (nn.GroupNorm(2, 4), dict(fused_backward=False)),
+
+@pytest.mark.parametrize("mod, kw, rows", [(nn.Linear(5, 5), {}, 1), (nn.Linear(5, 5), {}, 2),
+                                           (nn.Linear(5, 5), dict(fused_backward=False), 2),
+                                           (nn.GroupNorm(2, 4), dict(fused_backward=False), 1),
+                                           (nn.GroupNorm(2, 4), {}, 1),
+                                           (nn.BatchNorm1d(4).eval(), {}, 1)],
+                         ids=["linear", "linear-2-rows", "linear-2-rows-hooked", "groupnorm",
+                              "groupnorm-fused", "batchnorm-eval"])
+def test_a_module_called_on_the_batch_and_on_an_input_shared_by_every_sample(mod, kw, rows):
+    """The call on the shared input broadcasts over the batch: sample i's
+    share of its gradient is the part that flows into sample i's outputs."""
+    model = _SharedQuery(mod, rows)
+    x, y = torch.randn(3, 4, 5), torch.randn(3, 2)
+    truth = model_per_sample_sq_norms(model, x, y, lambda o, t: ((o - t) ** 2).sum())
+    plain = model(x)
+    with GradNoiseTracker(model, loss_reduction="sum", **kw) as tracker:
+        out = model(x)
+        torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-7)
+        ((out - y) ** 2).sum().backward()
+        assert tracker.fallback_modules == []
+        torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_shared_input_of_several_rows_is_refused_where_rows_cannot_be_split():
+    for mod, kw in [(nn.GroupNorm(2, 4), dict(fused_backward=False)), (nn.GroupNorm(2, 4), {}),
                     (nn.BatchNorm1d(4).eval(), {})]:
-        model = Query(mod)
+        model = _SharedQuery(mod, rows=2)
         tracker = GradNoiseTracker(model, **kw)
-        with pytest.raises(RuntimeError, match=r"module 'mod' .* \[1, 3\] rows along dim 0"):
+        with pytest.raises(RuntimeError, match=r"module 'mod' .* input of 2 rows along dim 0 in "
+                                               r"a batch of 3"):
             model(torch.randn(3, 4, 5)).sum().backward()
         tracker.detach()
 

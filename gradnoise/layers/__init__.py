@@ -6,11 +6,11 @@ RMSNorm, GroupNorm, eval-mode BatchNorm, and the exact torch.func fallback
 for any other module with parameters of its own. Users add rules for their
 own module types with `register_rule`.
 """
-from . import attention, conv, embedding, fused_backward, linear, normalization, shared
+from . import attention, broadcast, conv, embedding, fused_backward, linear, normalization, shared
 from .base import Call, NormRule, find_rule, register_rule
 from .generic import GenericRule
 
 GENERIC_RULE = GenericRule()
 
 __all__ = ["Call", "NormRule", "register_rule", "find_rule", "GENERIC_RULE",
-           "linear", "embedding", "conv", "normalization", "fused_backward", "shared"]
+           "linear", "embedding", "conv", "normalization", "fused_backward", "shared", "broadcast"]

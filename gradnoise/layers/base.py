@@ -53,6 +53,9 @@ class NormRule(ABC):
 
     #: counted by GradNoiseTracker(layers="norm")
     is_norm_layer = False
+    #: the module treats each row along dim 0 (and each position) on its own,
+    #: so a call on the batch reshaped into rows can be measured (layers.batching)
+    rowwise = False
     #: children whose parameters this rule measures (their forward never runs)
     claims_children: tuple = ()
     #: parameters with factors, and their kind ("dense" or "onehot")

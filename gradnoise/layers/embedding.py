@@ -18,6 +18,7 @@ from .shared import Factor
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(NormRule):
+    rowwise = True
     factorable = ("weight",)
     factor_kind = "onehot"
 

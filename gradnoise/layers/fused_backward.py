@@ -26,6 +26,7 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
+from . import batching
 from .base import Call, NormRule
 
 
@@ -150,6 +151,18 @@ def forward(self, *args, **kwargs):
     step = sink.wants(self, x)
     if step is None:
         return plain_forward(self, *args, **kwargs)
+    kind = batching.layout(x, step.batch_size)
+    if kind not in (batching.BATCH, batching.ROWS):
+        # an input shared by every sample: one sample's worth of work
+        out = plain_forward(self, *args, **kwargs)
+        if out.requires_grad:
+            sink.shared_call(self, step, (x,), {}, frozenset(), out, kind)
+        return out
+    if kind == batching.ROWS and rule.rowwise:
+        rows = _FusedBackwardFunction.apply(batching.split_rows(x, step.batch_size), self.weight,
+                                            getattr(self, "bias", None), self, rule, sink, step)
+        # not a view: a view of an autograd Function's output cannot be modified in place
+        return torch.ops.aten._unsafe_view(rows, (x.shape[0], *rows.shape[2:]))
     if rule.keeps_autograd_backward(self, x):
         out = plain_forward(self, *args, **kwargs)
         if out.requires_grad:

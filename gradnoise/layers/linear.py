@@ -41,6 +41,7 @@ def concat_calls(calls: list[Call]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_rule(nn.Linear)
 class LinearRule(FusedBackwardRule):
+    rowwise = True
     factorable = ("weight",)
     factor_kind = "dense"
 

@@ -39,6 +39,7 @@ class _RowNormRule(FusedBackwardRule):
     gradnoise.ops.layer_norm_backward_and_sq_norms, which reads each row
     once for the input gradient, the γ/β gradients and the norms."""
     is_norm_layer = True
+    rowwise = True
     rms = False
 
     def forward(self, module, x, weight, bias):
