@@ -60,6 +60,9 @@ class _Tracked:
     shared: list[str]                # ... of which shared with another module
     fallback: bool = False
     fused: bool = False              # backward runs through the rule's fused op
+    # no rule: measured from the functional calls of its forward (layers.functional)
+    # while they are all ones that the built-in rules cover, else by the fallback
+    capture: bool = False
 
 
 @dataclass
@@ -67,9 +70,15 @@ class _Step:
     """What one training step has recorded so far."""
     #: B, dim 0 of the model's input (layers.batching); None if it has no tensor input
     batch_size: int | None = None
-    #: the watch over tensors shared by every sample, from the first call on such an
-    #: input to the end of the model's forward (layers.broadcast)
+    #: the watch over the forward's functional calls (layers.watch), and over the
+    #: tensors shared by every sample, from the first call on such an input (layers.broadcast)
+    watch: object = field(default_factory=lambda: layers.watch.ForwardWatch())
     shared: object = None
+    # id(module) -> the ParameterUses of its calls in progress / of its measured calls
+    capturing: dict[int, list] = field(default_factory=dict)
+    uses: dict[int, list] = field(default_factory=dict)
+    # hooks on captured modules' parameters, removed at the end of the step
+    param_hooks: list = field(default_factory=list)
     calls: dict[int, list[Call]] = field(default_factory=dict)      # id(module) -> calls
     pending: dict[int, int] = field(default_factory=dict)           # id(call) -> grads awaited
     norms: dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> raw [B]
@@ -140,6 +149,8 @@ class GradNoiseTracker:
         self._fused_backward = bool(fused_backward)
         self._tracked: list[_Tracked] = []
         self.fallback_modules: list[str] = []
+        #: {module name: why it is measured by the torch.func fallback}
+        self.fallback_reasons: dict[str, str] = {}
         self.skipped_modules: list[str] = []
         self._handles: list = []
         self._attached = False
@@ -214,7 +225,6 @@ class GradNoiseTracker:
                         "gradnoise.layers.register_rule, or pass unsupported='fallback' (exact, "
                         "slower) or unsupported='skip' (leave it out).")
                 rule, fallback = layers.GENERIC_RULE, True
-                self.fallback_modules.append(name)
             if parametrize.is_parametrized(module) or isinstance(
                     module, parametrize.ParametrizationList):
                 raise ValueError(
@@ -222,11 +232,15 @@ class GradNoiseTracker:
                     "(torch.nn.utils.parametrize, e.g. weight_norm), which is not supported. "
                     "Remove the parametrization (parametrize.remove_parametrizations), or leave "
                     "the module out with layers=.")
-            rule.check(module, name)
-            self._tracked.append(_Tracked(name, module, rule, own, [], fallback))
+            if not fallback:
+                rule.check(module, name)
+            self._tracked.append(_Tracked(name, module, rule, own, [], fallback, capture=fallback))
         self._subtree_params_to_fallbacks(owners)
         for t in self._tracked:
             t.shared = [n for n in t.own if len(owners[id(t.module.get_parameter(n))]) > 1]
+            if t.capture and t.shared:
+                self._stop_capture(t, "shares a parameter with another module: measured by "
+                                      "re-running its forward")
             # (another attached tracker's fused forward stays: this one uses hooks)
             t.fused = (self._fused_backward and getattr(t.rule, "replaces_backward", False)
                        and t.rule.supports_fused_backward(t.module) and not t.shared
@@ -254,6 +268,13 @@ class GradNoiseTracker:
                     and id(t.module.get_parameter(t.own[0])) in self._factored):
                 t.fused = True
 
+    def _stop_capture(self, t: _Tracked, why: str) -> None:
+        """Measure a module without a rule by the torch.func fallback from now on."""
+        t.capture = False
+        t.rule.check(t.module, t.name)
+        self.fallback_modules.append(t.name)
+        self.fallback_reasons[t.name] = why
+
     def _subtree_params_to_fallbacks(self, owners: dict[int, list[str]]) -> None:
         """A parameter that a fallback module owns and a module inside it owns
         too (BERT's and RoBERTa's LM heads hold the bias of their decoder
@@ -269,6 +290,10 @@ class GradNoiseTracker:
                 dropped = [n for n in u.own if id(u.module.get_parameter(n)) in ids]
                 if not dropped:
                     continue
+                if t.capture:
+                    # (the uses inside may be hidden, e.g. in a fused-backward Linear's Function)
+                    self._stop_capture(t, f"shares parameters with '{u.name}' inside it: "
+                                          "measured by re-running its forward")
                 u.own = [n for n in u.own if n not in dropped]
                 for n in dropped:
                     owners[id(u.module.get_parameter(n))].remove(u.name)
@@ -314,6 +339,9 @@ class GradNoiseTracker:
                     self._handles.append(module.register_forward_pre_hook(
                         lambda m, args: self._on_batchnorm_forward(m)))
             for t in self._tracked:
+                if t.capture:
+                    self._handles.append(t.module.register_forward_pre_hook(
+                        lambda m, args, t=t: self._on_capture_start(t)))
                 if t.fused:
                     layers.fused_backward.install_tracked_forward(t.module, t.rule, self, t.name)
                 else:
@@ -379,19 +407,76 @@ class GradNoiseTracker:
             self._eval_forward = True
 
     def _on_model_forward_end(self, model, args, out) -> None:
-        step = self._step
-        if step is not None and step.shared is not None and step.shared.entered:
-            step.shared.entered = False
-            step.shared.__exit__(None, None, None)
+        if self._step is not None:
+            self._step.watch.leave()
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
         if self._measuring() and _mixes_samples(module):
             raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
 
+    def _on_capture_start(self, t: _Tracked) -> None:
+        if not (t.capture and self._measuring()):
+            return
+        step = self._step
+        if step.batch_size is None:
+            self._stop_capture(t, "the model's forward has no tensor input to read the batch from")
+            return
+        if id(t.module) not in step.uses:
+            step.uses[id(t.module)] = []
+            for n in t.own:
+                step.param_hooks.append(t.module.get_parameter(n).register_hook(
+                    lambda g, n=n: self._on_captured_param_grad(step, t, n)))
+        params = {n: t.module.get_parameter(n) for n in t.own}
+        capture = layers.functional.ParameterUses(
+            params, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g))
+        step.capturing.setdefault(id(t.module), []).append(capture)
+        step.watch.need().captures.append(capture)
+
+    def _end_capture(self, t: _Tracked) -> bool:
+        """At the end of a captured call: whether its uses measure it."""
+        stack = self._step.capturing.get(id(t.module)) if self._step is not None else None
+        if not stack:
+            return False
+        capture = stack.pop()
+        self._step.watch.captures.remove(capture)
+        if capture.unsupported is not None:
+            self._stop_capture(t, f"its forward calls {capture.unsupported} on its parameters")
+            return False
+        capture.armed = True
+        self._step.uses[id(t.module)].extend(capture.uses)
+        return True
+
+    def _on_use_grad(self, step: _Step, t: _Tracked, capture, use, grad) -> None:
+        if not capture.armed:
+            return
+        step = self._enter_backward(step)
+        if step is None:
+            return
+        use.grad = grad
+        uses = step.uses[id(t.module)]
+        names = [n for n, _, _ in use.params.values()]
+        if all(sum(n in {m for m, _, _ in u.params.values()} for u in uses) == 1 for n in names):
+            self._step_add(step, t, layers.functional.sq_norms(use, step.batch_size),
+                           step.batch_size)
+            use.release()
+        # else at the end of backward, summed over the uses
+
+    def _on_captured_param_grad(self, step: _Step, t: _Tracked, name: str) -> None:
+        if step.finished or not t.capture or step is not self._step:
+            return
+        if not any(name in {m for m, _, _ in u.params.values()} for u in step.uses[id(t.module)]):
+            raise RuntimeError(
+                f"GradNoiseTracker: parameter '{name}' of module '{t.name}' "
+                f"({type(t.module).__name__}) received a gradient through a call that gradnoise "
+                "did not see (a custom autograd Function?), so its per-sample norms are unknown. "
+                "Register a rule for the module (gradnoise.layers.register_rule), or leave it out "
+                "with `layers=` or unsupported='skip'.")
+
     def _on_forward(self, t: _Tracked, args, kwargs, out):
-        """Record the call; returns the output expanded to the batch if the
-        call's input is shared by every sample (layers.batching), else None."""
+        """Record the call (nothing to record if its functional calls measure it)."""
         if not self._measuring():
+            return None
+        if t.capture and self._end_capture(t):
             return None
         flat = _tensors(out)
         index = [k for k, o in enumerate(flat) if o.requires_grad]
@@ -468,8 +553,7 @@ class GradNoiseTracker:
         calls.append(call)
         step.pending[id(call)] = 1
         if step.shared is None:
-            step.shared = layers.broadcast.SharedContributions(B)
-            step.shared.__enter__()
+            step.shared = step.watch.need().shared = layers.broadcast.SharedContributions(B)
         step.shared.add_root(out, layers.broadcast.SharedRoot(
             t.name, out, B, lambda g: self._on_grad(step, t, call, 0, g.reshape(B, *shape))))
 
@@ -646,6 +730,12 @@ class GradNoiseTracker:
                     self._step_add(step, t, self._rule_call(t, "sq_norms", calls, unshared),
                                    sizes[0])
                 step.batch.setdefault(t.name, sizes[0])
+            for mid, uses in step.uses.items():
+                left = [u for u in uses if not u.done and u.grad is not None]
+                if left:
+                    t = self._by_module[mid]
+                    self._step_add(step, t, layers.functional.several_uses_sq_norms(
+                        left, step.batch_size), step.batch_size)
             self._finish_shared(step)
             self._results, self._unmeasured = self._scaled(step), None
             self.steps_measured += 1
@@ -655,6 +745,10 @@ class GradNoiseTracker:
                     if c is not None:
                         c.release()
             self._suspended = False
+            for h in step.param_hooks:
+                h.remove()
+            step.param_hooks.clear()
+            step.uses.clear()
             step.calls.clear()
             step.pending.clear()
             step.shared_own.clear()

@@ -944,7 +944,8 @@ def test_forward_replaced_on_the_instance_is_kept():
     truth = model_per_sample_sq_norms(model, x, torch.zeros(x.shape[0]), lambda o, t: o.sum())
     before = model(x)
     tracker = GradNoiseTracker(model, loss_reduction="sum")
-    assert tracker.fused_modules == ["1"] and tracker.fallback_modules == ["0"]
+    # '0' runs its replaced forward, measured from its functional calls
+    assert tracker.fused_modules == ["1"] and tracker.fallback_modules == []
     out = model(x)
     assert torch.equal(out, before)
     out.sum().backward()
@@ -1151,17 +1152,19 @@ def test_fallback_refuses_what_it_cannot_recompute_with_the_modules_name():
     with pytest.raises(ValueError, match=r"'0.self_attn' \(MultiheadAttention\) has dropout 0.1"):
         GradNoiseTracker(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)))
 
-    class Noisy(nn.Module):
+    class Noisy(nn.Module):          # cumsum of its parameter: the fallback re-runs it
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.ones(4))
             self.drop = nn.Dropout(0.5)
 
         def forward(self, x):
-            return self.drop(x * self.w)
+            return self.drop(x * self.w.cumsum(0))
 
+    model = nn.Sequential(Noisy())
+    GradNoiseTracker(model)
     with pytest.raises(ValueError, match=r"'0.drop' \(Dropout\) has dropout 0.5"):
-        GradNoiseTracker(nn.Sequential(Noisy()))
+        model(torch.randn(3, 4)).sum().backward()
 
     class FunctionalDropout(nn.Module):
         def __init__(self):
@@ -1169,12 +1172,39 @@ def test_fallback_refuses_what_it_cannot_recompute_with_the_modules_name():
             self.w = nn.Parameter(torch.ones(4))
 
         def forward(self, x):
-            return F.dropout(x * self.w, 0.5, self.training)
+            return F.dropout(x * self.w.cumsum(0), 0.5, self.training)
 
     model = nn.Sequential(FunctionalDropout())
     GradNoiseTracker(model)
     with pytest.raises(RuntimeError, match=r"module '0' \(FunctionalDropout\).*random"):
         model(torch.randn(3, 4)).sum().backward()
+
+
+def test_dropout_after_a_captured_use_is_measured_exactly():
+    """x·w then dropout: sample i's gradient of w is Σ_j c_j m_ij x_ij / (1 − p),
+    with the step's own mask m read off the output."""
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.linspace(0.5, 2.0, 4))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(x * self.w)
+
+    model = nn.Sequential(Noisy(), nn.Linear(4, 1, bias=False))
+    model[1].requires_grad_(False)
+    x = torch.randn(6, 4)
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with GradNoiseTracker(model, loss_reduction="sum") as tracker:
+        model(x).sum().backward()
+        hidden = seen[-1]
+        assert tracker.fallback_modules == []
+        kept = (hidden != 0).double() / 0.5
+        truth = (model[1].weight.double() * kept * x.double()).square().sum(1)
+        torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=1e-5,
+                                   atol=0)
 
 
 def test_a_dropped_tracker_keeps_nothing_alive():

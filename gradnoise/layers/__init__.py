@@ -6,7 +6,8 @@ RMSNorm, GroupNorm, eval-mode BatchNorm, and the exact torch.func fallback
 for any other module with parameters of its own. Users add rules for their
 own module types with `register_rule`.
 """
-from . import attention, broadcast, conv, embedding, fused_backward, linear, normalization, shared
+from . import (attention, broadcast, conv, embedding, functional, fused_backward, linear,
+               normalization, shared, watch)
 from .base import Call, NormRule, find_rule, register_rule
 from .generic import GenericRule
 

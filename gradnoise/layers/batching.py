@@ -48,10 +48,23 @@ def layout(x: torch.Tensor, B: int | None) -> str | None:
 
 
 def _rows_of_batch(x: torch.Tensor, B: int) -> bool:
+    """Whether contiguous `x` views the memory of a tensor of B samples that
+    holds each sample in a block of its own (dense, dim 0 outermost): then
+    every run of numel/B elements of x, and so every row, is one sample's."""
     base = x._base
     return (base is not None and base.dim() > 0 and base.shape[0] == B
             and base.numel() == x.numel() and base.data_ptr() == x.data_ptr()
-            and base.is_contiguous() and x.is_contiguous())
+            and x.is_contiguous() and _dense_batch_major(base))
+
+
+def _dense_batch_major(t: torch.Tensor) -> bool:
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] > 1), key=t.stride)
+    expected = 1
+    for d in dims:
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return not dims or dims[-1] == 0 or t.shape[0] == 1
 
 
 def expand_to(t, B: int):
@@ -66,3 +79,17 @@ def split_rows(t, B: int):
     if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] % B == 0 and t.shape[0] != B:
         return t.reshape(B, t.shape[0] // B, *t.shape[1:])
     return t
+
+
+def reduce_per_sample(g: torch.Tensor, shape: torch.Size, B: int) -> torch.Tensor:
+    """The gradient of a tensor of `shape` broadcast to g's shape [B, …], per
+    sample: [B, *shape], summed over the broadcast dims other than the batch."""
+    # (torch.sum over an empty list of dims would sum them all)
+    lead = g.dim() - len(shape)
+    if lead == 0:        # shape [1, …]: its dim 0 became the batch
+        dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
+        return (g.sum(dims, keepdim=True) if dims else g).reshape(B, *shape)
+    if lead > 1:
+        g = g.sum(list(range(1, lead)))
+    dims = [d + 1 for d, s in enumerate(shape) if s == 1 and g.shape[d + 1] != 1]
+    return (g.sum(dims, keepdim=True) if dims else g).reshape(B, *shape)

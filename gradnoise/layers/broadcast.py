@@ -6,8 +6,8 @@ index) gives an output Z that every sample uses. Autograd sums the samples'
 gradients before Z receives its own, so sample i's share dZ_i is only
 visible where Z, or a tensor computed from Z alone, meets the batch: an
 elementwise op with a [B, …] operand (`h + pos`, `scores + bias`) or an
-expand to B. `SharedContributions`, a TorchFunctionMode active from the
-first such call to the end of the model's forward, watches those tensors:
+expand to B. `SharedContributions`, fed every op from the first such call
+to the end of the model's forward (layers.watch), watches those tensors:
 
 - an op on shared tensors only (a permute, an unsqueeze, a dropout) is
   recorded as a node of a chain from Z;
@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch.func import vjp, vmap
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
+
+from . import batching
 
 _T = torch.Tensor
 # Elementwise ops whose operands broadcast: at a meet the shared operand is
@@ -44,8 +45,6 @@ _ELEMENTWISE = {
 }
 # Ops that broadcast their one tensor operand to a given shape.
 _EXPANDS = {_T.expand, _T.expand_as, torch.broadcast_to, _T.broadcast_to}
-_PASSIVE = {_T.dim, _T.size, _T.numel, _T.__len__, _T.is_contiguous, _T.data_ptr,
-            _T.requires_grad_, _T.register_hook, _T.__format__, _T.__repr__}
 
 
 class _Node:
@@ -93,18 +92,13 @@ class SharedRoot:
         self.on_ready(per_sample)
 
 
-class SharedContributions(TorchFunctionMode):
-    """Watches the shared tensors of one forward (see the module docstring)."""
+class SharedContributions:
+    """Watches the shared tensors of one forward (see the module docstring);
+    layers.watch.ForwardWatch hands it every op."""
 
     def __init__(self, B: int):
-        super().__init__()
         self.B = B
         self._nodes: dict[int, tuple[weakref.ref, _Node]] = {}
-        self.entered = False
-
-    def __enter__(self):
-        self.entered = True
-        return super().__enter__()
 
     # -------------------------------------------------------------- roots
     def add_root(self, out: torch.Tensor, root: SharedRoot) -> None:
@@ -129,10 +123,10 @@ class SharedContributions(TorchFunctionMode):
             return None
         return entry[1]
 
-    # ---------------------------------------------------------- the mode
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _PASSIVE or not self._nodes:
+    # ---------------------------------------------------------- each op
+    def run(self, func, args, kwargs):
+        """func(*args, **kwargs), watched."""
+        if not self._nodes:
             return func(*args, **kwargs)
         shared = [(k, a) for k, a in enumerate(args) if self._node(a) is not None]
         shared += [(k, a) for k, a in kwargs.items() if self._node(a) is not None]
@@ -225,7 +219,7 @@ class SharedContributions(TorchFunctionMode):
         s_shape, B = s.shape, self.B
 
         def hook(g):
-            g = _reduce_per_sample(g, s_shape, B)   # [B, *s.shape]
+            g = batching.reduce_per_sample(g, s_shape, B)   # [B, *s.shape]
             n = node
             while n is not None:
                 if n.root is not None:
@@ -235,20 +229,6 @@ class SharedContributions(TorchFunctionMode):
                 g = _back_one_op(n, g)
                 n = n.parent
         wide.register_hook(hook)
-
-
-def _reduce_per_sample(g: torch.Tensor, shape: torch.Size, B: int) -> torch.Tensor:
-    """The gradient of a tensor of `shape` broadcast to g's shape [B, …], per
-    sample: [B, *shape], summed over the broadcast dims other than the batch."""
-    # (torch.sum over an empty list of dims would sum them all)
-    lead = g.dim() - len(shape)
-    if lead == 0:        # shape [1, …]: its dim 0 became the batch
-        dims = [d for d in range(1, g.dim()) if shape[d] == 1 and g.shape[d] != 1]
-        return (g.sum(dims, keepdim=True) if dims else g).reshape(B, *shape)
-    if lead > 1:
-        g = g.sum(list(range(1, lead)))
-    dims = [d + 1 for d, s in enumerate(shape) if s == 1 and g.shape[d + 1] != 1]
-    return (g.sum(dims, keepdim=True) if dims else g).reshape(B, *shape)
 
 
 def _back_one_op(node: _Node, g: torch.Tensor) -> torch.Tensor:
