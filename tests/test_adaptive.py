@@ -439,7 +439,7 @@ def test_batchnorm_model_runs_on_the_micro_batch_source():
 
 
 class Scale(nn.Module):
-    """A module with parameters and no norm rule: the tracker's slow fallback."""
+    """A module with parameters and no norm rule, measured from its calls."""
 
     def __init__(self, d):
         super().__init__()
@@ -449,8 +449,23 @@ class Scale(nn.Module):
         return x * self.weight
 
 
+class TiedBias(nn.Module):
+    """Owns the bias of a Linear inside it: the tracker's slow fallback."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inner = nn.Linear(d, d)
+        self.bias = self.inner.bias
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def test_auto_source_avoids_the_tracker_fallback_and_rejects_misfits():
     c, model, _ = make(n=64, model=nn.Sequential(Scale(3), nn.Linear(3, 1)))
+    assert c.noise_source == "per_sample"
+    train(c, model, c.run(max_steps=2))
+    c, model, _ = make(n=64, model=nn.Sequential(TiedBias(3), nn.Linear(3, 1)))
     assert c.noise_source == "micro_batch" and "fallback" in c.noise_source_reason
     train(c, model, c.run(max_steps=2))
     model = nn.Linear(3, 1)
