@@ -37,6 +37,7 @@ from .layers import batching
 from .layers.base import Call, NormRule, batch_size_of
 
 _BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_NORM_CLASS_ENDINGS = ("Norm", "LayerNorm", "RMSNorm", "GroupNorm", "NormLayer")
 # Memory allowed for one chunk of materialised per-sample gradients of a
 # shared parameter (each use's and their sum are alive at once), or of the
 # [b, T_u, T_v] products of its cross terms: small, so that a tied
@@ -106,9 +107,11 @@ class GradNoiseTracker:
         model: the module to measure. The batch dimension is dim 0 of every
             tracked module's input.
         loss_reduction: "mean" or "sum", how the loss combines the samples.
-        layers: "all"; "norm" (LayerNorm, RMSNorm and GroupNorm only: the
-            cheap proxy of Gray et al. 2024); or a callable (name, module) ->
-            bool choosing the modules to measure.
+        layers: "all"; "norm" (LayerNorm, RMSNorm and GroupNorm only, and
+            module classes without a rule whose name ends in "Norm" or
+            "LayerNorm", such as LlamaRMSNorm: the cheap proxy of Gray et al.
+            2024); or a callable (name, module) -> bool choosing the modules
+            to measure.
         unsupported: what to do with a module that owns trainable parameters
             but has no rule: "fallback" (exact per-sample gradients by
             torch.func, slower; see `fallback_modules`), "error", or "skip"
@@ -184,7 +187,9 @@ class GradNoiseTracker:
         if self._layers == "all":
             return True
         if self._layers == "norm":
-            return rule is not None and rule.is_norm_layer
+            if rule is None:   # LlamaRMSNorm, T5LayerNorm, …: measured from their calls
+                return type(module).__name__.endswith(_NORM_CLASS_ENDINGS)
+            return rule.is_norm_layer
         return bool(self._layers(name, module))
 
     def _plan(self) -> None:
