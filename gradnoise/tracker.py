@@ -373,6 +373,14 @@ class GradNoiseTracker:
         self._attached = False
         return self
 
+    def __getstate__(self) -> dict:
+        # A copy of a tracked model (deepcopy, pickling) copies its hooks and
+        # so this tracker: without the step in progress, whose tensors belong
+        # to the original's autograd graph.
+        state = self.__dict__.copy()
+        state["_step"] = None
+        return state
+
     def __enter__(self) -> "GradNoiseTracker":
         return self.attach()
 
@@ -908,6 +916,15 @@ class GradNoiseTracker:
             raise RuntimeError("GradNoiseTracker: the last backward reached no tracked module.")
         total = matrix.sum(0)
         return total.mul_(scale) if scale != 1.0 else total
+
+    def verify(self, inputs, loss_fn, samples: int | None = None):
+        """One step on `inputs` (a tensor, a tuple or a dict of the model's
+        inputs) with loss `loss_fn(model_output)`, against exact per-sample
+        gradients by plain autograd in float64: a gradnoise.verify.Verification
+        with, per layer, the worst relative error and whether the fallback
+        measured it (print it for a table). Gradients and results are kept."""
+        from .verify import verify
+        return verify(self, inputs, loss_fn, samples)
 
     @property
     def tracked_modules(self) -> list[str]:

@@ -222,3 +222,47 @@ def test_an_unmeasurable_model_is_refused_with_the_module_and_the_remedy():
         with pytest.raises(RuntimeError, match=r"module 'model\.decoder\.layers\.0\.fc1' "
                                                r"\(Linear\).*batch.*`layers=`"):
             model(**inputs).loss.backward()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+def test_verify_reports_each_layer_against_exact_per_sample_gradients(name):
+    torch.manual_seed(0)
+    model = build(name).train()
+    inputs = batch(name)
+    with GradNoiseTracker(model) as tracker:
+        model(**inputs).loss.backward()                  # the user's step, kept
+        before = tracker.per_layer_sq_norms()
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        report = tracker.verify(inputs, lambda out: out.loss)
+        assert report.ok(1e-4) and report.samples == B, str(report)
+        assert list(report.layers) == list(before)
+        assert all(c.fallback == (c.name in tracker.fallback_modules)
+                   for c in report.layers.values())
+        assert "worst rel. error" in str(report)
+        after = tracker.per_layer_sq_norms()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all((p.grad is None and g is None) or torch.equal(p.grad, g)
+               for p, g in zip(model.parameters(), grads))
+
+
+def test_verify_finds_a_wrong_rule():
+    """A rule that reports half the true norms is caught, by layer."""
+    from gradnoise.layers import register_rule
+    from gradnoise.layers.linear import LinearRule
+
+    class Halved(torch.nn.Linear):
+        pass
+
+    @register_rule(Halved)
+    class HalvedRule(LinearRule):
+        replaces_backward = False
+
+        def sq_norms(self, module, calls, params):
+            return super().sq_norms(module, calls, params) / 2
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), Halved(4, 3))
+    with GradNoiseTracker(model, loss_reduction="sum") as tracker:
+        report = tracker.verify(torch.randn(6, 5), lambda out: out.square().sum())
+    assert not report.ok()
+    assert report.layers["0"].worst_relative_error < 1e-5
+    assert report.layers["2"].worst_relative_error == pytest.approx(0.5, rel=1e-4)
