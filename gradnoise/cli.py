@@ -51,14 +51,17 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tracker:
+        from .benchmarking.models import DEFAULT_MODELS
         from .benchmarking.tracker_step import print_report, run
 
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             task = progress.add_task("timing", total=1)
-            rows = run(repeats=args.repeats, on_progress=lambda desc, done, total: progress.update(
-                task, description=desc, completed=done, total=total))
+            models = args.model or list(DEFAULT_MODELS)
+            rows = run(models=models, repeats=args.repeats,
+                       on_progress=lambda desc, done, total: progress.update(
+                           task, description=desc, completed=done, total=total))
         print_report(rows, console)
         return 0
     shapes = SHAPES if not args.shape else [tuple(int(v) for v in s.split(",")) for s in args.shape]
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     bench.add_argument("--shape", action="append", metavar="B,T,d,p",
                        help="a shape to time instead of the standard set (repeatable)")
+    bench.add_argument("--model", action="append", choices=("mlp", "lm", "cnn", "gpt2", "llama"),
+                       help="with --tracker: a model to run (repeatable; default: all five)")
     bench.add_argument("--tracker", action="store_true",
                        help="time whole training steps with per-sample norms against peers")
     bench.add_argument("--backend", choices=BACKENDS, default=None,

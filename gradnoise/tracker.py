@@ -187,9 +187,7 @@ class GradNoiseTracker:
         if self._layers == "all":
             return True
         if self._layers == "norm":
-            if rule is None:   # LlamaRMSNorm, T5LayerNorm, …: measured from their calls
-                return type(module).__name__.endswith(_NORM_CLASS_ENDINGS)
-            return rule.is_norm_layer
+            return counts_as_norm_layer(module)
         return bool(self._layers(name, module))
 
     def _plan(self) -> None:
@@ -451,7 +449,10 @@ class GradNoiseTracker:
         if not stack:
             return False
         capture = stack.pop()
-        self._step.watch.captures.remove(capture)
+        watch = self._step.watch
+        watch.captures.remove(capture)
+        if not watch.captures and watch.shared is None:
+            watch.leave()       # the rest of the forward runs without the mode
         if capture.unsupported is not None:
             self._stop_capture(t, f"its forward calls {capture.unsupported} on its parameters")
             return False
@@ -989,6 +990,16 @@ def _split(values, shared: frozenset, B: int):
     if isinstance(values, dict):
         return {k: v if k in shared else batching.split_rows(v, B) for k, v in values.items()}
     return tuple(v if k in shared else batching.split_rows(v, B) for k, v in enumerate(values))
+
+
+def counts_as_norm_layer(module: nn.Module) -> bool:
+    """What layers="norm" measures: LayerNorm, RMSNorm, GroupNorm, and module
+    classes without a rule named like them (LlamaRMSNorm, T5LayerNorm, …),
+    measured from their calls."""
+    rule = layers.find_rule(module)
+    if rule is None:
+        return type(module).__name__.endswith(_NORM_CLASS_ENDINGS)
+    return rule.is_norm_layer
 
 
 def _mixes_samples(batchnorm: nn.Module) -> bool:

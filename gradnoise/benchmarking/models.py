@@ -143,12 +143,53 @@ def build_cnn(seed: int = 0, batch: int = 64) -> Batch:
     return model, x, y, F.cross_entropy
 
 
-MODELS: dict[str, Callable[..., Batch]] = {"mlp": build_mlp, "lm": build_lm, "cnn": build_cnn}
+# ------------------------------------------------------- transformers models
+def _causal_lm_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    logits = out.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def build_transformers(kind: str, seed: int = 0, batch: int = 8, context: int = 128,
+                       width: int = 256, blocks: int = 4, vocab: int = 512) -> Batch:
+    """A `transformers` GPT-2 or Llama built from a config (d = 256, 4 layers,
+    T = 128, B = 8), on windows of standard-library source bytes."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("gradnoise benchmark: the transformers models need the "
+                           "`transformers` package (the test or bench extra)") from e
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=vocab, n_embd=width, n_layer=blocks, n_head=4, n_positions=context,
+            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=688, num_hidden_layers=blocks,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
+            bos_token_id=0, eos_token_id=1))
+    data = torch.frombuffer(bytearray(stdlib_bytes()), dtype=torch.uint8).long() % vocab
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(0, data.numel() - context, (batch,), generator=gen)
+    ids = torch.stack([data[s:s + context] for s in starts.tolist()])
+    return model.train(), ids, ids, _causal_lm_loss
+
+
+MODELS: dict[str, Callable[..., Batch]] = {
+    "mlp": build_mlp, "lm": build_lm, "cnn": build_cnn,
+    "gpt2": lambda seed=0: build_transformers("gpt2", seed),
+    "llama": lambda seed=0: build_transformers("llama", seed),
+}
+#: the models a training-step benchmark runs by default
+DEFAULT_MODELS = ("mlp", "lm", "cnn", "gpt2", "llama")
 
 DESCRIPTIONS = {
     "mlp": "MLP 784→1024→1024→10, B=256",
     "lm": "byte LM d=256 4 heads 2 blocks, T=128, B=16, tied embedding",
     "cnn": "GroupNorm CNN 3×32×32, B=64",
+    "gpt2": "transformers GPT-2 d=256 4 layers, T=128, B=8, tied embedding",
+    "llama": "transformers Llama d=256 4 layers, T=128, B=8, RMSNorm",
 }
 
 

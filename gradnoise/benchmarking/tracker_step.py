@@ -54,7 +54,9 @@ CANDIDATES = ("plain", "gradnoise all", "gradnoise norm", "gradnoise + noise sca
 # step peak memory.
 TIME_TARGETS = {("gradnoise all", "mlp"): 1.03, ("gradnoise all", "lm"): 1.08,
                 ("gradnoise all", "cnn"): 1.15, ("gradnoise norm", "mlp"): 1.02,
-                ("gradnoise norm", "lm"): 1.02, ("gradnoise norm", "cnn"): 1.02}
+                ("gradnoise norm", "lm"): 1.02, ("gradnoise norm", "cnn"): 1.02,
+                ("gradnoise all", "gpt2"): 1.08, ("gradnoise norm", "gpt2"): 1.02,
+                ("gradnoise all", "llama"): 1.08, ("gradnoise norm", "llama"): 1.02}
 PEAK_TARGET = 1.10
 # The noise-scale estimator's own time per step (its reductions and
 # communication), as a share of the plain step.
@@ -143,9 +145,8 @@ def _check_materialise(model: nn.Module, batch: int, who: str) -> None:
 
 
 def _is_norm_module(module: nn.Module) -> bool:
-    from .. import layers
-    rule = layers.find_rule(module)
-    return rule is not None and rule.is_norm_layer
+    from ..tracker import counts_as_norm_layer
+    return counts_as_norm_layer(module)
 
 
 def norm_layer_params(model: nn.Module) -> list[str]:
@@ -566,7 +567,7 @@ def memory_supported() -> str | None:
 
 
 # ---------------------------------------------------------------------- run
-def run(models: Iterable[str] = ("mlp", "lm", "cnn"), repeats: int = 10,
+def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
         on_progress: Callable[[str, int, int], None] | None = None,
         candidates: Iterable[str] = CANDIDATES, memory: bool = True, check: bool = True,
         warmup: int = 2, slow_budget_s: float = 30.0, min_repeats: int = 3) -> list[TrackerRow]:

@@ -6,7 +6,8 @@ while such a module's forward runs) and the tensors shared by every sample
 (layers.broadcast.SharedContributions, from the first call on a shared
 input to the end of the model's forward). One mode serves both, so that
 captures may start and end in any order: it is entered when the first of
-them is needed, and left at the end of the model's forward. A forward that
+them is needed, and left when no capture is in progress and no shared
+tensor is watched, or at the end of the model's forward. A forward that
 needs neither runs without it.
 """
 from __future__ import annotations
