@@ -426,7 +426,9 @@ class GradNoiseTracker:
             raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
 
     def _on_capture_start(self, t: _Tracked) -> None:
-        if not (t.capture and self._measuring()):
+        # (a forward re-run inside backward, by activation checkpointing, feeds no gradient
+        # to its outputs' hooks: it is not watched)
+        if not (t.capture and self._measuring()) or torch._C._current_graph_task_id() != -1:
             return
         step = self._step
         if step.batch_size is None:
@@ -531,6 +533,8 @@ class GradNoiseTracker:
         on the same input: a [1, …] input expanded to [B, …], another one
         stacked B times (rules that work row by row only)."""
         t, B = self._by_module[id(module)], step.batch_size
+        if torch._C._current_graph_task_id() != -1:
+            return          # re-run inside backward (activation checkpointing): not watched
         where = f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__})"
         if not isinstance(out, torch.Tensor):
             raise RuntimeError(
@@ -759,6 +763,7 @@ class GradNoiseTracker:
                     if c is not None:
                         c.release()
             self._suspended = False
+            step.watch.leave()
             for h in step.param_hooks:
                 h.remove()
             step.param_hooks.clear()
