@@ -457,6 +457,14 @@ class GradNoiseTracker:
             watch.leave()       # the rest of the forward runs without the mode
         if capture.unsupported is not None:
             self._stop_capture(t, f"its forward calls {capture.unsupported} on its parameters")
+            if self._step.uses[id(t.module)]:
+                # an earlier call of this step was measured from its uses, which the
+                # fallback cannot add to: this step is not measured (the next ones are)
+                self._step.unmeasurable = (
+                    f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) was called "
+                    f"several times in the last step and one call fell back to re-running its "
+                    f"forward ({self.fallback_reasons[t.name]}), so that step was not measured; "
+                    "from the next step on every call is measured that way.")
             return False
         capture.armed = True
         self._step.uses[id(t.module)].extend(capture.uses)

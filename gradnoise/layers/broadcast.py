@@ -161,7 +161,8 @@ class SharedContributions:
                     else:
                         kwargs[k] = wide
             return func(*args, **kwargs)
-        return self._derive(func, args, kwargs, shared, func(*args, **kwargs))
+        rng = _rng_state(shared[0][1])
+        return self._derive(func, args, kwargs, shared, func(*args, **kwargs), rng)
 
     def _attention_mask_meet(self, func, args, kwargs, shared):
         """A shared additive attention mask (T5's position bias given to
@@ -183,23 +184,30 @@ class SharedContributions:
             kwargs["attn_mask"] = wide
         return func(*args, **kwargs)
 
-    def _derive(self, func, args, kwargs, shared, out):
+    def _derive(self, func, args, kwargs, shared, out, rng=None):
         """An op on shared tensors alone: its tensor output is shared too,
         computed from its one shared operand (several: not followed)."""
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return out
-        if len(shared) != 1:
+        inplace = any(out is a for a in (*args, *kwargs.values()))
+        if len(shared) != 1 or inplace:
             for _, a in shared:
                 self._mark_unsupported(a, func)
             return out
         (k, parent), = shared
 
-        def replay(value, func=func, args=tuple(args), kwargs=dict(kwargs), k=k):
+        def replay(value, func=func, args=tuple(args), kwargs=dict(kwargs), k=k, rng=rng):
             if isinstance(k, int):
                 a = list(args)
                 a[k] = value
-                return func(*a, **kwargs)
-            return func(*args, **{**kwargs, k: value})
+                call = lambda: func(*a, **kwargs)  # noqa: E731
+            else:
+                call = lambda: func(*args, **{**kwargs, k: value})  # noqa: E731
+            # the forward's random numbers again (a dropout on the shared tensor)
+            with torch.random.fork_rng(devices=[] if value.device.type != "cuda"
+                                       else [value.device]):
+                _set_rng_state(value, rng)
+                return call()
 
         self._nodes[id(out)] = (weakref.ref(out), _Node(self._node(parent), parent, replay))
         return out
@@ -236,3 +244,17 @@ def _back_one_op(node: _Node, g: torch.Tensor) -> torch.Tensor:
     value = node.parent_value.detach()
     _, pullback = vjp(node.replay, value)
     return vmap(lambda gi: pullback(gi)[0])(g)
+
+
+def _rng_state(t: torch.Tensor):
+    return (torch.cuda.get_rng_state(t.device) if t.device.type == "cuda"
+            else torch.get_rng_state())
+
+
+def _set_rng_state(t: torch.Tensor, state) -> None:
+    if state is None:
+        return
+    if t.device.type == "cuda":
+        torch.cuda.set_rng_state(state, t.device)
+    else:
+        torch.set_rng_state(state)

@@ -92,7 +92,14 @@ class ParameterUses:
                    for a in (*args, *kwargs.values())):
                 self.unsupported = getattr(func, "__name__", repr(func))   # GRU's _VF.gru
             return
-        if not (isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
+            return
+        if out is None or (isinstance(out, (tuple, list)) and any(
+                isinstance(o, torch.Tensor) and o.requires_grad for o in out)):
+            # (chunk, split, unbind; __setitem__ with a parameter as the value)
+            self.unsupported = getattr(func, "__name__", repr(func))
+            return
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return
         try:
             self._record(func, args, kwargs, out)
@@ -169,8 +176,9 @@ class ParameterUses:
             step = (lambda g, shape=shape: g.reshape(g.shape[0], *shape))
         elif func in _TRANSPOSES:
             if args[0].dim() != 2:
-                raise _Unsupported("transpose of a parameter with more than 2 dims")
-            step = (lambda g: g.transpose(1, 2))
+                raise _Unsupported("transpose of a parameter with other than 2 dims")
+            dims = [d % 2 for d in args[1:3]] if func in (_T.transpose, torch.transpose) else [0, 1]
+            step = None if dims[0] == dims[1] else (lambda g: g.transpose(1, 2))
         else:
             step = None
         chain = step if back is None else (back if step is None else
@@ -183,7 +191,7 @@ class ParameterUses:
             entry = self._param(t)
             if entry is not None:
                 params[role] = (entry[1], entry[2], t.shape)
-        if x is not None and isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
             layout = batching.layout(x, self.B)
             if layout == batching.ROWS:
                 x = batching.split_rows(x, self.B)
