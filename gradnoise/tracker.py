@@ -519,7 +519,7 @@ class GradNoiseTracker:
         B = step.batch_size
         kind = _call_layout(t, args, kwargs, shared, B)
         if kind not in (batching.BATCH, batching.ROWS):
-            self.shared_call(t.module, step, args, kwargs, shared, out, kind)
+            self._sink_shared_call(t.module, step, args, kwargs, shared, out, kind)
             return
         split = None
         if kind == batching.ROWS:
@@ -533,7 +533,7 @@ class GradNoiseTracker:
             o.register_hook(lambda g, t=t, call=call, k=k: self._on_grad(
                 step, t, call, k, g if split is None else batching.split_rows(g, split)))
 
-    def shared_call(self, module: nn.Module, step: _Step, args, kwargs, shared: frozenset,
+    def _sink_shared_call(self, module: nn.Module, step: _Step, args, kwargs, shared: frozenset,
                     out, kind: str | None) -> None:
         """Record a call whose input has no batch: its output is shared by every
         sample, and its per-sample output gradient is gathered where it meets
@@ -583,7 +583,7 @@ class GradNoiseTracker:
         step.shared.add_root(out, layers.broadcast.SharedRoot(
             t.name, out, B, lambda g: self._on_grad(step, t, call, 0, g.reshape(B, *shape))))
 
-    def wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:
+    def _sink_wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:
         """Called by a fused-backward module's forward: the step that measures
         this call, or None if it is not measured."""
         if not self._measuring():
@@ -639,7 +639,7 @@ class GradNoiseTracker:
             step.calls[id(t.module)].remove(call)
             call.release()
 
-    def module_backward(self, module: nn.Module, step: _Step | None, x: torch.Tensor, weight,
+    def _sink_backward(self, module: nn.Module, step: _Step | None, x: torch.Tensor, weight,
                         saved: tuple, grad_out: torch.Tensor, need_input_grad: bool,
                         need_weight: bool, need_bias: bool):
         """Backward of a fused-backward module's call, measured by `step`:
@@ -660,7 +660,7 @@ class GradNoiseTracker:
         return ((gx if need_input_grad else None), (gw if need_weight else None),
                 (gb if need_bias else None))
 
-    def watch_output(self, module: nn.Module, step: _Step, x: torch.Tensor,
+    def _sink_watch_output(self, module: nn.Module, step: _Step, x: torch.Tensor,
                      out: torch.Tensor) -> None:
         """Forward of a fused-backward module's call, measured by `step`, that
         keeps autograd's backward: its norms will come from the gradient of `out`."""
@@ -685,7 +685,7 @@ class GradNoiseTracker:
         else:
             self._keep_call(step, t, x, grad_out)
 
-    def unmeasurable(self, step: _Step | None) -> None:
+    def _sink_unmeasurable(self, step: _Step | None) -> None:
         """Told by a fused-backward module of a backward with create_graph=True."""
         self._enter_backward(step)
 

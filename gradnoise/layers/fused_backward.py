@@ -20,6 +20,7 @@ cost more than the norms themselves.
 from __future__ import annotations
 
 import types
+import typing
 import weakref
 from abc import abstractmethod
 
@@ -70,6 +71,29 @@ class FusedBackwardRule(NormRule):
         """(grad_x or None, grad_weight or None, grad_bias or None) without norms."""
 
 
+class FusedBackwardSink(typing.Protocol):
+    """What the fused forward and backward ask of the tracker that installed
+    them: a private interface, so that the tracker's public API is not it.
+
+    - `_sink_wants(module, x)`: the step that measures this call, or None;
+    - `_sink_backward(module, step, x, weight, saved, grad_out, need_input_grad,
+      need_weight, need_bias)`: (grad_x, grad_weight, grad_bias), with the norms
+      recorded when the call can be measured by the rule's fused backward;
+    - `_sink_watch_output(module, step, x, out)`: a call that keeps autograd's
+      backward, its norms from the output's gradient;
+    - `_sink_shared_call(module, step, args, kwargs, shared, out, kind)`: a call
+      on an input shared by every sample (layers.broadcast);
+    - `_sink_unmeasurable(step)`: a backward with create_graph=True.
+    """
+
+    def _sink_wants(self, module, x): ...
+    def _sink_backward(self, module, step, x, weight, saved, grad_out, need_input_grad,
+                       need_weight, need_bias): ...
+    def _sink_watch_output(self, module, step, x, out): ...
+    def _sink_shared_call(self, module, step, args, kwargs, shared, out, kind): ...
+    def _sink_unmeasurable(self, step): ...
+
+
 class _FusedBackwardFunction(torch.autograd.Function):
     """The module's forward; backward hands (x, dY) to the sink, which returns
     the gradients (from the rule's fused backward, with the norms)."""
@@ -93,9 +117,9 @@ class _FusedBackwardFunction(torch.autograd.Function):
             # the fused kernels have no derivative of their own, so the
             # gradients come from autograd through a re-run of the forward,
             # differentiable; such a backward is not measured.
-            ctx.sink.unmeasurable(ctx.step)
+            ctx.sink._sink_unmeasurable(ctx.step)
             return _differentiable_backward(ctx, x, weight, grad_out) + (None,) * 4
-        grad_x, grad_w, grad_b = ctx.sink.module_backward(
+        grad_x, grad_w, grad_b = ctx.sink._sink_backward(
             ctx.module, ctx.step, x, weight, tuple(saved), grad_out, need_x, need_w,
             ctx.has_bias and need_b)
         # (dtype checks first: a no-op .to still costs a call on every layer)
@@ -148,7 +172,7 @@ def forward(self, *args, **kwargs):
         return plain_forward(self, *args, **kwargs)
     rule = entry[0]
     x = args[0] if args else next(iter(kwargs.values()))
-    step = sink.wants(self, x)
+    step = sink._sink_wants(self, x)
     if step is None:
         return plain_forward(self, *args, **kwargs)
     kind = batching.layout(x, step.batch_size)
@@ -156,7 +180,7 @@ def forward(self, *args, **kwargs):
         # an input shared by every sample: one sample's worth of work
         out = plain_forward(self, *args, **kwargs)
         if out.requires_grad:
-            sink.shared_call(self, step, (x,), {}, frozenset(), out, kind)
+            sink._sink_shared_call(self, step, (x,), {}, frozenset(), out, kind)
         return out
     if kind == batching.ROWS and rule.rowwise:
         rows = _FusedBackwardFunction.apply(batching.split_rows(x, step.batch_size), self.weight,
@@ -166,7 +190,7 @@ def forward(self, *args, **kwargs):
     if rule.keeps_autograd_backward(self, x):
         out = plain_forward(self, *args, **kwargs)
         if out.requires_grad:
-            sink.watch_output(self, step, x, out)
+            sink._sink_watch_output(self, step, x, out)
         return out
     return _FusedBackwardFunction.apply(x, self.weight, getattr(self, "bias", None),
                                         self, rule, sink, step)
@@ -189,16 +213,11 @@ def replaced_forward(module: nn.Module) -> bool:
                 and getattr(fn, "__self__", None) is module)
 
 
-def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink, name: str) -> None:
-    """Route the module's training-step forward through _FusedBackwardFunction.
-
-    `sink.wants(module, x)` gives the step that measures this call (None: not
-    measured); `sink.module_backward(module, step, x, weight, saved, grad_out,
-    need_input_grad, need_weight, need_bias)` computes the gradients; for
-    calls that keep autograd's backward, `sink.watch_output(module, step, x,
-    out)` takes the norms from the output's gradient; `sink.unmeasurable(step)`
-    is told of a backward that cannot be measured. Outputs are the module's.
-    """
+def install_tracked_forward(module: nn.Module, rule: FusedBackwardRule, sink: FusedBackwardSink,
+                            name: str) -> None:
+    """Route the module's training-step forward through _FusedBackwardFunction;
+    `sink` (a GradNoiseTracker) implements `FusedBackwardSink`. Outputs are the
+    module's."""
     if installed_sink(module) is not None:
         raise ValueError(
             f"GradNoiseTracker: module '{name}' ({type(module).__name__}) is already measured by "
