@@ -478,8 +478,7 @@ class GradNoiseTracker:
             return
         use.grad = grad
         uses = step.uses[id(t.module)]
-        names = [n for n, _, _ in use.params.values()]
-        if all(sum(n in {m for m, _, _ in u.params.values()} for u in uses) == 1 for n in names):
+        if all(sum(n in u.names() for u in uses) == 1 for n in use.names()):
             self._step_add(step, t, layers.functional.sq_norms(use, step.batch_size),
                            step.batch_size)
             use.release()
@@ -488,7 +487,7 @@ class GradNoiseTracker:
     def _on_captured_param_grad(self, step: _Step, t: _Tracked, name: str) -> None:
         if step.finished or not t.capture or step is not self._step:
             return
-        if not any(name in {m for m, _, _ in u.params.values()} for u in step.uses[id(t.module)]):
+        if not any(name in u.names() for u in step.uses[id(t.module)]):
             raise RuntimeError(
                 f"GradNoiseTracker: parameter '{name}' of module '{t.name}' "
                 f"({type(t.module).__name__}) received a gradient through a call that gradnoise "

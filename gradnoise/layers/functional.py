@@ -63,6 +63,10 @@ class Use:
         self.inputs = self.grad = None
         self.done = True
 
+    def names(self) -> set[str]:
+        """Names of the parameters this use takes."""
+        return {name for name, _, _ in self.params.values()}
+
 
 class ParameterUses:
     """The uses of one module's own parameters during one forward call."""
@@ -207,9 +211,6 @@ class ParameterUses:
         out.register_hook(lambda g, use=use: self.on_grad(
             self, use, batching.split_rows(g, self.B) if rows else g))
 
-    def used(self) -> set[str]:
-        """Names of the parameters these uses take."""
-        return {name for u in self.uses for name, _, _ in u.params.values()}
 
 
 class _Unsupported(Exception):
@@ -278,7 +279,7 @@ def sq_norms(use: Use, B: int) -> torch.Tensor:
 def _as_rule(use: Use):
     """The built-in rule of the use's kind, a stand-in for the module it
     expects, and the roles of the parameters used ('weight', 'bias')."""
-    roles = {r: v for r, v in use.params.items()}
+    roles = use.params
     shape = lambda r: use.params[r][2] if r in use.params else None  # noqa: E731
     if use.kind in ("linear", "matmul"):
         return _LINEAR, None, roles
