@@ -441,7 +441,8 @@ class GradNoiseTracker:
                     lambda g, n=n: self._on_captured_param_grad(step, t, n)))
         params = {n: t.module.get_parameter(n) for n in t.own}
         capture = layers.functional.ParameterUses(
-            params, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g))
+            params, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g),
+            lambda cap, use: self._on_fused_use(step, t, cap, use))
         step.capturing.setdefault(id(t.module), []).append(capture)
         step.watch.need().captures.append(capture)
 
@@ -477,12 +478,31 @@ class GradNoiseTracker:
         if step is None:
             return
         use.grad = grad
-        uses = step.uses[id(t.module)]
-        if all(sum(n in u.names() for u in uses) == 1 for n in use.names()):
+        if self._only_use(step, t, use):
             self._step_add(step, t, layers.functional.sq_norms(use, step.batch_size),
                            step.batch_size)
             use.release()
         # else at the end of backward, summed over the uses
+
+    def _on_fused_use(self, step: _Step, t: _Tracked, capture, use):
+        """Asked by a use run through the fused kernel, at its backward: a
+        function that takes its norms if it is measured alone, else None."""
+        if not capture.armed:
+            return None
+        step = self._enter_backward(step)
+        if step is None or not self._only_use(step, t, use):
+            return None
+
+        def add(norms):
+            self._step_add(step, t, norms, step.batch_size)
+            use.release()
+        return add
+
+    @staticmethod
+    def _only_use(step: _Step, t: _Tracked, use) -> bool:
+        """Whether each parameter of `use` has no other use in the step."""
+        uses = step.uses[id(t.module)]
+        return all(sum(n in u.names() for u in uses) == 1 for n in use.names())
 
     def _on_captured_param_grad(self, step: _Step, t: _Tracked, name: str) -> None:
         if step.finished or not t.capture or step is not self._step:

@@ -115,6 +115,11 @@ class SharedContributions:
         """Whether `t` is a tracked output shared by every sample, or computed from one alone."""
         return self._node(t) is not None
 
+    def touches(self, args, kwargs) -> bool:
+        """Whether any of a call's arguments is a watched shared tensor."""
+        return bool(self._nodes) and any(self._node(a) is not None
+                                         for a in (*args, *kwargs.values()))
+
     def _node(self, t) -> _Node | None:
         if not isinstance(t, torch.Tensor):
             return None

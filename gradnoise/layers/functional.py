@@ -71,8 +71,12 @@ class Use:
 class ParameterUses:
     """The uses of one module's own parameters during one forward call."""
 
-    def __init__(self, params: dict[str, torch.Tensor], B: int, on_grad):
-        self.B, self.on_grad = B, on_grad
+    def __init__(self, params: dict[str, torch.Tensor], B: int, on_grad, on_fused):
+        #: on_grad(capture, use, grad): a use's output gradient has arrived;
+        #: on_fused(capture, use): asked by a use run through the fused kernel
+        #: (layers.captured_linear) at its backward: a function that takes its
+        #: norms if the use is measured alone, else None
+        self.B, self.on_grad, self.on_fused = B, on_grad, on_fused
         #: set once the call is known to be measured this way; until then the
         #: uses' gradients are ignored (the call may fall back)
         self.armed = False
@@ -190,11 +194,6 @@ class ParameterUses:
         self._aliases[id(out)] = (weakref.ref(out), name, chain)
 
     def _use(self, kind, out, x, operands, meta):
-        params = {}
-        for role, t in operands.items():
-            entry = self._param(t)
-            if entry is not None:
-                params[role] = (entry[1], entry[2], t.shape)
         if isinstance(x, torch.Tensor) and x.dim() > 0:
             layout = batching.layout(x, self.B)
             if layout == batching.ROWS:
@@ -205,12 +204,22 @@ class ParameterUses:
             raise _Unsupported("expand of a parameter to other than the batch")
         if kind in ("scale", "shift") and not (out.dim() > 0 and out.shape[0] == self.B):
             raise _Unsupported(f"{kind} of a parameter by a tensor without the batch")
-        use = Use(kind, params, x, meta)
-        self.uses.append(use)
+        use = self.record(kind, x, operands, meta)
         rows = out.shape[0] != self.B
         out.register_hook(lambda g, use=use: self.on_grad(
             self, use, batching.split_rows(g, self.B) if rows else g))
 
+    def record(self, kind, x, operands, meta=None) -> Use:
+        """A use of the parameters among `operands` ({role: tensor}) on input
+        `x` (its batch along dim 0), appended to the call's uses."""
+        params = {}
+        for role, t in operands.items():
+            entry = self._param(t)
+            if entry is not None:
+                params[role] = (entry[1], entry[2], t.shape)
+        use = Use(kind, params, x, meta)
+        self.uses.append(use)
+        return use
 
 
 class _Unsupported(Exception):

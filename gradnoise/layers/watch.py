@@ -4,7 +4,9 @@ Two things need to see the functional calls of a forward: the uses of the
 parameters of modules that have no rule (layers.functional.ParameterUses,
 while such a module's forward runs) and the tensors shared by every sample
 (layers.broadcast.SharedContributions, from the first call on a shared
-input to the end of the model's forward). One mode serves both, so that
+input to the end of the model's forward). A linear use of a captured
+module's weight is handed to layers.captured_linear before it runs, to be run
+through the fused kernel. One mode serves both, so that
 captures may start and end in any order: it is entered when the first of
 them is needed, and left when no capture is in progress and no shared
 tensor is watched, or at the end of the model's forward. A forward that
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from . import captured_linear
 
 _T = torch.Tensor
 # Calls that read metadata only: handed through at once.
@@ -45,6 +49,15 @@ class ForwardWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _PASSIVE:
             return func(*args, **kwargs)
+        if func in captured_linear.INTERCEPTED and self.captures and (
+                self.shared is None or not self.shared.touches(args, kwargs)):
+            for capture in self.captures:
+                out = captured_linear.intercept(capture, func, args, kwargs)
+                if out is not None:
+                    for other in self.captures:
+                        if other is not capture:
+                            other.observe(func, args, kwargs, out)
+                    return out
         out = (self.shared.run(func, args, kwargs) if self.shared is not None
                else func(*args, **kwargs))
         for capture in self.captures:
