@@ -53,20 +53,10 @@ int64_t cache_bytes(int name, int64_t fallback) {
   return v > 0 ? static_cast<int64_t>(v) : fallback;
 }
 
-struct AlignedBuffer {
-  void* ptr = nullptr;
-  explicit AlignedBuffer(size_t bytes) {
-    if (posix_memalign(&ptr, 64, std::max<size_t>(bytes, 64)) != 0) ptr = nullptr;
-    TORCH_CHECK(ptr != nullptr, "gradnoise: out of memory allocating ", bytes, " bytes");
-  }
-  ~AlignedBuffer() { std::free(ptr); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
-// Per-thread scratch of the sample-split driver, kept between calls: it is
-// small (within L2 per buffer), and allocating it afresh on every call of a
-// small problem costs page faults comparable to the work.
+// Per-thread scratch of both drivers, kept between calls (at most the packed
+// group's scratch_bytes, a copy of C within kByThreadCopyBytes and the tiles):
+// allocating it afresh on every call costs page faults comparable to the
+// work of a small problem.
 enum class ThreadScratch { kPacked, kRelaid, kTile, kCopyOfC, kCount };
 
 void* thread_scratch(ThreadScratch use, size_t bytes) {
@@ -279,16 +269,23 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
   // a group at a time, so no copy of the whole input is ever held.
   const int64_t group = std::max<int64_t>(1, std::min(B, scratch_bytes / lay.sample_bytes));
   const int64_t group_rows = group * T_len;
-  AlignedBuffer relaid(relayout ? group * image * sizeof(in_t) : 0);
-  AlignedBuffer packed(lay.row_bytes * group_rows);
-  T* pa = static_cast<T*>(packed.ptr);
+  // The packed group, the channels-last copy and the slabs' tiles live in the
+  // calling thread's scratch, kept between calls: megabytes allocated afresh
+  // on every call would come back from the allocator as new pages, a page
+  // fault per 4 KiB, which cost ~5% of a transformer's backward.
+  void* relaid = relayout ? thread_scratch(ThreadScratch::kRelaid, group * image * sizeof(in_t))
+                          : nullptr;
+  T* pa = static_cast<T*>(thread_scratch(ThreadScratch::kPacked, lay.row_bytes * group_rows));
   T* pb = dy_in_place ? pa : pa + a_strips * K::MR * group_rows;
   std::vector<double> partial(static_cast<size_t>(plan.slabs * B), 0.0);
   const int64_t unit = plan.split_columns ? K::NR : K::MR;
   const int64_t extent = plan.split_columns ? d : p;
   const int64_t units = ceil_div(extent, unit);
   const size_t tile_elems = ceil_div(plan.mc, K::MR) * K::MR * ceil_div(plan.nc, K::NR) * K::NR;
-  std::vector<AlignedBuffer*> scratch(static_cast<size_t>(plan.slabs), nullptr);
+  // each slab's tile sum and carry, 64-byte aligned
+  const size_t slab_elems = ceil_div(2 * tile_elems * sizeof(T), 64) * 64 / sizeof(T);
+  T* tiles = static_cast<T*>(
+      thread_scratch(ThreadScratch::kTile, plan.slabs * slab_elems * sizeof(T)));
   for (int64_t i0 = 0; i0 < B; i0 += group) {
     const int64_t n = std::min(group, B - i0), rows = n * T_len;
     // Pack this group into the strip order the register kernel reads
@@ -297,7 +294,7 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
     int64_t x_row0 = i0 * T_len;
     if (relayout) {
       const in_t* src = static_cast<const in_t*>(x.data) + i0 * x.ld;
-      in_t* dst = static_cast<in_t*>(relaid.ptr);
+      in_t* dst = static_cast<in_t*>(relaid);
       const int64_t pixels = image / last.channels;
       constexpr int64_t kPixels = 256;
       const int64_t blocks = ceil_div(pixels, kPixels);
@@ -309,7 +306,7 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
                                              dst + b * image);
         }
       });
-      xs = OperandSource{OperandSource::Kind::kPatches, relaid.ptr, image, &last};
+      xs = OperandSource{OperandSource::Kind::kPatches, relaid, image, &last};
       x_row0 = 0;
     }
     constexpr int64_t kPackRows = 64;
@@ -322,8 +319,7 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
     at::parallel_for(0, plan.slabs, 1, [&](int64_t begin, int64_t end) {
       typename Kern::Blocking blk{plan.mc, plan.nc, plan.kc};
       for (int64_t s = begin; s < end; ++s) {
-        if (scratch[s] == nullptr) scratch[s] = new AlignedBuffer(2 * tile_elems * sizeof(T));
-        T* tile_sum = static_cast<T*>(scratch[s]->ptr);
+        T* tile_sum = tiles + s * slab_elems;
         T* carry = tile_sum + tile_elems;
         // Equal shares of whole register blocks, one per thread.
         const int64_t u0 = units * s / plan.slabs, u1 = units * (s + 1) / plan.slabs;
@@ -341,7 +337,6 @@ void run_fused(const OperandSource& x, const OperandSource& g, int64_t B, int64_
       }
     });
   }
-  for (AlignedBuffer* b : scratch) delete b;
   for (int64_t i = 0; i < B; ++i) {
     double s = 0.0;
     for (int64_t k = 0; k < plan.slabs; ++k) s += partial[k * B + i];
