@@ -64,6 +64,10 @@ class _Tracked:
     # no rule: measured from the functional calls of its forward (layers.functional)
     # while they are all ones that the built-in rules cover, else by the fallback
     capture: bool = False
+    # {parameter name: module inside it that measures it}: parameters it owns
+    # but lends to a module inside it (BERT's LM head and its decoder's bias);
+    # its own forward must not use them (checked while it is captured)
+    lent: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -116,8 +120,9 @@ class GradNoiseTracker:
             but has no rule: "fallback" (exact per-sample gradients by
             torch.func, slower; see `fallback_modules`), "error", or "skip"
             (leave it out; see `skipped_modules`).
-        fused_backward: let nn.Linear layers and zero-padded convolutions
-            compute their weight gradient with the fused kernel, which yields
+        fused_backward: let nn.Linear layers, zero-padded convolutions and
+            the linear calls of module classes without a rule (GPT-2's
+            Conv1D) compute their weight gradient with the fused kernel, which yields
             the norms for the cost of the kernel's epilogue. Their weight
             gradients then equal autograd's to float rounding (the sum runs
             in another order); False keeps autograd's backward bit for bit
@@ -164,6 +169,7 @@ class GradNoiseTracker:
         #: backward passes measured so far
         self.steps_measured = 0
         self._suspended = False
+        self._borrowers_running: list = []   # modules measuring lent parameters, running now
         #: while True, forward passes start no measurement: the step runs as
         #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
         self.paused = False
@@ -273,34 +279,47 @@ class GradNoiseTracker:
 
     def _stop_capture(self, t: _Tracked, why: str) -> None:
         """Measure a module without a rule by the torch.func fallback from now on."""
+        if t.lent:
+            # (the fallback would not cover the lent parameters' uses in its forward)
+            raise RuntimeError(
+                f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) cannot be "
+                f"measured from its functional calls ({why}), and the torch.func fallback cannot "
+                f"measure it either: it shares {sorted(t.lent)} with "
+                f"{sorted(set(t.lent.values()))} inside it. Leave it out with `layers=`, or use "
+                "the micro-batch noise source.")
         t.capture = False
         t.rule.check(t.module, t.name)
         self.fallback_modules.append(t.name)
         self.fallback_reasons[t.name] = why
 
     def _subtree_params_to_fallbacks(self, owners: dict[int, list[str]]) -> None:
-        """A parameter that a fallback module owns and a module inside it owns
-        too (BERT's and RoBERTa's LM heads hold the bias of their decoder
-        Linear) is measured by the fallback alone: re-running the module's
-        forward covers every use inside it, so a use measured again inside
-        would be counted twice."""
+        """A parameter that a module without a rule owns and a module inside
+        it owns too (BERT's and RoBERTa's LM heads hold the bias of their
+        decoder Linear) is measured once. A captured module lends it to the
+        module inside, which measures its uses there; the capture checks that
+        its own forward does not use it directly. A fallback module measures
+        it alone: re-running the module's forward covers every use inside it,
+        so a use measured again inside would be counted twice."""
         for t in [t for t in self._tracked if t.fallback]:
             inside = t.name + "." if t.name else ""
-            ids = {id(t.module.get_parameter(n)) for n in t.own}
             for u in self._tracked:
                 if u is t or not u.name.startswith(inside):
                     continue
-                dropped = [n for n in u.own if id(u.module.get_parameter(n)) in ids]
-                if not dropped:
+                ids = {id(t.module.get_parameter(n)): n for n in t.own}
+                common = [n for n in u.own if id(u.module.get_parameter(n)) in ids]
+                if not common:
                     continue
                 if t.capture:
-                    # (the uses inside may be hidden, e.g. in a fused-backward Linear's Function)
-                    self._stop_capture(t, f"shares parameters with '{u.name}' inside it: "
-                                          "measured by re-running its forward")
-                u.own = [n for n in u.own if n not in dropped]
-                for n in dropped:
+                    for n in common:
+                        pid = id(u.module.get_parameter(n))
+                        t.lent[ids[pid]] = u.name
+                        t.own.remove(ids[pid])
+                        owners[pid].remove(t.name)
+                    continue
+                u.own = [n for n in u.own if n not in common]
+                for n in common:
                     owners[id(u.module.get_parameter(n))].remove(u.name)
-        self._tracked = [t for t in self._tracked if t.own]
+        self._tracked = [t for t in self._tracked if t.own or t.lent]
 
     def _check_shared_with_untracked(self, users: dict[int, list[str]]) -> None:
         """A tracked parameter that another, untracked module also uses would
@@ -341,6 +360,15 @@ class GradNoiseTracker:
                 if isinstance(module, _BATCHNORM_TYPES):
                     self._handles.append(module.register_forward_pre_hook(
                         lambda m, args: self._on_batchnorm_forward(m)))
+            for name in sorted({u for t in self._tracked for u in t.lent.values()}):
+                # while a module that measures lent parameters runs, their
+                # uses are its own, not its lender's
+                borrower = self.model.get_submodule(name)
+                self._handles.append(borrower.register_forward_pre_hook(
+                    lambda m, args: self._borrowers_running.append(m) and None))
+                self._handles.append(borrower.register_forward_hook(
+                    lambda m, args, out: self._borrowers_running.pop() and None,
+                    always_call=True))
             for t in self._tracked:
                 if t.capture:
                     self._handles.append(t.module.register_forward_pre_hook(
@@ -440,9 +468,11 @@ class GradNoiseTracker:
                 step.param_hooks.append(t.module.get_parameter(n).register_hook(
                     lambda g, n=n: self._on_captured_param_grad(step, t, n)))
         params = {n: t.module.get_parameter(n) for n in t.own}
+        lent = {n: t.module.get_parameter(n) for n in t.lent}
         capture = layers.functional.ParameterUses(
-            params, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g),
-            lambda cap, use: self._on_fused_use(step, t, cap, use))
+            params, lent, lambda: not self._borrowers_running, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g),
+            (lambda cap, use: self._on_fused_use(step, t, cap, use)) if self._fused_backward
+            else None)
         step.capturing.setdefault(id(t.module), []).append(capture)
         step.watch.need().captures.append(capture)
 
@@ -456,6 +486,14 @@ class GradNoiseTracker:
         watch.captures.remove(capture)
         if not watch.captures and watch.shared is None:
             watch.leave()       # the rest of the forward runs without the mode
+        if capture.lent_use is not None:
+            name = capture.lent_use
+            raise RuntimeError(
+                f"GradNoiseTracker: module '{t.name}' ({type(t.module).__name__}) uses its "
+                f"parameter '{name}' in its own forward, but '{t.lent[name]}' inside it also owns "
+                "it and is measured from its own calls only, so part of the parameter's "
+                "per-sample gradient would be missed. Leave one of the two out with `layers=`, or "
+                "use the micro-batch noise source.")
         if capture.unsupported is not None:
             self._stop_capture(t, f"its forward calls {capture.unsupported} on its parameters")
             if self._step.uses[id(t.module)]:
@@ -961,7 +999,7 @@ class GradNoiseTracker:
 
     @property
     def tracked_modules(self) -> list[str]:
-        return [t.name for t in self._tracked]
+        return [t.name for t in self._tracked if t.own]
 
     @property
     def fused_modules(self) -> list[str]:

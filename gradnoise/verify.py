@@ -110,7 +110,7 @@ def _exact(tracker, args, kwargs, loss_fn, B, n) -> dict[str, torch.Tensor]:
     for t in tracker._tracked:
         for pname in t.own:
             owners.setdefault(id(model.get_submodule(t.name).get_parameter(pname)), t.name)
-    # each shared parameter once, under its first owner, as the tracker reports it
+    # each shared parameter once, under the module that measures it, as the tracker reports it
     params = [(p, owners[id(p)]) for p in dict.fromkeys(model.parameters()) if id(p) in owners]
     result: dict[str, torch.Tensor] = {}
     for i in range(n):
@@ -128,7 +128,8 @@ def _exact(tracker, args, kwargs, loss_fn, B, n) -> dict[str, torch.Tensor]:
             layer = result.setdefault(name, torch.zeros(n, dtype=torch.float64))
             if g is not None:
                 layer[i] += g.square().sum() * scale
-    return result
+    order = {name: k for k, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(result.items(), key=lambda item: order[item[0]]))
 
 
 def _independent(outputs: list, B: int) -> list[int]:

@@ -205,3 +205,19 @@ def test_activation_checkpointing_runs_the_captured_use_as_it_is():
         model(x).square().sum().backward()
         torch.testing.assert_close(tracker.per_layer_sq_norms()["inner.2"].double(),
                                    truth["2"], rtol=2e-5, atol=0)
+
+
+def test_without_fused_backward_autograd_keeps_the_call_bit_for_bit():
+    model = _model(Conv1DLike(5, 7))
+    x = torch.randn(4, 9, 6)
+    truth = _loop_truth(model, x, lambda o: o.square().sum())
+    plain = copy.deepcopy(model)
+    plain(x).square().sum().backward()
+    with GradNoiseTracker(model, loss_reduction="sum", fused_backward=False) as tracker:
+        out = model(x)
+        assert _fused_nodes(out) == 0
+        out.square().sum().backward()
+        torch.testing.assert_close(tracker.per_layer_sq_norms()["2"].double(), truth["2"],
+                                   rtol=2e-5, atol=0)
+    assert torch.equal(model[2].weight.grad, plain[2].weight.grad)
+    assert torch.equal(model[2].bias.grad, plain[2].bias.grad)

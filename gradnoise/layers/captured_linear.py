@@ -38,7 +38,7 @@ def intercept(capture, func, args, kwargs):
     """`func(*args, **kwargs)` through `_CapturedLinear` when it is a linear
     use of one of `capture`'s parameters on a batch with several positions
     per sample; None to run and observe it as usual."""
-    if capture.unsupported is not None or not torch.is_grad_enabled():
+    if capture.on_fused is None or capture.unsupported is not None or not torch.is_grad_enabled():
         return None
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         # Saved-tensor hooks (activation checkpointing, offloading) expect the

@@ -71,11 +71,13 @@ class Use:
 class ParameterUses:
     """The uses of one module's own parameters during one forward call."""
 
-    def __init__(self, params: dict[str, torch.Tensor], B: int, on_grad, on_fused):
+    def __init__(self, params: dict[str, torch.Tensor], lent: dict[str, torch.Tensor],
+                 lent_watched, B: int, on_grad, on_fused):
         #: on_grad(capture, use, grad): a use's output gradient has arrived;
         #: on_fused(capture, use): asked by a use run through the fused kernel
         #: (layers.captured_linear) at its backward: a function that takes its
-        #: norms if the use is measured alone, else None
+        #: norms if the use is measured alone, else None (None: no use runs so,
+        #: as with GradNoiseTracker(fused_backward=False))
         self.B, self.on_grad, self.on_fused = B, on_grad, on_fused
         #: set once the call is known to be measured this way; until then the
         #: uses' gradients are ignored (the call may fall back)
@@ -84,6 +86,12 @@ class ParameterUses:
         self._aliases = {id(p): (weakref.ref(p), n, None) for n, p in params.items()}
         self.uses: list[Use] = []
         self.unsupported: str | None = None
+        # parameters the module owns but a module inside it measures: a use
+        # of one in this forward is an error (lent_use names it)
+        # (lent_watched() is False while a module that measures them runs)
+        self._lent = {id(p): (weakref.ref(p), n) for n, p in lent.items()}
+        self._lent_watched = lent_watched
+        self.lent_use: str | None = None
 
     def _param(self, t):
         if not isinstance(t, torch.Tensor):
@@ -95,6 +103,8 @@ class ParameterUses:
         """Record the op `out = func(*args, **kwargs)` if it uses a parameter."""
         if self.unsupported is not None:
             return
+        if self._lent and self._lent_watched():
+            self._check_lent(args, kwargs)
         if not any(self._param(a) is not None for a in (*args, *kwargs.values())):
             if any(isinstance(a, (list, tuple)) and any(self._param(t) is not None for t in a)
                    for a in (*args, *kwargs.values())):
@@ -113,6 +123,13 @@ class ParameterUses:
             self._record(func, args, kwargs, out)
         except _Unsupported as e:
             self.unsupported = str(e)
+
+    def _check_lent(self, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                entry = self._lent.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if entry is not None and entry[0]() is t and self.lent_use is None:
+                    self.lent_use = entry[1]
 
     # ------------------------------------------------------------ recording
     def _record(self, func, args, kwargs, out):
