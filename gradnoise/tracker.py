@@ -956,7 +956,8 @@ class GradNoiseTracker:
     def per_layer_sq_norms(self) -> dict[str, torch.Tensor]:
         """{qualified module name: float32 [B]} of the last measured step, for
         each module that directly owns measured parameters (a shared parameter
-        counts once, under its first owner)."""
+        counts once, under its first owner; one that a module holds with a
+        module inside it, under the inner module, which uses it)."""
         names, matrix, scale = self._require_results()
         if matrix is None:
             return {}

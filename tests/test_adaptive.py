@@ -449,23 +449,23 @@ class Scale(nn.Module):
         return x * self.weight
 
 
-class TiedBias(nn.Module):
-    """Owns the bias of a Linear inside it: the tracker's slow fallback."""
+class TiedToSibling(nn.Module):
+    """Uses the weight of a Linear beside it, with no rule: the tracker's slow fallback."""
 
-    def __init__(self, d):
+    def __init__(self, linear):
         super().__init__()
-        self.inner = nn.Linear(d, d)
-        self.bias = self.inner.bias
+        self.weight = linear.weight
 
     def forward(self, x):
-        return self.inner(x)
+        return x @ self.weight.t()
 
 
 def test_auto_source_avoids_the_tracker_fallback_and_rejects_misfits():
     c, model, _ = make(n=64, model=nn.Sequential(Scale(3), nn.Linear(3, 1)))
     assert c.noise_source == "per_sample"
     train(c, model, c.run(max_steps=2))
-    c, model, _ = make(n=64, model=nn.Sequential(TiedBias(3), nn.Linear(3, 1)))
+    first = nn.Linear(3, 3)
+    c, model, _ = make(n=64, model=nn.Sequential(first, TiedToSibling(first), nn.Linear(3, 1)))
     assert c.noise_source == "micro_batch" and "fallback" in c.noise_source_reason
     train(c, model, c.run(max_steps=2))
     model = nn.Linear(3, 1)
