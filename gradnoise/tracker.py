@@ -470,7 +470,8 @@ class GradNoiseTracker:
         params = {n: t.module.get_parameter(n) for n in t.own}
         lent = {n: t.module.get_parameter(n) for n in t.lent}
         capture = layers.functional.ParameterUses(
-            params, lent, lambda: not self._borrowers_running, step.batch_size, lambda cap, use, g: self._on_use_grad(step, t, cap, use, g),
+            params, lent, lambda: not self._borrowers_running, step.batch_size,
+            lambda cap, use, g: self._on_use_grad(step, t, cap, use, g),
             (lambda cap, use: self._on_fused_use(step, t, cap, use)) if self._fused_backward
             else None)
         step.capturing.setdefault(id(t.module), []).append(capture)

@@ -65,7 +65,8 @@ class TwiceUsed(nn.Module):
 
 def _model(layer):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), layer, nn.Tanh(), nn.Linear(layer_out(layer), 2))
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), layer, nn.Tanh(),
+                         nn.Linear(layer_out(layer), 2))
 
 
 def layer_out(layer):
@@ -87,7 +88,7 @@ def _fused_nodes(out) -> int:
 
 
 def _loop_truth(model, x, loss):
-    """‖∇θ ℓ_i‖² per sample and per top-level child, float64, by a loop over the samples."""
+    """‖∇θ ℓ_i‖² per sample and per top-level child, float64, by a loop over samples."""
     m = copy.deepcopy(model).double()
     per_layer = {}
     for i in range(x.shape[0]):

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from . import batching
+from .fused_backward import differentiable_grads
 
 _T = torch.Tensor
 #: calls whose linear uses are intercepted: F.linear (W [p, d]) and the
@@ -129,7 +130,8 @@ class _CapturedLinear(torch.autograd.Function):
                 grad_b = g2.sum(0)
             if capture.armed:
                 rows = grad_out.shape[0] != B
-                capture.on_grad(capture, use, batching.split_rows(grad_out, B) if rows else grad_out)
+                g = batching.split_rows(grad_out, B) if rows else grad_out
+                capture.on_grad(capture, use, g)
         grad_w = grad_w.to(weight.dtype) if need_w and grad_w.dtype != weight.dtype else grad_w
         if need_b and grad_b is None:
             grad_b = g2.sum(0)
@@ -159,21 +161,12 @@ def weight_grad_and_sq_norms(x3: torch.Tensor, g3: torch.Tensor, with_bias: bool
 
 
 def _differentiable_backward(ctx, x, weight, bias, grad_out):
-    func, args, kwargs, transposed, *_ = ctx.info
-    inputs = (x, weight, bias)
-    wanted = [k for k, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad[:3]))
-              if t is not None and need]
-    device, enabled, dtype = ctx.autocast
-    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-        if func is F.linear:
-            out = F.linear(x, weight, bias)
-        elif func is torch.addmm:
-            out = torch.addmm(bias, x, weight)
-        else:
-            out = torch.matmul(x, weight)
-        grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad_out,
-                                    create_graph=True, allow_unused=True)
-    result = [None, None, None]
-    for k, g in zip(wanted, grads):
-        result[k] = g
-    return tuple(result)
+    func = ctx.info[0]
+    if func is F.linear:
+        forward = F.linear
+    elif func is torch.addmm:
+        forward = lambda x, w, b: torch.addmm(b, x, w)  # noqa: E731
+    else:
+        forward = lambda x, w, b: torch.matmul(x, w)  # noqa: E731
+    return differentiable_grads(forward, (x, weight, bias), ctx.needs_input_grad[:3], grad_out,
+                                ctx.autocast)

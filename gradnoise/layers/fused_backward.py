@@ -134,15 +134,23 @@ class _FusedBackwardFunction(torch.autograd.Function):
 
 def _differentiable_backward(ctx, x, weight, grad_out):
     bias = ctx.module.bias if ctx.has_bias else None
-    inputs = (x, weight, bias)
-    wanted = [k for k, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad[:3]))
-              if t is not None and need]
-    device, enabled, dtype = ctx.autocast
+    return differentiable_grads(
+        lambda x, weight, bias: ctx.rule.forward(ctx.module, x, weight, bias)[0],
+        (x, weight, bias), ctx.needs_input_grad[:3], grad_out, ctx.autocast)
+
+
+def differentiable_grads(forward, inputs: tuple, needed, grad_out, autocast) -> tuple:
+    """The gradients of `forward(*inputs)` with respect to the inputs marked
+    in `needed` (None for the others), differentiable (create_graph=True),
+    from a re-run of the forward under its autocast state (device, enabled,
+    dtype): a fused kernel has no derivative of its own."""
+    wanted = [k for k, (t, need) in enumerate(zip(inputs, needed)) if t is not None and need]
+    device, enabled, dtype = autocast
     with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-        out, _ = ctx.rule.forward(ctx.module, x, weight, bias)
+        out = forward(*inputs)
         grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad_out,
                                     create_graph=True, allow_unused=True)
-    result = [None, None, None]
+    result = [None] * len(inputs)
     for k, g in zip(wanted, grads):
         result[k] = g
     return tuple(result)
