@@ -78,6 +78,8 @@ class _Step:
     #: the watch over the forward's functional calls (layers.watch), and over the
     #: tensors shared by every sample, from the first call on such an input (layers.broadcast)
     watch: object = field(default_factory=lambda: layers.watch.ForwardWatch())
+    #: the check of this forward for uses outside the measuring modules, if it runs one
+    outside: object = None
     shared: object = None
     # id(module) -> the ParameterUses of its calls in progress / of its measured calls
     capturing: dict[int, list] = field(default_factory=dict)
@@ -170,6 +172,9 @@ class GradNoiseTracker:
         self.steps_measured = 0
         self._suspended = False
         self._borrowers_running: list = []   # modules measuring lent parameters, running now
+        # the first measured forward is checked for uses of tracked parameters
+        # outside the modules that measure them (layers.outside_uses)
+        self._outside_check_pending = True
         #: while True, forward passes start no measurement: the step runs as
         #: without the tracker (GradientNoiseScale(interval=k) pauses its own).
         self.paused = False
@@ -442,12 +447,40 @@ class GradNoiseTracker:
             return
         if model.training or any(t.module.training for t in self._tracked):
             self._step = _Step(batch_size=batching.model_batch_size(args, kwargs))
+            if self._outside_check_pending:
+                self._step.outside = layers.outside_uses.OutsideUses(self._measured_by(), model)
         else:
             self._eval_forward = True
 
     def _on_model_forward_end(self, model, args, out) -> None:
-        if self._step is not None:
-            self._step.watch.leave()
+        if self._step is None:
+            return
+        self._step.watch.leave()
+        check, self._step.outside = self._step.outside, None
+        if check is None:
+            return
+        found = check.find(_tensors(out)) if out is not None else None
+        if found == []:
+            self._outside_check_pending = False
+        if found:
+            uses = "; ".join(f"'{name}' by an op whose backward is {op}"
+                             for name, op in dict.fromkeys(found))
+            raise RuntimeError(
+                f"GradNoiseTracker: parameters are used outside the forward of the modules that "
+                f"measure them ({uses}), so part of their per-sample gradients would be missed. "
+                "Use a parameter only inside a module that owns it (call the module, or register "
+                "a rule for the module that uses it: gradnoise.layers.register_rule), leave it "
+                "out with `layers=`, or use the micro-batch noise source.")
+
+    def _measured_by(self) -> dict[int, tuple[str, list[nn.Module]]]:
+        """id(tracked parameter) -> (its qualified name, the modules that measure it)."""
+        measured: dict[int, tuple[str, list[nn.Module]]] = {}
+        for t in self._tracked:
+            for n in t.own:
+                p = t.module.get_parameter(n)
+                name = f"{t.name}.{n}" if t.name else n
+                measured.setdefault(id(p), (name, []))[1].append(t.module)
+        return measured
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
         if self._measuring() and _mixes_samples(module):

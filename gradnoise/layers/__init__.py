@@ -7,7 +7,7 @@ for any other module with parameters of its own. Users add rules for their
 own module types with `register_rule`.
 """
 from . import (attention, broadcast, conv, embedding, functional, fused_backward, linear,
-               normalization, shared, watch)
+               normalization, outside_uses, shared, watch)
 from .base import Call, NormRule, find_rule, register_rule
 from .generic import GenericRule
 
