@@ -628,7 +628,7 @@ def test_tensorboard_missing_is_said_and_present_is_used(tmp_path, monkeypatch):
     if not have_tb:
         with pytest.warns(RuntimeWarning, match="TensorBoard is not installed"):
             c, _, _ = make(n=64, noise=FakeNoise(1.0), tensorboard_dir=tmp_path)
-        assert c._tb is None
+        assert c._records.tensorboard is None
     written = []
 
     class Writer:

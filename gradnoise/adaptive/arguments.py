@@ -1,0 +1,74 @@
+"""The adaptive-batch controller's arguments: checked, with errors that name
+the argument, and resolved into the objects it uses."""
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+from .lr_rules import LR_RULES
+from .policies import POLICIES, CriticalBatchPolicy, GoodputPolicy, SchedulePolicy
+
+
+def positive_int(name: str, value, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"AdaptiveBatch: `{name}` must be a positive integer, got {value!r}")
+    return value
+
+
+def batchnorm_training(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def require_methods(obj, methods, what: str) -> None:
+    """Raise naming the methods a user-supplied object lacks."""
+    missing = [m for m in methods if not hasattr(obj, m)]
+    if missing:
+        raise ValueError(f"AdaptiveBatch: {what}; {type(obj).__name__} lacks {missing}")
+
+
+def resolve_data(data, collate_fn):
+    """(map-style dataset, collate function) from a Dataset or a DataLoader over one."""
+    if isinstance(data, DataLoader):
+        dataset = data.dataset
+        collate_fn = collate_fn or data.collate_fn
+    else:
+        dataset = data
+    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__")
+                                                    and hasattr(dataset, "__getitem__")):
+        raise TypeError("AdaptiveBatch: `data` must be a map-style Dataset (with __len__ and "
+                        "__getitem__) or a DataLoader over one; the controller samples it "
+                        f"itself. Got {type(dataset).__name__}")
+    return dataset, collate_fn or default_collate
+
+def resolve_lr_rule(lr_rule):
+    """A rule name of LR_RULES, or a callable (batch, initial_batch, reading) -> factor."""
+    if callable(lr_rule):
+        return lr_rule
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"AdaptiveBatch: unknown `lr_rule` {lr_rule!r}; expected one of "
+                         f"{LR_RULES} or a callable (batch, initial_batch, reading) -> factor")
+    return lr_rule
+
+def resolve_policy(policy, schedule, critical_factor):
+    """The policy object for a name of POLICIES, or the user's own policy object."""
+    if not isinstance(policy, str):
+        require_methods(policy, ("decide", "observe", "state_dict", "load_state_dict"),
+                         f"`policy` must be one of {POLICIES} or a policy object")
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(f"AdaptiveBatch: unknown `policy` {policy!r}; expected one of "
+                         f"{POLICIES}")
+    if policy == "schedule":
+        if schedule is None:
+            raise ValueError("AdaptiveBatch: policy='schedule' needs `schedule` (a callable "
+                             "samples_seen -> batch or a list of (samples, batch) pairs)")
+        return SchedulePolicy(schedule)
+    if schedule is not None:
+        raise ValueError(f"AdaptiveBatch: `schedule` is only used with policy='schedule', "
+                         f"but policy={policy!r}")
+    if policy == "goodput":
+        return GoodputPolicy()
+    return CriticalBatchPolicy(critical_factor)
