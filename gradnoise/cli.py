@@ -6,7 +6,6 @@ progress bars, which the terminal user sees while long benchmarks run.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys

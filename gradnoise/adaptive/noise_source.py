@@ -33,14 +33,17 @@ def choose_noise_source(controller, noise_source, beta, interval):
             name, reason = "micro_batch", (f"BatchNorm in train mode ({', '.join(bn[:3])}) "
                                            "mixes samples: no per-sample gradients")
         else:
+            # (planned first, attached only if chosen)
             try:
-                tracker = GradNoiseTracker(controller.module, loss_reduction="mean")
+                tracker = GradNoiseTracker(controller.module, loss_reduction="mean", attach=False)
+                if not tracker.fallback_modules:
+                    tracker.attach()
             except (ValueError, RuntimeError) as e:
+                tracker = None
                 name, reason = "micro_batch", f"the per-sample tracker refused the model: {e}"
             else:
                 if tracker.fallback_modules:
                     slow = ", ".join(repr(n) for n in tracker.fallback_modules[:4])
-                    tracker.detach()
                     tracker = None
                     name, reason = "micro_batch", (
                         f"per-sample norms of {slow} would need the slow torch.func fallback")
