@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .adaptive import AdaptiveBatch
-from .benchmarking.models import ByteLM, lm_loss, stdlib_bytes
+from .byte_lm import ByteLM, lm_loss, stdlib_bytes
 
 
 @dataclass

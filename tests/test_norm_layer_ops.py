@@ -35,7 +35,7 @@ def _triton_status() -> str | None:
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8):
         return "Triton >= 3.8 is needed (older interpreters break with numpy >= 2.4)"
     mod = sys.modules.get("gradnoise.ops.triton.norm_layers")
-    if mod is not None and not mod._INTERPRETED:
+    if mod is not None and not mod.INTERPRETED:
         return ("gradnoise.ops.triton.norm_layers was imported before TRITON_INTERPRET=1 was "
                 "set; run this module in its own process")
     return None

@@ -27,7 +27,6 @@ cannot return None). On CPU tensors they need the Triton interpreter
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -35,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _validate
+from .common import INTERPRETED, cdiv, check_device, on_device, sm_count, tl_dtype
 from ..cost_model import choose_linear_norm_method
 
 __all__ = ["linear_sq_norms", "linear_weight_grad_and_sq_norms"]
@@ -256,8 +256,6 @@ def _linear_bias_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
-_INTERPRETED = type(_linear_fused_kernel).__name__ == "InterpretedFunction"
-
 # Splitting the samples over programs needs a float [splits, p, d] workspace
 # for the weight gradient; splits are only wanted when the p × d tiles alone
 # cannot fill the GPU, so this bound keeps the workspace small.
@@ -278,30 +276,17 @@ def _blocks(dtype: torch.dtype, interpreted: bool) -> dict:
                 num_warps=4)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _rows_block(T: int, cap: int) -> int:
     """A power of two ≥ 16 (tl.dot's minimum) for a sample's T rows, at most cap."""
     return max(16, min(cap, triton.next_power_of_2(max(T, 1))))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # The interpreter runs programs one by one; a small nominal count keeps
-    # the sample-split paths exercised by small inputs.
-    return 2
-
-
 def _sample_splits(B: int, programs_per_split: int, device: torch.device,
                    max_splits: int) -> tuple[int, int]:
     """(splits, samples per split): enough programs for about two waves on the device."""
-    want = _cdiv(2 * _sm_count(device), max(1, programs_per_split))
-    per = _cdiv(B, max(1, min(B, want, max_splits)))
-    return _cdiv(B, per), per
+    want = cdiv(2 * sm_count(device), max(1, programs_per_split))
+    per = cdiv(B, max(1, min(B, want, max_splits)))
+    return cdiv(B, per), per
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -318,37 +303,16 @@ def _store_direct(splits: int, dtype: torch.dtype) -> bool:
     One split can; the interpreter's float32 -> bfloat16 cast truncates where
     GPUs round to nearest, so there torch does the cast.
     """
-    return splits == 1 and not (_INTERPRETED and dtype == torch.bfloat16)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@contextlib.contextmanager
-def _on_device(device: torch.device):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            "gradnoise: the Triton kernels were compiled for a GPU, but the inputs are CPU "
-            "tensors; set TRITON_INTERPRET=1 before gradnoise.ops.triton.linear is first "
-            "imported to run them under the Triton interpreter, or use another backend")
+    return splits == 1 and not (INTERPRETED and dtype == torch.bfloat16)
 
 
 def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
     """(grad_weight or None, weight norms [B] or None) from the fused kernel."""
-    cfg = _blocks(x2.dtype, _INTERPRETED)
+    cfg = _blocks(x2.dtype, INTERPRETED)
     block_p, block_d, block_t = cfg["fused"]
     block_t = _rows_block(T, block_t) if compute_norms else block_t
     acc = _validate.accumulation_dtype(x2.dtype)
-    grid_p, grid_d = _cdiv(p, block_p), _cdiv(d, block_d)
+    grid_p, grid_d = cdiv(p, block_p), cdiv(d, block_d)
     splits, per = _sample_splits(B, grid_p * grid_d, x2.device,
                                  _MAX_GRAD_SPLITS if compute_grad else B)
     part = (torch.empty((grid_p * grid_d, B), dtype=acc, device=x2.device) if compute_norms
@@ -365,7 +329,7 @@ def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
         x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         COMPUTE_NORMS=compute_norms, COMPUTE_GRAD=compute_grad,
-        ACC=_tl_dtype(acc), UPCAST=_INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
+        ACC=tl_dtype(acc), UPCAST=INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
         PRECISION=_dot_precision(x2.dtype, x2.device),
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=cfg["num_warps"])
     if compute_grad and not direct:
@@ -374,40 +338,40 @@ def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
 
 
 def _ghost(x2, g2, B, T, d, p):
-    cfg = _blocks(x2.dtype, _INTERPRETED)
+    cfg = _blocks(x2.dtype, INTERPRETED)
     block_t, block_k = cfg["ghost"]
     block_t = _rows_block(T, block_t)
     acc = _validate.accumulation_dtype(x2.dtype)
-    n_blocks = _cdiv(T, block_t)
+    n_blocks = cdiv(T, block_t)
     n_pairs = n_blocks * (n_blocks + 1) // 2
     part = torch.empty((B, n_pairs), dtype=acc, device=x2.device)
     _linear_ghost_kernel[(B * n_pairs,)](
         x2, g2, part, T, d, p, n_pairs,
         x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
-        ACC=_tl_dtype(acc), UPCAST=_INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
+        ACC=tl_dtype(acc), UPCAST=INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
         PRECISION=_dot_precision(x2.dtype, x2.device),
         BLOCK_T=block_t, BLOCK_K=block_k, num_warps=cfg["num_warps"])
     return part.sum(1)
 
 
 def _goodfellow(x2, g2, B, d, p):
-    cfg = _blocks(x2.dtype, _INTERPRETED)
+    cfg = _blocks(x2.dtype, INTERPRETED)
     block_b, block_k = cfg["goodfellow"]
     acc = _validate.accumulation_dtype(x2.dtype)
     out = torch.empty(B, dtype=acc, device=x2.device)
-    _linear_goodfellow_kernel[(_cdiv(B, block_b),)](
+    _linear_goodfellow_kernel[(cdiv(B, block_b),)](
         x2, g2, out, B, d, p, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
-        ACC=_tl_dtype(acc), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=cfg["num_warps"])
+        ACC=tl_dtype(acc), BLOCK_B=block_b, BLOCK_K=block_k, num_warps=cfg["num_warps"])
     return out
 
 
 def _bias(g2, B, T, p, compute_grad: bool):
     """(grad_bias or None, bias norms [B])."""
-    cfg = _blocks(g2.dtype, _INTERPRETED)
+    cfg = _blocks(g2.dtype, INTERPRETED)
     block_p, block_t = cfg["bias"]
     block_t = min(block_t, triton.next_power_of_2(T))
     acc = _validate.accumulation_dtype(g2.dtype)
-    grid_p = _cdiv(p, block_p)
+    grid_p = cdiv(p, block_p)
     splits, per = _sample_splits(B, grid_p, g2.device, _MAX_GRAD_SPLITS if compute_grad else B)
     part = torch.empty((grid_p, B), dtype=acc, device=g2.device)
     direct = _store_direct(splits, g2.dtype)
@@ -418,7 +382,7 @@ def _bias(g2, B, T, p, compute_grad: bool):
         b = out.unsqueeze(0) if direct else torch.empty((splits, p), dtype=acc, device=g2.device)
     _linear_bias_kernel[(grid_p, splits)](
         g2, b, part, B, T, p, per, g2.stride(0), g2.stride(1), b.stride(0),
-        COMPUTE_GRAD=compute_grad, ACC=_tl_dtype(acc),
+        COMPUTE_GRAD=compute_grad, ACC=tl_dtype(acc),
         BLOCK_P=block_p, BLOCK_T=block_t, num_warps=cfg["num_warps"])
     if compute_grad and not direct:
         out = b.sum(0).to(g2.dtype)
@@ -429,14 +393,14 @@ def _linear(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool, method: st
             with_weight_grad: bool):
     """(grad_weight or None, grad_bias or None, sq_norms [B])."""
     B, T, d, p = _validate.linear_problem(x, grad_out, method)
-    _check_device(x)
+    check_device(x, "gradnoise.ops.triton.linear")
     if method == "auto":
         method = choose_linear_norm_method(B, T, d, p, with_weight_grad=with_weight_grad)
     acc = _validate.accumulation_dtype(x.dtype)
     x2 = x.reshape(B * T, d)
     g2 = grad_out.reshape(B * T, p)
     norms = grad_weight = grad_bias = None
-    with _on_device(x.device):
+    with on_device(x.device):
         if B * T > 0 and d > 0 and p > 0:
             if method == "fused":
                 grad_weight, norms = _fused(x2, g2, B, T, d, p, compute_norms=True,

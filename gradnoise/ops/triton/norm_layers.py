@@ -30,7 +30,6 @@ imported).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -38,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import _validate
+from .common import INTERPRETED, cdiv, check_device, on_device, sm_count, tl_dtype
 from ..norm_layers import check_group_norm_args, check_layer_norm_args
 
 __all__ = ["layer_norm_sq_norms", "group_norm_sq_norms"]
@@ -210,8 +210,6 @@ def _group_norm_grads_kernel(x_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr,
 # Launchers
 # ---------------------------------------------------------------------------
 
-_INTERPRETED = type(_row_stats_kernel).__name__ == "InterpretedFunction"
-
 
 @functools.lru_cache(maxsize=None)
 def _blocks(dtype: torch.dtype, interpreted: bool) -> dict:
@@ -227,69 +225,40 @@ def _blocks(dtype: torch.dtype, interpreted: bool) -> dict:
                 num_warps=4)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # The interpreter runs programs one by one; a small nominal count keeps
-    # the chunked paths exercised by small inputs.
-    return 2
-
-
 def _rows_per_chunk(B: int, T: int, column_blocks: int, block_t: int,
                     device: torch.device) -> int:
     """Rows per program: enough programs for about two waves, whole BLOCK_T tiles."""
-    want_chunks = _cdiv(2 * _sm_count(device), max(1, B * column_blocks))
-    rows = _cdiv(T, max(1, want_chunks))
-    return max(block_t, _cdiv(rows, block_t) * block_t)
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            "gradnoise: the Triton kernels were compiled for a GPU, but the inputs are CPU "
-            "tensors; set TRITON_INTERPRET=1 before gradnoise.ops.triton.norm_layers is first "
-            "imported to run them under the Triton interpreter, or use another backend")
-
-
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    want_chunks = cdiv(2 * sm_count(device), max(1, B * column_blocks))
+    rows = cdiv(T, max(1, want_chunks))
+    return max(block_t, cdiv(rows, block_t) * block_t)
 
 
 def _layer_norm(x, grad_out, normalized_numel, eps, rms, with_weight, with_bias):
     B, T, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
-    _check_device(x)
+    check_device(x, "gradnoise.ops.triton.norm_layers")
     acc = _validate.accumulation_dtype(x.dtype)
     out = torch.zeros(B, dtype=acc, device=x.device)
     if B * T == 0 or not (with_weight or with_bias):
         return out
-    cfg = _blocks(x.dtype, _INTERPRETED)
+    cfg = _blocks(x.dtype, INTERPRETED)
     xc = x.contiguous()
     gc = grad_out.contiguous()
     R = B * T
-    ACC = _tl_dtype(acc)
-    with _on_device(x.device):
+    ACC = tl_dtype(acc)
+    with on_device(x.device):
         mean = rstd = xc  # unused unless with_weight
         if with_weight:
             mean = torch.empty(R, dtype=acc, device=x.device)
             rstd = torch.empty(R, dtype=acc, device=x.device)
             eps_t = torch.full((1,), eps, dtype=acc, device=x.device)
             block_r, block_c = cfg["stats"]
-            _row_stats_kernel[(_cdiv(R, block_r),)](
+            _row_stats_kernel[(cdiv(R, block_r),)](
                 xc, eps_t, mean, rstd, R, C, RMS=rms, ACC=ACC,
                 BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg["num_warps"])
         block_t, block_c = cfg["grads"]
-        column_blocks = _cdiv(C, block_c)
+        column_blocks = cdiv(C, block_c)
         rows_per_chunk = _rows_per_chunk(B, T, column_blocks, block_t, x.device)
-        n_chunks = _cdiv(T, rows_per_chunk)
+        n_chunks = cdiv(T, rows_per_chunk)
         part = torch.empty((B * n_chunks, 2, C), dtype=acc, device=x.device)
         _layer_norm_grads_kernel[(B * n_chunks, column_blocks)](
             xc, gc, mean, rstd, part, T, C, n_chunks, rows_per_chunk,
@@ -303,16 +272,16 @@ def _layer_norm(x, grad_out, normalized_numel, eps, rms, with_weight, with_bias)
 
 def _group_norm(x, grad_out, groups, eps, with_weight, with_bias):
     B, C, S = check_group_norm_args(x, grad_out, groups, eps)
-    _check_device(x)
+    check_device(x, "gradnoise.ops.triton.norm_layers")
     acc = _validate.accumulation_dtype(x.dtype)
     if B * C * S == 0 or not (with_weight or with_bias):
         return torch.zeros(B, dtype=acc, device=x.device)
-    cfg = _blocks(x.dtype, _INTERPRETED)
+    cfg = _blocks(x.dtype, INTERPRETED)
     xc = x.contiguous()
     gc = grad_out.contiguous()
     cpg = C // groups
-    ACC = _tl_dtype(acc)
-    with _on_device(x.device):
+    ACC = tl_dtype(acc)
+    with on_device(x.device):
         mean = rstd = xc  # unused unless with_weight
         if with_weight:
             mean = torch.empty(B * groups, dtype=acc, device=x.device)
@@ -323,7 +292,7 @@ def _group_norm(x, grad_out, groups, eps, with_weight, with_bias):
                 num_warps=cfg["num_warps"])
         block_ch, block_s = cfg["gn"]
         block_s = min(block_s, max(16, triton.next_power_of_2(S)))
-        n_cblocks = _cdiv(C, block_ch)
+        n_cblocks = cdiv(C, block_ch)
         part = torch.empty(B * n_cblocks, dtype=acc, device=x.device)
         _group_norm_grads_kernel[(B * n_cblocks,)](
             xc, gc, mean, rstd, part, C, S, groups, cpg, n_cblocks,
