@@ -181,7 +181,7 @@ def test_interval_measures_one_step_in_k_and_the_rest_cost_nothing(source):
                 for xs, ys in zip(x.chunk(2), y.chunk(2)):
                     ((model(xs) - ys).square().mean() / 2).backward()
                 if not gns.measuring:
-                    assert gns._backwards == []       # the hooks did nothing
+                    assert gns._source.backwards == []       # the hooks did nothing
             readings.append(gns.step(12))
         return gns, readings
 
@@ -241,7 +241,7 @@ def test_batch_gradient_norms_read_every_gradient_as_it_is_at_step():
             for p in m.parameters():
                 g = p.grad.to_dense() if p.grad.is_sparse else p.grad
                 truth[name] = truth.get(name, 0.0) + g.double().square().sum().item()
-        got = gns._grad_sq_norms()
+        got = gns._grads.per_layer()
         assert got.keys() == truth.keys()
         for k in truth:
             assert got[k] == pytest.approx(truth[k], rel=1e-6), k
@@ -259,7 +259,7 @@ def test_batch_gradient_norms_read_every_gradient_as_it_is_at_step():
     gns_half = GradientNoiseScale(half, source="micro_batch")
     half(torch.randn(4, 300).half()).float().square().mean().backward()
     truth = sum(p.grad.double().square().sum().item() for p in half.parameters())
-    assert gns_half._grad_sq_norms()[""] == pytest.approx(truth, rel=1e-6)
+    assert gns_half._grads.per_layer()[""] == pytest.approx(truth, rel=1e-6)
 
 
 def test_micro_batch_source_needs_two_backwards():

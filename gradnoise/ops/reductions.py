@@ -32,14 +32,22 @@ def sq_norms_ref(tensors) -> torch.Tensor:
                         for t in tensors])
 
 
-def sq_norms(tensors, backend: str | None = None) -> torch.Tensor:
+def sq_norms(tensors, backend: str | None = None, checked: bool = True) -> torch.Tensor:
     """float64 [n]: ‖t_k‖² of each tensor (any shape and strides).
 
     CPU tensors: one call of the compiled kernel, which streams every tensor
     with every thread and sums in float64 (no overflow, the same result for
     any number of threads). Other devices: torch._foreach_norm (one fused
     launch; accumulates in float32).
+
+    checked=False skips the Python checks, for a non-empty list of dense
+    tensors of a supported dtype on one device (the compiled kernel checks
+    them too): the noise-scale estimator's call on every step, where a check
+    per gradient costs more than the CPU kernel's pass over a small model's
+    gradients.
     """
+    if not checked:
+        return _sq_norms(tensors, backend)
     tensors = _check(tensors)
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -47,15 +55,10 @@ def sq_norms(tensors, backend: str | None = None) -> torch.Tensor:
     if any(t.device != device for t in tensors):
         raise ValueError("gradnoise.ops.sq_norms: the tensors are on several devices ("
                          + ", ".join(sorted({str(t.device) for t in tensors})) + ")")
-    return sq_norms_unchecked(tensors, backend)
+    return _sq_norms(tensors, backend)
 
 
-def sq_norms_unchecked(tensors: list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
-    """:func:`sq_norms` of a non-empty list of dense tensors of a supported
-    dtype on one device, without the Python checks (the compiled kernel
-    checks them too): the noise-scale estimator's call on every step, where
-    a check per gradient costs more than the CPU kernel's pass over a small
-    model's gradients."""
+def _sq_norms(tensors: list[torch.Tensor], backend: str | None) -> torch.Tensor:
     be = resolve_backend(tensors[0].device, backend)
     if be == "reference":
         return sq_norms_ref(tensors)
