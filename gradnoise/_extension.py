@@ -25,9 +25,6 @@ def load_all() -> None:
     if _status:
         return
     _status["cpu"] = _load("gradnoise._C")
-    if _status["cpu"] is None:
-        from .ops import _fake
-        _fake.register()
     if not torch.version.cuda:
         _status["cuda"] = "this torch build has no CUDA support"
     elif _status["cpu"] is not None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layers.calls import output_tensors
+
 
 @dataclass
 class LayerCheck:
@@ -102,8 +104,8 @@ def _exact(tracker, args, kwargs, loss_fn, B, n) -> dict[str, torch.Tensor]:
             tracker.attach()
     args, kwargs = _double(args), _double(kwargs)
     out = model(*args, **kwargs)
-    index = _independent([t for t in _tensors(out)], B)
-    outs = [_tensors(out)[k] for k in index]
+    index = _independent([t for t in output_tensors(out)], B)
+    outs = [output_tensors(out)[k] for k in index]
     grads = torch.autograd.grad(loss_fn(out), outs, allow_unused=True)
     scale = float(B) ** 2 if tracker.loss_reduction == "mean" else 1.0
     owners = {}
@@ -116,8 +118,8 @@ def _exact(tracker, args, kwargs, loss_fn, B, n) -> dict[str, torch.Tensor]:
     for i in range(n):
         a = tuple(_sample(x, i, B) for x in args)
         k = {key: _sample(x, i, B) for key, x in kwargs.items()}
-        flat = _tensors(model(*a, **k))
-        if len(flat) != len(_tensors(out)) or any(flat[j].shape[0] != 1 for j in index):
+        flat = output_tensors(model(*a, **k))
+        if len(flat) != len(output_tensors(out)) or any(flat[j].shape[0] != 1 for j in index):
             raise ValueError("GradNoiseTracker.verify: the model's outputs for one sample do not "
                              "match its outputs for the batch")
         sample_outs = [flat[j] for j in index]
@@ -182,16 +184,6 @@ def _double(values):
 
 def _sample(x, i, B):
     return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B else x
-
-
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "values"):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _tensors(v)]
-    return []
 
 
 def _worst(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..layers.calls import output_tensors
+
 
 def default_memory_budget(device: torch.device | str = "cpu") -> int:
     """Bytes the controller may plan for: on CUDA 90% of (free memory + what
@@ -38,21 +40,11 @@ def _default_probe_loss(model: nn.Module, batch) -> torch.Tensor:
         out = model(batch[0])
     else:
         out = model(batch)
-    floats = [t for t in _flat_tensors(out) if t.is_floating_point() and t.requires_grad]
+    floats = [t for t in output_tensors(out) if t.is_floating_point() and t.requires_grad]
     if not floats:
         raise ValueError("probe_micro_batch: the model's output holds no floating-point tensor "
                          "that requires grad; pass loss_fn=(model, batch) -> scalar loss")
     return sum(t.sum() for t in floats)
-
-
-def _flat_tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _flat_tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _flat_tensors(v)]
-    return []
 
 
 def _storage_key(t: torch.Tensor):

@@ -8,7 +8,8 @@ own module types with `register_rule`.
 """
 from . import (attention, broadcast, conv, embedding, functional, fused_backward, linear,
                normalization, outside_uses, shared, watch)
-from .base import Call, NormRule, find_rule, register_rule
+from .base import NormRule, find_rule, register_rule
+from .calls import Call
 from .generic import GenericRule
 
 GENERIC_RULE = GenericRule()

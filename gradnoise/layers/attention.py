@@ -10,8 +10,10 @@ import inspect
 
 from torch import nn
 
-from .base import Call, batch_size_of, register_rule
-from .generic import GenericRule, per_sample_grads_by_torch_func
+from .base import register_rule
+from .calls import Call, batch_size_of
+from .generic import GenericRule
+from .torch_func import per_sample_grads_by_torch_func
 
 _MHA_INPUTS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]
 

@@ -9,32 +9,13 @@ tracker undoes the loss reduction afterwards.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-
-@dataclass
-class Call:
-    """One forward call of a tracked module: its positional and keyword
-    inputs, and, once backward has reached it, the gradient of each output
-    (None for an output that received no gradient). Tensors are held only
-    until the step's backward has used them."""
-    args: tuple
-    kwargs: dict
-    grad_outputs: list = field(default_factory=list)
-    #: positions, among the call's flattened tensor outputs, of those in grad_outputs
-    output_index: list = field(default_factory=lambda: [0])
-    #: args positions and kwargs names of inputs that are the model's own
-    #: parameters or buffers (never per-sample, whatever their dim 0)
-    shared: frozenset = frozenset()
-
-    def release(self) -> None:
-        """Drop the tensors once the call is measured: the gradient hooks that
-        refer to this call live as long as the autograd graph."""
-        self.args, self.kwargs, self.grad_outputs = (), {}, []
+from .calls import Call
+from .torch_func import per_sample_grads_by_torch_func
 
 
 class NormRule(ABC):
@@ -75,9 +56,8 @@ class NormRule(ABC):
                          samples: slice) -> dict[str, torch.Tensor]:
         """{param name: float32 [b, *param.shape]} for the samples in `samples`,
         summed over calls. Default: exact, by torch.func over the recorded
-        calls (gradnoise.layers.generic); rules override it with a direct
+        calls (gradnoise.layers.torch_func); rules override it with a direct
         formula."""
-        from .generic import per_sample_grads_by_torch_func
         return per_sample_grads_by_torch_func(module, calls, params, samples)
 
 
@@ -109,13 +89,3 @@ def find_rule(module: nn.Module) -> NormRule | None:
         if parent in _RULES and cls.forward is parent.forward:
             return _RULES[parent]
     return None
-
-
-def batch_size_of(calls: list[Call]) -> int:
-    """Dim 0 of the first tensor input (positional, else keyword) of the first call."""
-    c = calls[0]
-    for a in (*c.args, *c.kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.shape[0]
-    raise RuntimeError("GradNoiseTracker: a tracked module was called without a tensor input, "
-                       "so it has no batch dimension")

@@ -32,8 +32,9 @@ import weakref
 import torch
 from torch.nn import functional as F
 
+from ..ops.norm_layers import rms_norm_default_eps
 from . import batching
-from .base import Call
+from .calls import Call
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .normalization import GroupNormRule, LayerNormRule, RMSNormRule
@@ -318,7 +319,6 @@ def _as_rule(use: Use):
     if use.kind in ("layer_norm", "rms_norm"):
         normalized, eps = use.meta
         if use.kind == "rms_norm" and eps is None:
-            from ..ops.norm_layers import rms_norm_default_eps
             eps = rms_norm_default_eps(use.inputs.dtype)
         ns = types.SimpleNamespace(normalized_shape=normalized, eps=eps, weight=weight,
                                    bias=bias)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import batching
-from .base import Call, NormRule
+from .base import NormRule
+from .calls import Call
 
 
 class FusedBackwardRule(NormRule):

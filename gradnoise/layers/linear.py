@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Call, register_rule
+from .base import register_rule
+from .calls import Call
 from .fused_backward import FusedBackwardRule
 from .shared import Factor
 

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from . import _validate
 from ._validate import accumulation_dtype
 from .backends import resolve_backend
+from .linear import linear_sq_norms, linear_weight_grad_and_sq_norms
 
 __all__ = ["conv_sq_norms", "conv_weight_grad_and_sq_norms", "conv_sq_norms_ref",
            "conv_weight_grad_and_sq_norms_ref", "conv_patches", "grouped_grad_out",
@@ -147,7 +148,6 @@ def conv_sq_norms_ref(x, grad_out, kernel_size, stride=1, padding=0, dilation=1,
 def _by_linear_op(x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias,
                   backend, with_weight_grad):
     """Unfolded patches through the backend's fused Linear op, group by group."""
-    from . import linear_sq_norms, linear_weight_grad_and_sq_norms
     X, G = _grouped_problems(x, grad_out, kernel_size, stride, padding, dilation, groups)
     norms, grads = 0, []
     for k in range(groups):
@@ -209,3 +209,21 @@ def conv_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride=1
                                                  dilation, groups, with_bias)
     return _by_linear_op(x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias,
                          be, with_weight_grad=False)[2]
+
+
+def register_fakes() -> None:
+    """Shapes of the compiled convolution ops for fake tensors."""
+    @torch.library.register_fake("gradnoise::conv_sq_norms")
+    def _conv_sq_norms_fake(x, grad_out, kernel_size, stride, padding, dilation, groups,
+                            with_bias=False):
+        check_conv_args(x, grad_out, kernel_size, stride, padding, dilation, groups)
+        return x.new_empty((x.shape[0],), dtype=_validate.accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("gradnoise::conv_weight_grad_and_sq_norms")
+    def _conv_weight_grad_and_sq_norms_fake(x, grad_out, kernel_size, stride, padding, dilation,
+                                            groups, with_bias=False):
+        check_conv_args(x, grad_out, kernel_size, stride, padding, dilation, groups)
+        grad_weight = x.new_empty((grad_out.shape[1], x.shape[1] // groups, *kernel_size))
+        grad_bias = x.new_empty((grad_out.shape[1],) if with_bias else (0,))
+        norms = x.new_empty((x.shape[0],), dtype=_validate.accumulation_dtype(x.dtype))
+        return grad_weight, grad_bias, norms

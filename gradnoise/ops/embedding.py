@@ -83,3 +83,11 @@ def embedding_sq_norms(indices: torch.Tensor, grad_out: torch.Tensor, num_embedd
         pad = -1 if padding_idx is None else padding_idx
         return torch.ops.gradnoise.embedding_sq_norms(indices, grad_out, num_embeddings, pad)
     return embedding_sq_norms_ref(indices, grad_out, num_embeddings, padding_idx)
+
+
+def register_fakes() -> None:
+    """Shape of the compiled Embedding op for fake tensors."""
+    @torch.library.register_fake("gradnoise::embedding_sq_norms")
+    def _embedding_sq_norms_fake(indices, grad_out, num_embeddings, padding_idx=-1):
+        return grad_out.new_empty((indices.shape[0],),
+                                  dtype=_validate.accumulation_dtype(grad_out.dtype))

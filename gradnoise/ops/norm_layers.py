@@ -361,3 +361,39 @@ def layer_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     n = layer_norm_sq_norms(x, grad_out, normalized_numel, eps, rms, with_weight, with_bias,
                             backend=be)
     return gx, gw, gb, n
+
+
+def register_fakes() -> None:
+    """Shapes of the compiled normalisation-layer ops for fake tensors."""
+    @torch.library.register_fake("gradnoise::layer_norm_sq_norms")
+    def _layer_norm_sq_norms_fake(x, grad_out, normalized_numel, eps, rms, with_weight,
+                                  with_bias):
+        B, _, _ = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+        return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake("gradnoise::layer_norm_backward_and_sq_norms")
+    def _layer_norm_backward_and_sq_norms_fake(x, grad_out, normalized_numel, eps, rms, weight,
+                                               need_input_grad, with_weight, with_bias):
+        B, _, C = check_layer_norm_args(x, grad_out, normalized_numel, eps)
+        return _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias)
+
+    @torch.library.register_fake("gradnoise::group_norm_backward_and_sq_norms")
+    def _group_norm_backward_and_sq_norms_fake(x, grad_out, mean, rstd, weight, groups,
+                                               need_input_grad, with_weight, with_bias):
+        B, C, _ = check_group_norm_args(x, grad_out, groups, 0.0)
+        return _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias)
+
+    @torch.library.register_fake("gradnoise::group_norm_sq_norms")
+    def _group_norm_sq_norms_fake(x, grad_out, groups, eps, with_weight, with_bias):
+        B, _, _ = check_group_norm_args(x, grad_out, groups, eps)
+        return x.new_empty((B,), dtype=_validate.accumulation_dtype(x.dtype))
+
+
+def _norm_backward_outputs(x, weight, B, C, need_input_grad, with_weight, with_bias):
+    """(grad_input, grad_weight, grad_bias, norms) of a normalisation layer's backward op."""
+    grad_input = torch.empty_like(x) if need_input_grad else x.new_empty((0,))
+    wdt = weight.dtype if weight is not None else x.dtype
+    grad_weight = x.new_empty((C,) if with_weight else (0,), dtype=wdt)
+    grad_bias = x.new_empty((C,) if with_bias else (0,), dtype=wdt)
+    return grad_input, grad_weight, grad_bias, x.new_empty(
+        (B,), dtype=_validate.accumulation_dtype(x.dtype))

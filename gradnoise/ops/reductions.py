@@ -65,3 +65,10 @@ def _sq_norms(tensors: list[torch.Tensor], backend: str | None) -> torch.Tensor:
     if be == "cpu":
         return torch.ops.gradnoise.sq_norms.default(tensors)
     return torch.stack(torch._foreach_norm(tensors)).double().square()
+
+
+def register_fakes() -> None:
+    """Shape of the compiled sq_norms op for fake tensors."""
+    @torch.library.register_fake("gradnoise::sq_norms")
+    def _sq_norms_fake(tensors):
+        return tensors[0].new_empty((len(tensors),), dtype=torch.float64)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..layers.base import Call, batch_size_of
+from ..layers.calls import Call, batch_size_of
 from .plan import _Tracked
 from .step import _Step
 

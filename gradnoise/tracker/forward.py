@@ -3,15 +3,12 @@ each tracked call is recorded, captured from its functional calls, or
 watched as a contribution shared by the batch (docs/design.md §6)."""
 from __future__ import annotations
 
-import itertools
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from .. import layers
 from ..layers import batching
-from ..layers.base import Call
+from ..layers.calls import Call, output_tensors
 from .plan import _batchnorm_message, _mixes_samples, _Tracked
 from .step import _Step
 
@@ -56,7 +53,7 @@ class _ForwardHooks:
         check, self._step.outside = self._step.outside, None
         if check is None:
             return
-        found = check.find(_tensors(out)) if out is not None else None
+        found = check.find(output_tensors(out)) if out is not None else None
         if found == []:
             self._outside_check_pending = False
         if found:
@@ -190,7 +187,7 @@ class _ForwardHooks:
             return None
         if t.capture and self._end_capture(t):
             return None
-        flat = _tensors(out)
+        flat = output_tensors(out)
         index = [k for k, o in enumerate(flat) if o.requires_grad]
         if not index:
             return None
@@ -278,16 +275,6 @@ class _ForwardHooks:
             return None
         self._step.calls.setdefault(id(module), []).append(None)
         return self._step
-
-
-def _tensors(out) -> Iterable[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return list(itertools.chain.from_iterable(_tensors(o) for o in out))
-    if isinstance(out, dict):
-        return list(itertools.chain.from_iterable(_tensors(o) for o in out.values()))
-    return []
 
 
 def _call_layout(t: _Tracked, args, kwargs, shared: frozenset, B: int | None) -> str | None:

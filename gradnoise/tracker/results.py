@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..verify import verify
 from .step import _Step
 
 
@@ -90,7 +91,6 @@ class _Results:
         gradients by plain autograd in float64: a gradnoise.verify.Verification
         with, per layer, the worst relative error and whether the fallback
         measured it (print it for a table). Gradients and results are kept."""
-        from ..verify import verify
         return verify(self, inputs, loss_fn, samples)
 
     @property

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import layers
-from ..layers.base import Call
+from ..layers.calls import Call
 
 @dataclass
 class _Step:
