@@ -27,8 +27,9 @@ import torch
 
 from gradnoise import GradNoiseTracker
 from gradnoise.benchmarking import models
-from gradnoise.benchmarking.tracker_step import (CANDIDATES, Unavailable, _per_sample_bytes,
-                                                 norm_layer_params, prepare, truth_per_param)
+from gradnoise.benchmarking.peers import (CANDIDATES, Unavailable, norm_layer_params,
+                                          per_sample_bytes, prepare)
+from gradnoise.benchmarking.truth import truth_per_param
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have an extension for Module"),
@@ -40,6 +41,12 @@ pytestmark = [
 MODELS = list(models.MODELS)
 TRUTH_RTOL = 1e-4
 PEER_RTOL = 1e-3
+# Peers whose norms are known to be off on a model: reported (as the table's
+# Δ fp64 column does), not held against the benchmark.
+KNOWN_PEER_ERRORS = {
+    ("gpt2", "opacus hooks"): "Opacus' hooks are 2e-3 from float64 on GPT-2 (Δ fp64 in the table)",
+    ("gpt2", "backpack"): "BackPACK takes GPT-2's [1, T] position-embedding call for one sample",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +79,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str)
 
 def _rounds(candidate: str, model, batch: int) -> int:
     # Peers that materialise per-sample gradients take seconds per step on the MLP.
-    if candidate in ("torch.func vmap", "opacus hooks") and _per_sample_bytes(model, batch) > 2**29:
+    if candidate in ("torch.func vmap", "opacus hooks") and per_sample_bytes(model, batch) > 2**29:
         return 2
     return 5
 
@@ -98,6 +105,22 @@ def test_step(benchmark, model_name, candidate):
         return
     B = x.shape[0]
     assert result.shape == (B,) and bool(torch.isfinite(result).all())
+    known = KNOWN_PEER_ERRORS.get((model_name, candidate))
+    try:
+        _check_norms(candidate, model_name, model, own, result, prepared, B)
+    except AssertionError as e:
+        if known is None:
+            raise
+        pytest.xfail(f"{known}: {e}")
+    # Every candidate also leaves the batch gradient of the mean loss in .grad.
+    if candidate != "gradnoise norm":
+        ref = copy.deepcopy(model)
+        loss_fn(ref(x), y).backward()
+        for (n, p), (_, q) in zip(own.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=f"{candidate}: .grad of {n}")
+
+
+def _check_norms(candidate, model_name, model, own, result, prepared, B):
     if candidate in ("gradnoise all", "gradnoise + noise scale"):
         _close(result, sum(_truth(model_name).values()), TRUTH_RTOL,
                f"{candidate} vs torch.func fp64")
@@ -111,12 +134,6 @@ def test_step(benchmark, model_name, candidate):
         _check_backpack(own, B, model_name)
     else:
         _close(result, _gradnoise(model_name)[0], PEER_RTOL, f"{candidate} vs gradnoise")
-    # Every candidate also leaves the batch gradient of the mean loss in .grad.
-    if candidate != "gradnoise norm":
-        ref = copy.deepcopy(model)
-        loss_fn(ref(x), y).backward()
-        for (n, p), (_, q) in zip(own.named_parameters(), ref.named_parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=f"{candidate}: .grad of {n}")
 
 
 def _check_backpack(model, B: int, model_name: str) -> None:

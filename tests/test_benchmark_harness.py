@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gradnoise.benchmarking.tracker_step import _interleaved
+from gradnoise.benchmarking.timing import interleaved_pairs
 
 
 def _sleeper(seconds, log=None, tag=None):
@@ -21,7 +21,7 @@ def test_candidates_pair_with_their_own_plain_step_when_they_have_one():
     own = {"own": (lambda: log.append("before"), _sleeper(0.002, log, "own plain"),
                    lambda: log.append("after"))}
     first = {n: 0.005 for n in steps}
-    times, paired = _interleaved(steps, first, repeats=4, warmup=1, slow_budget_s=10.0,
+    times, paired = interleaved_pairs(steps, first, repeats=4, warmup=1, slow_budget_s=10.0,
                                  min_repeats=1, tick=lambda: None, own_plain=own)
     ratio = {n: sorted(a / b for a, b in zip(times[n], paired[n]))[2] for n in ("own", "shared")}
     assert 2.3 < ratio["own"] < 3.5          # 6 ms against its own 2 ms
@@ -35,7 +35,7 @@ def test_candidates_pair_with_their_own_plain_step_when_they_have_one():
 def test_shared_plain_timed_every_repetition_even_if_no_candidate_uses_it():
     steps = {"plain": _sleeper(0.001), "own": _sleeper(0.001)}
     own = {"own": (lambda: None, _sleeper(0.001), lambda: None)}
-    times, paired = _interleaved(steps, {n: 0.001 for n in steps}, repeats=3, warmup=0,
+    times, paired = interleaved_pairs(steps, {n: 0.001 for n in steps}, repeats=3, warmup=0,
                                  slow_budget_s=10.0, min_repeats=1, tick=lambda: None,
                                  own_plain=own)
     assert len(times["plain"]) == 3 and paired["plain"] == times["plain"]
