@@ -3,3 +3,17 @@ import sys
 
 # Let the tests import their ground-truth helpers as `tests.ground_truth`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from tests.helpers import VARIANT_IDS, VARIANTS  # noqa: E402
+
+
+@pytest.fixture(params=VARIANTS, ids=VARIANT_IDS)
+def variant(request, monkeypatch):
+    """A CPU backend of the kernel tests: the reference, or the compiled kernels
+    forced to one instruction set this CPU runs."""
+    backend, isa = request.param
+    if isa is not None:
+        monkeypatch.setenv("GRADNOISE_CPU_ISA", isa)
+    return backend

@@ -4,10 +4,16 @@ samples with plain autograd)."""
 from __future__ import annotations
 
 import copy
+import math
+import os
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+import torch.distributed as dist
+
+import gradnoise
 
 from gradnoise import GradNoiseTracker
 
@@ -238,3 +244,86 @@ def loop_truth(model, x, sample_loss):
 
 def copy_double(model):
     return copy.deepcopy(model).double()
+
+
+# ------------------------------------------------------ kernel test variants
+COMPILED = gradnoise._extension.compiled_status("cpu") is None
+
+
+def cpu_supports(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False
+
+
+# (backend, instruction set of the fused kernel)
+VARIANTS = [("reference", None)]
+if COMPILED:
+    VARIANTS.append(("cpu", "generic"))
+    if cpu_supports("avx2") and cpu_supports("fma"):
+        VARIANTS.append(("cpu", "avx2"))
+    if cpu_supports("avx512f") and cpu_supports("avx512dq") and cpu_supports("avx512vl"):
+        VARIANTS.append(("cpu", "avx512"))
+VARIANT_IDS = [b if isa is None else f"{b}-{isa}" for b, isa in VARIANTS]
+
+# Relative tolerances on the per-sample norms. The inputs of every dtype are
+# exactly representable in float64, and the truth is computed from the very
+# same (upcast) values, so only accumulation error is measured: float32 sums
+# of up to ~10^4 products (≈ 1e-6 relative in practice), float64 ~1e-15.
+# Half-precision inputs are accumulated in float32, hence the float32 bound.
+NORM_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+# The weight gradient is returned in the input dtype: its rounding (half an
+# ulp: 2^-8 for bfloat16, 2^-11 for float16) dominates, relative to the
+# largest entry.
+GRAD_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2**-8, torch.float16: 2**-10}
+
+
+# ------------------------------------------------------- noise-scale closed form
+# A noisy linear regression whose noise scale has a closed form
+D, DELTA_SQ, SIGMA = 8, 1.0, 1.0
+TRUE_B_SIMPLE = (D * (DELTA_SQ + SIGMA ** 2) + DELTA_SQ) / DELTA_SQ  # 17
+
+
+def regression_model(seed=0):
+    """nn.Linear(d, 1) at w = w* + δ with ‖δ‖² = 1; returns (model, w*)."""
+    gen = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(1, D, generator=gen, dtype=torch.float64)
+    delta = torch.randn(1, D, generator=gen, dtype=torch.float64)
+    delta = delta / delta.norm() * math.sqrt(DELTA_SQ)
+    model = nn.Linear(D, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_star + delta)
+    return model, w_star
+
+
+def regression_batch(gen, n, w_star):
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    y = x @ w_star.T + SIGMA * torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    return x, y
+
+
+def loss_fn(model, x, y, reduction="mean"):
+    r = 0.5 * (model(x) - y).square()
+    return r.mean() if reduction == "mean" else r.sum()
+
+
+# --------------------------------------------------------- adaptive and DDP
+def index_dataset(n, d=3, seed=0):
+    """(x, y, index) items of a noisy linear regression."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    w = torch.randn(d, 1, generator=gen)
+    y = x @ w + 2.0 * torch.randn(n, 1, generator=gen)
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def leave_group() -> None:
+    """End a rank that succeeded: wait until every rank is done with its
+    collectives, then exit without tearing gloo down. Destroying the group
+    while a peer's gloo threads still read from the socket can abort that peer
+    ("terminate called without an active exception"); the OS closes the
+    sockets instead. Results must be written before."""
+    dist.barrier()
+    os._exit(0)

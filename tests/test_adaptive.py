@@ -23,6 +23,7 @@ from gradnoise.adaptive import (RECORD_FIELDS, AdaptiveBatch, BatchLimits, Goodp
 from gradnoise.data import EpochSampler, plan_step
 from gradnoise.estimators import NoiseScale
 from gradnoise.noise_scale import GradientNoiseScale
+from tests.helpers import index_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,15 +53,6 @@ class FakeNoise:
 
     def load_state_dict(self, state):
         self.steps = state["steps"]
-
-
-def index_dataset(n, d=3, seed=0):
-    """(x, y, index) items of a noisy linear regression."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=gen)
-    w = torch.randn(d, 1, generator=gen)
-    y = x @ w + 2.0 * torch.randn(n, 1, generator=gen)
-    return TensorDataset(x, y, torch.arange(n))
 
 
 def make(n=64, d=3, noise="auto", lr=0.01, optimizer=torch.optim.SGD, model=None, **kw):

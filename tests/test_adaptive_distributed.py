@@ -19,8 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradnoise.adaptive import AdaptiveBatch
 from gradnoise.data import EpochSampler, shard_sizes
-from tests.test_adaptive import index_dataset
-from tests.test_distributed import leave_group
+from tests.helpers import index_dataset, leave_group
 
 N, SEED, EPOCHS, WORLD = 90, 5, 3, 2
 # Linear(3, 1) saves 12 bytes a sample and holds 32 bytes of parameters and

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gradnoise import ops
 from tests.ground_truth import conv_per_sample_grads
-from tests.test_linear_ops import GRAD_RTOL, NORM_RTOL, variant  # noqa: F401 (fixture)
+from tests.helpers import GRAD_RTOL, NORM_RTOL
 
 
 def _problem(B, C, C_out, spatial, kernel_size, stride=1, padding=0, dilation=1, groups=1,

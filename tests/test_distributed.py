@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradnoise.noise_scale import GradientNoiseScale
-from tests.test_noise_scale import loss_fn, regression_batch, regression_model
+from tests.helpers import (DELTA_SQ, TRUE_B_SIMPLE, leave_group, loss_fn, regression_batch,
+                           regression_model)
 
 STEPS, LOCAL_B = 12, 8
 
@@ -24,16 +25,6 @@ STEPS, LOCAL_B = 12, 8
 def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=15))
-
-
-def leave_group() -> None:
-    """End a rank that succeeded: wait until every rank is done with its
-    collectives, then exit without tearing gloo down. Destroying the group
-    while a peer's gloo threads still read from the socket can abort that peer
-    ("terminate called without an active exception"); the OS closes the
-    sockets instead. Results must be written before."""
-    dist.barrier()
-    os._exit(0)
 
 
 def _quiesce(ddp, gns):
@@ -141,7 +132,6 @@ def test_uneven_shards_match_single_process_accumulation(uneven):
 def test_closed_form_linear_regression_on_two_ranks():
     """The closed form of B_simple for linear regression (tests/test_noise_scale.py)
     from the distributed source: 2 ranks × 8 samples, fresh batches."""
-    from tests.test_noise_scale import DELTA_SQ, TRUE_B_SIMPLE
     results = _run(2, steps=1500, beta=0.995)
     reading, _ = results[0]
     assert reading.b_simple == pytest.approx(TRUE_B_SIMPLE, rel=0.05)

@@ -8,51 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gradnoise
 from gradnoise import ops
 from gradnoise.ops.cost_model import choose_linear_norm_method
 from tests.ground_truth import linear_sq_norms_truth, linear_weight_grad_truth
-
-COMPILED = gradnoise._extension.compiled_status("cpu") is None
-
-
-def _cpu_supports(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f" {flag}" in f.read()
-    except OSError:
-        return False
-
-
-# (backend, instruction set of the fused kernel)
-VARIANTS = [("reference", None)]
-if COMPILED:
-    VARIANTS.append(("cpu", "generic"))
-    if _cpu_supports("avx2") and _cpu_supports("fma"):
-        VARIANTS.append(("cpu", "avx2"))
-    if _cpu_supports("avx512f") and _cpu_supports("avx512dq") and _cpu_supports("avx512vl"):
-        VARIANTS.append(("cpu", "avx512"))
-VARIANT_IDS = [b if isa is None else f"{b}-{isa}" for b, isa in VARIANTS]
-
-# Relative tolerances on the per-sample norms. The inputs of every dtype are
-# exactly representable in float64, and the truth is computed from the very
-# same (upcast) values, so only accumulation error is measured: float32 sums
-# of up to ~10^4 products (≈ 1e-6 relative in practice), float64 ~1e-15.
-# Half-precision inputs are accumulated in float32, hence the float32 bound.
-NORM_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-5, torch.float16: 2e-5}
-# The weight gradient is returned in the input dtype: its rounding (half an
-# ulp: 2^-8 for bfloat16, 2^-11 for float16) dominates, relative to the
-# largest entry.
-GRAD_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2**-8, torch.float16: 2**-10}
-
-
-@pytest.fixture(params=VARIANTS, ids=VARIANT_IDS)
-def variant(request, monkeypatch):
-    backend, isa = request.param
-    if isa is not None:
-        monkeypatch.setenv("GRADNOISE_CPU_ISA", isa)
-    return backend
-
+from tests.helpers import COMPILED, GRAD_RTOL, NORM_RTOL, VARIANTS
 
 def _inputs(shape_x, p, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ from gradnoise import GradNoiseTracker
 from gradnoise.estimators import (BiasCorrectedEMA, NoiseScaleEstimator, per_sample_estimates,
                                   unbiased_sq_norm_and_trace)
 from gradnoise.noise_scale import GradientNoiseScale
+from tests.helpers import DELTA_SQ, TRUE_B_SIMPLE, loss_fn, regression_batch, regression_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,33 +91,6 @@ def test_interval_coverage():
 
 
 # ---------------------------------------------- closed form: linear regression
-D, DELTA_SQ, SIGMA = 8, 1.0, 1.0
-TRUE_B_SIMPLE = (D * (DELTA_SQ + SIGMA ** 2) + DELTA_SQ) / DELTA_SQ  # 17
-
-
-def regression_model(seed=0):
-    """nn.Linear(d, 1) at w = w* + δ with ‖δ‖² = 1; returns (model, w*)."""
-    gen = torch.Generator().manual_seed(seed)
-    w_star = torch.randn(1, D, generator=gen, dtype=torch.float64)
-    delta = torch.randn(1, D, generator=gen, dtype=torch.float64)
-    delta = delta / delta.norm() * math.sqrt(DELTA_SQ)
-    model = nn.Linear(D, 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(w_star + delta)
-    return model, w_star
-
-
-def regression_batch(gen, n, w_star):
-    x = torch.randn(n, D, generator=gen, dtype=torch.float64)
-    y = x @ w_star.T + SIGMA * torch.randn(n, 1, generator=gen, dtype=torch.float64)
-    return x, y
-
-
-def loss_fn(model, x, y, reduction="mean"):
-    r = 0.5 * (model(x) - y).square()
-    return r.mean() if reduction == "mean" else r.sum()
-
-
 @pytest.mark.parametrize("source", ["per_sample", "micro_batch"])
 def test_closed_form_linear_regression(source):
     model, w_star = regression_model()
@@ -466,7 +440,7 @@ def test_misuse_gets_errors_that_name_the_argument():
 RESUME_SCRIPT = r"""
 import pickle, sys, torch
 sys.path.insert(0, {root!r})
-from tests.test_noise_scale import regression_model, regression_batch, loss_fn
+from tests.helpers import regression_model, regression_batch, loss_fn
 from gradnoise.noise_scale import GradientNoiseScale
 mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model, w_star = regression_model()

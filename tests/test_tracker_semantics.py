@@ -11,7 +11,8 @@ from torch import nn
 
 from gradnoise import GradNoiseTracker
 from tests.ground_truth import model_per_sample_sq_norms
-from tests.helpers import RTOL, classification_case, make_case, forward_backward, plain_then_tracked
+from tests.helpers import (RTOL, classification_case, forward_backward, make_case,
+                           plain_then_tracked)
 
 
 @pytest.mark.parametrize("name", ["lm", "cnn"])

@@ -2,7 +2,6 @@
 the argument, and resolved into the objects it uses."""
 from __future__ import annotations
 
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from .lr_rules import LR_RULES
@@ -15,11 +14,6 @@ def positive_int(name: str, value, allow_none: bool = False) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"AdaptiveBatch: `{name}` must be a positive integer, got {value!r}")
     return value
-
-
-def batchnorm_training(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 def require_methods(obj, methods, what: str) -> None:

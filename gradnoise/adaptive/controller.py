@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import EpochSampler, StepPlan, plan_step
-from .arguments import (batchnorm_training, positive_int, resolve_data, resolve_lr_rule,
-                        resolve_policy)
+from ..model_structure import batchnorm_mixing
+from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_policy
 from .lr_rules import LRRamp, lr_factor
 from .memory_probe import probe_micro_batch
 from .noise_source import choose_noise_source
@@ -254,7 +254,7 @@ class AdaptiveBatch:
             self, noise_source, beta, noise_interval)
         needs_two = getattr(self.noise, "source", None) == "micro_batch"
         self._min_micro_batches = 2 if needs_two else 1
-        bn = batchnorm_training(self.module)
+        bn = [n for n, _ in batchnorm_mixing(self.module)]
         if bn:
             # A common rule of thumb: BatchNorm wants ≥ 32 samples.
             k = max(-(-local_initial // micro_batch), self._min_micro_batches)

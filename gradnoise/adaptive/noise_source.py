@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..noise_scale import GradientNoiseScale
 from ..tracker import GradNoiseTracker
-from .arguments import batchnorm_training, require_methods
+from ..model_structure import batchnorm_mixing
+from .arguments import require_methods
 
 NOISE_SOURCES = ("auto", "per_sample", "micro_batch", "distributed")
 
@@ -25,12 +26,12 @@ def choose_noise_source(controller, noise_source, beta, interval):
                          f"one of {NOISE_SOURCES}")
     name, reason, tracker = noise_source, "requested", None
     if noise_source == "auto":
-        bn = batchnorm_training(controller.module)
+        bn = [n for n, _ in batchnorm_mixing(controller.module)]
         if controller._distributed:
             name, reason = "distributed", (f"DistributedDataParallel over {controller.world_size} "
                                            "processes: local against global gradients")
         elif bn:
-            name, reason = "micro_batch", (f"BatchNorm in train mode ({', '.join(bn[:3])}) "
+            name, reason = "micro_batch", (f"BatchNorm with batch statistics ({', '.join(bn[:3])}) "
                                            "mixes samples: no per-sample gradients")
         else:
             # (planned first, attached only if chosen)

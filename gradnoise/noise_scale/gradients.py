@@ -7,15 +7,12 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..model_structure import parameter_owners
 
 
 def owner_names(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> qualified name of the first module that owns it."""
-    owners = {}
-    for name, module in model.named_modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), name)
-    return owners
+    return {pid: names[0] for pid, names in parameter_owners(model, trainable_only=False).items()}
 
 
 def sq_norm(t: torch.Tensor) -> torch.Tensor:

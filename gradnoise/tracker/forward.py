@@ -9,7 +9,8 @@ from torch import nn
 from .. import layers
 from ..layers import batching
 from ..layers.calls import Call, output_tensors
-from .plan import _batchnorm_message, _mixes_samples, _Tracked
+from ..model_structure import batchnorm_mixing, mixes_samples
+from .plan import _batchnorm_message, _Tracked
 from .step import _Step
 
 
@@ -77,8 +78,8 @@ class _ForwardHooks:
         return measured
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
-        if self._measuring() and _mixes_samples(module):
-            raise RuntimeError(_batchnorm_message(self._batchnorm_mixing()))
+        if self._measuring() and mixes_samples(module):
+            raise RuntimeError(_batchnorm_message(batchnorm_mixing(self.model)))
 
     def _on_capture_start(self, t: _Tracked) -> None:
         # (a forward re-run inside backward, by activation checkpointing, feeds no gradient

@@ -10,8 +10,8 @@ from torch.nn.utils import parametrize
 
 from .. import layers
 from ..layers.base import NormRule
+from ..model_structure import batchnorm_mixing, parameter_owners
 
-BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 _NORM_CLASS_ENDINGS = ("Norm", "LayerNorm", "RMSNorm", "GroupNorm", "NormLayer")
 
 
@@ -40,14 +40,8 @@ class _Planning:
     """GradNoiseTracker's planning (a mixin: the state is the tracker's)."""
 
     # ------------------------------------------------------------------ setup
-    def _batchnorm_mixing(self) -> list[tuple[str, nn.Module]]:
-        """BatchNorm modules that normalise with the batch's statistics: in
-        train mode, or in eval mode without running statistics."""
-        return [(n, m) for n, m in self.model.named_modules()
-                if isinstance(m, BATCHNORM_TYPES) and _mixes_samples(m)]
-
     def _check_batchnorm(self) -> None:
-        offending = self._batchnorm_mixing()
+        offending = batchnorm_mixing(self.model)
         if offending:
             raise ValueError(_batchnorm_message(offending))
 
@@ -60,11 +54,7 @@ class _Planning:
 
     def _plan(self) -> None:
         # id(trainable parameter) -> names of the modules that own it
-        owners: dict[int, list[str]] = {}
-        for name, module in self.model.named_modules():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append(name)
+        owners = parameter_owners(self.model)
         claimed: set[int] = set()
         for name, module in self.model.named_modules():
             if id(module) in claimed:
@@ -216,12 +206,6 @@ def counts_as_norm_layer(module: nn.Module) -> bool:
     if rule is None:
         return type(module).__name__.endswith(_NORM_CLASS_ENDINGS)
     return rule.is_norm_layer
-
-
-def _mixes_samples(batchnorm: nn.Module) -> bool:
-    """Whether a BatchNorm normalises with the batch's statistics."""
-    return (batchnorm.training or not batchnorm.track_running_stats
-            or batchnorm.running_mean is None)
 
 
 def _batchnorm_message(offending) -> str:

@@ -32,7 +32,8 @@ from torch import nn
 from .. import layers
 from .backward import _BackwardHooks
 from .forward import _ForwardHooks
-from .plan import BATCHNORM_TYPES, _Planning, _Tracked
+from ..model_structure import BATCHNORM_TYPES
+from .plan import _Planning, _Tracked
 from .results import _Results
 from .step import _Step
 
