@@ -110,7 +110,7 @@ def test_tied_head_does_not_keep_the_logits_gradient(head_input):
 @pytest.mark.parametrize("kinds", ["dense-dense", "dense-onehot", "onehot-dense", "onehot-onehot"])
 def test_cross_terms_of_shared_weight_factors(kinds):
     """⟨G_i^u, G_i^v⟩ from factors against materialised float64 gradients."""
-    from gradnoise.layers.shared import Factor, cross_sq_norms
+    from gradnoise.layers.tied import Factor, cross_sq_norms
     gen = torch.Generator().manual_seed(3)
     B, V, d = 5, 9, 4
 

@@ -37,7 +37,7 @@ class MultiheadAttentionRule(GenericRule):
         for c in calls:
             bound = dict(zip(_MHA_INPUTS, c.args))
             bound.update(c.kwargs)
-            state = {_MHA_INPUTS[k] if isinstance(k, int) else k for k in c.shared}
+            state = {_MHA_INPUTS[k] if isinstance(k, int) else k for k in c.model_state}
             positional = [k for k in ("query", "key", "value") if k in bound]
             args = tuple(bound.pop(k) for k in positional)
             shared = {j for j, k in enumerate(positional) if k in state}

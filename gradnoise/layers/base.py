@@ -26,7 +26,7 @@ class NormRule(ABC):
     `per_sample_grads` (chunks of materialised per-sample gradients, used for
     parameters that are shared, whose per-sample gradient must be summed over
     every use before it is squared). A rule whose gradient factors as
-    Aᵀ Z (gradnoise.layers.shared) lists those parameters in `factorable`,
+    Aᵀ Z (gradnoise.layers.tied) lists those parameters in `factorable`,
     names the kind in `factor_kind` and defines
     `factor(module, calls, param) -> shared.Factor`; a parameter shared only
     by such uses is then measured from the factors instead.

@@ -21,7 +21,7 @@ class Call:
     output_index: list = field(default_factory=lambda: [0])
     #: args positions and kwargs names of inputs that are the model's own
     #: parameters or buffers (never per-sample, whatever their dim 0)
-    shared: frozenset = frozenset()
+    model_state: frozenset = frozenset()
 
     def release(self) -> None:
         """Drop the tensors once the call is measured: the gradient hooks that

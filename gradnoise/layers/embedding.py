@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from .base import NormRule, register_rule
-from .shared import Factor
+from .tied import Factor
 
 
 @register_rule(nn.Embedding)

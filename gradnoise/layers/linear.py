@@ -20,7 +20,7 @@ from .. import ops
 from .base import register_rule
 from .calls import Call
 from .fused_backward import FusedBackwardRule
-from .shared import Factor
+from .tied import Factor
 
 
 def _flat3(t: torch.Tensor) -> torch.Tensor:

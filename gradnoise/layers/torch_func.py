@@ -44,9 +44,10 @@ def _call_grads(module, call, params, samples, adapt=None):
                 "output sequence instead, or leave the module out)")
     own = {n: module.get_parameter(n).detach() for n in params}
     names = list(call.kwargs)
-    in_args = tuple(0 if _batched(a, B, k in call.shared) else None
+    in_args = tuple(0 if _batched(a, B, k in call.model_state) else None
                     for k, a in enumerate(call.args))
-    in_kwargs = tuple(0 if _batched(call.kwargs[k], B, k in call.shared) else None for k in names)
+    in_kwargs = tuple(0 if _batched(call.kwargs[k], B, k in call.model_state) else None
+                      for k in names)
     args = [a[samples] if d == 0 else a for a, d in zip(call.args, in_args)]
     kwargs = [call.kwargs[k][samples] if d == 0 else call.kwargs[k]
               for k, d in zip(names, in_kwargs)]

@@ -30,7 +30,7 @@ _PASSIVE = {_T.dim, _T.size, _T.numel, _T.__len__, _T.is_contiguous, _T.data_ptr
 class ForwardWatch(TorchFunctionMode):
     def __init__(self):
         super().__init__()
-        self.shared = None          # layers.broadcast.SharedContributions
+        self.broadcast = None       # layers.broadcast.SharedContributions
         self.captures: list = []    # layers.functional.ParameterUses of the calls in progress
         self.entered = False
 
@@ -50,7 +50,7 @@ class ForwardWatch(TorchFunctionMode):
         if func in _PASSIVE:
             return func(*args, **kwargs)
         if func in captured_linear.INTERCEPTED and self.captures and (
-                self.shared is None or not self.shared.touches(args, kwargs)):
+                self.broadcast is None or not self.broadcast.touches(args, kwargs)):
             for capture in self.captures:
                 out = captured_linear.intercept(capture, func, args, kwargs)
                 if out is not None:
@@ -58,7 +58,7 @@ class ForwardWatch(TorchFunctionMode):
                         if other is not capture:
                             other.observe(func, args, kwargs, out)
                     return out
-        out = (self.shared.run(func, args, kwargs) if self.shared is not None
+        out = (self.broadcast.run(func, args, kwargs) if self.broadcast is not None
                else func(*args, **kwargs))
         for capture in self.captures:
             capture.observe(func, args, kwargs, out)

@@ -136,13 +136,13 @@ class _BackwardHooks:
                  grad_out: torch.Tensor) -> None:
         """A single call's norms: the module's, or for a shared weight its own
         term, the call being kept for the cross terms at the end of backward."""
-        if t.shared:
-            step.shared_own[id(t.module)] = norms
+        if t.tied:
+            step.tied_own[id(t.module)] = norms
             factor = self._gathered_factor(step, t, x, grad_out)
             if factor is None:
                 self._keep_call(step, t, x, grad_out)
             else:
-                step.shared_factors[id(t.module)] = factor
+                step.tied_factors[id(t.module)] = factor
         else:
             self._step_add(step, t, norms, x.shape[0])
 
@@ -154,18 +154,18 @@ class _BackwardHooks:
         if t.rule.factor_kind != "dense":
             return None
         tokens = {}
-        for u, _ in self._shared_params[id(t.module.get_parameter(t.own[0]))]:
+        for u, _ in self._tied_params[id(t.module.get_parameter(t.own[0]))]:
             if u is t:
                 continue
             calls = [c for c in step.calls.get(id(u.module), []) if c is not None]
             if u.rule.factor_kind != "onehot" or len(calls) != 1:
                 return None
             tokens[id(u.module)] = calls[0].args[0]
-        return layers.shared.gathered_dense(x, grad_out, tokens) if tokens else None
+        return layers.tied.gathered_dense(x, grad_out, tokens) if tokens else None
 
     def _is_simple(self, step: _Step, t: _Tracked) -> bool:
         calls = step.calls.get(id(t.module), [])
-        return not t.shared and len(calls) == 1
+        return not t.tied and len(calls) == 1
 
     # --------------------------------------------------------- end of backward
     def _finish(self, step: _Step) -> None:
@@ -189,9 +189,9 @@ class _BackwardHooks:
                         f"called with inputs of {sizes} rows along dim 0 in one step; per-sample "
                         "norms need every call of a tracked module to see the batch along dim 0 "
                         "(leave the module out with `layers=` if some calls do not).")
-                unshared = [p for p in t.own if p not in t.shared]
-                if unshared:
-                    self._step_add(step, t, self._rule_call(t, "sq_norms", calls, unshared),
+                untied = [p for p in t.own if p not in t.tied]
+                if untied:
+                    self._step_add(step, t, self._rule_call(t, "sq_norms", calls, untied),
                                    sizes[0])
                 step.batch.setdefault(t.name, sizes[0])
             for mid, uses in step.uses.items():
@@ -200,7 +200,7 @@ class _BackwardHooks:
                     t = self._by_module[mid]
                     self._step_add(step, t, layers.functional.several_uses_sq_norms(
                         left, step.batch_size), step.batch_size)
-            self._finish_shared(step)
+            self._finish_tied(step)
             self._results, self._unmeasured = self._scaled(step), None
             self.steps_measured += 1
         finally:
@@ -216,8 +216,8 @@ class _BackwardHooks:
             step.uses.clear()
             step.calls.clear()
             step.pending.clear()
-            step.shared_own.clear()
-            step.shared_factors.clear()
+            step.tied_own.clear()
+            step.tied_factors.clear()
             step.finished = True
             step.callback_queued = False
             step.sq_norms = {}
@@ -244,14 +244,14 @@ class _BackwardHooks:
                 n = n.float()
             step.sq_norms[name] = n if name not in step.sq_norms else step.sq_norms[name] + n
 
-    def _finish_shared(self, step: _Step) -> None:
-        for pid, uses in self._shared_params.items():
+    def _finish_tied(self, step: _Step) -> None:
+        for pid, uses in self._tied_params.items():
             owner, _ = uses[0]
             recorded = []
             for t, pname in uses:
                 calls = [c for c in step.calls.get(id(t.module), [])
                          if c is not None and any(g is not None for g in c.grad_outputs)]
-                factor = step.shared_factors.pop(id(t.module), None)
+                factor = step.tied_factors.pop(id(t.module), None)
                 if calls or factor is not None:
                     recorded.append((t, pname, calls, factor))
             if not recorded:
@@ -266,10 +266,10 @@ class _BackwardHooks:
             self._step_add(step, owner, total, B)
 
     def _factored_sq_norms(self, step: _Step, recorded) -> torch.Tensor:
-        """Σ_u ‖G_i^u‖² + 2 Σ_{u<v} ⟨G_i^u, G_i^v⟩ over the uses (layers.shared)."""
+        """Σ_u ‖G_i^u‖² + 2 Σ_{u<v} ⟨G_i^u, G_i^v⟩ over the uses (layers.tied)."""
         factors, total = [], None
         for t, pname, calls, factor in recorded:
-            own = step.shared_own.pop(id(t.module), None)
+            own = step.tied_own.pop(id(t.module), None)
             if own is None:
                 own = t.rule.sq_norms(t.module, calls, [pname])
             own = own.float() if own.dtype != torch.float64 else own
@@ -280,7 +280,7 @@ class _BackwardHooks:
             factors.append(factor)
         for k, u in enumerate(factors):
             for v in factors[k + 1:]:
-                total = total + 2 * layers.shared.cross_sq_norms(u, v, _SHARED_CHUNK_BYTES)
+                total = total + 2 * layers.tied.cross_sq_norms(u, v, _SHARED_CHUNK_BYTES)
         return total
 
     def _materialised_sq_norms(self, param: torch.Tensor, recorded, B: int) -> torch.Tensor:

@@ -113,7 +113,7 @@ class _ForwardHooks:
         capture = stack.pop()
         watch = self._step.watch
         watch.captures.remove(capture)
-        if not watch.captures and watch.shared is None:
+        if not watch.captures and watch.broadcast is None:
             watch.leave()       # the rest of the forward runs without the mode
         if capture.lent_use is not None:
             name = capture.lent_use
@@ -239,7 +239,7 @@ class _ForwardHooks:
                  if isinstance(a, torch.Tensor) and k not in shared)
         rows = x.shape[0]
         if (kind is None and x.requires_grad
-                and (step.shared is None or not step.shared.is_shared(x))):
+                and (step.broadcast is None or not step.broadcast.is_shared(x))):
             raise RuntimeError(
                 f"{where} was called on a tensor computed from the batch whose dim 0 ({rows}) is "
                 f"not the batch ({B}, dim 0 of the model's input): the batch dimension differs "
@@ -264,9 +264,9 @@ class _ForwardHooks:
         call = Call(args, kwargs, [None], [0], shared)
         calls.append(call)
         step.pending[id(call)] = 1
-        if step.shared is None:
-            step.shared = step.watch.need().shared = layers.broadcast.SharedContributions(B)
-        step.shared.add_root(out, layers.broadcast.SharedRoot(
+        if step.broadcast is None:
+            step.broadcast = step.watch.need().broadcast = layers.broadcast.SharedContributions(B)
+        step.broadcast.add_root(out, layers.broadcast.SharedRoot(
             t.name, out, B, lambda g: self._on_grad(step, t, call, 0, g.reshape(B, *shape))))
 
     def _sink_wants(self, module: nn.Module, x: torch.Tensor) -> _Step | None:

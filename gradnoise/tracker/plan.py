@@ -22,7 +22,7 @@ class _Tracked:
     module: nn.Module
     rule: NormRule
     own: list[str]                   # its trainable parameters measured here
-    shared: list[str]                # ... of which shared with another module
+    tied: list[str]                  # ... of which another module holds too (tied)
     fallback: bool = False
     fused: bool = False              # backward runs through the rule's fused op
     # no rule: measured from the functional calls of its forward (layers.functional)
@@ -98,32 +98,32 @@ class _Planning:
             self._tracked.append(_Tracked(name, module, rule, own, [], fallback, capture=fallback))
         self._subtree_params_to_fallbacks(owners)
         for t in self._tracked:
-            t.shared = [n for n in t.own if len(owners[id(t.module.get_parameter(n))]) > 1]
-            if t.capture and t.shared:
+            t.tied = [n for n in t.own if len(owners[id(t.module.get_parameter(n))]) > 1]
+            if t.capture and t.tied:
                 self._stop_capture(t, "shares a parameter with another module: measured by "
                                       "re-running its forward")
             # (another attached tracker's fused forward stays: this one uses hooks)
             t.fused = (self._fused_backward and getattr(t.rule, "replaces_backward", False)
-                       and t.rule.supports_fused_backward(t.module) and not t.shared
+                       and t.rule.supports_fused_backward(t.module) and not t.tied
                        and layers.fused_backward.installed_sink(t.module) is None)
         self._check_shared_with_untracked(owners)
         self._by_module = {id(t.module): t for t in self._tracked}
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.
-        self._shared_params: dict[int, list[tuple[_Tracked, str]]] = {}
+        self._tied_params: dict[int, list[tuple[_Tracked, str]]] = {}
         for t in self._tracked:
-            for pname in t.shared:
+            for pname in t.tied:
                 p = t.module.get_parameter(pname)
-                self._shared_params.setdefault(id(p), []).append((t, pname))
+                self._tied_params.setdefault(id(p), []).append((t, pname))
         # Shared weights whose every use has factors (Linear, Embedding) are
-        # measured from them (gradnoise.layers.shared); a use whose only
+        # measured from them (gradnoise.layers.tied); a use whose only
         # parameter is that weight (a tied LM head) keeps its fused backward,
         # which gives the use's own term with the weight gradient.
-        self._factored = {pid for pid, uses in self._shared_params.items()
+        self._factored = {pid for pid, uses in self._tied_params.items()
                           if all(t.rule.factor_kind and pname in t.rule.factorable
                                  for t, pname in uses)}
         for t in self._tracked:
-            if (t.shared and t.own == t.shared and len(t.own) == 1 and self._fused_backward
+            if (t.tied and t.own == t.tied and len(t.own) == 1 and self._fused_backward
                     and getattr(t.rule, "replaces_backward", False)
                     and t.rule.supports_fused_backward(t.module)
                     and id(t.module.get_parameter(t.own[0])) in self._factored):

@@ -19,7 +19,7 @@ class _Step:
     watch: object = field(default_factory=lambda: layers.watch.ForwardWatch())
     #: the check of this forward for uses outside the measuring modules, if it runs one
     outside: object = None
-    shared: object = None
+    broadcast: object = None     # layers.broadcast.SharedContributions
     # id(module) -> the ParameterUses of its calls in progress / of its measured calls
     capturing: dict[int, list] = field(default_factory=dict)
     uses: dict[int, list] = field(default_factory=dict)
@@ -31,10 +31,10 @@ class _Step:
     batch: dict[str, int] = field(default_factory=dict)             # layer -> B seen
     # id(module) -> Σ ‖G_i‖² of its one, shared, parameter over this step's
     # single call, from the fused backward (the cross terms come at the end)
-    shared_own: dict[int, torch.Tensor] = field(default_factory=dict)
+    tied_own: dict[int, torch.Tensor] = field(default_factory=dict)
     # id(module) -> the factor of such a call whose output gradient was not
-    # kept (layers.shared.gathered_dense)
-    shared_factors: dict[int, object] = field(default_factory=dict)
+    # kept (layers.tied.gathered_dense)
+    tied_factors: dict[int, object] = field(default_factory=dict)
     callback_queued: bool = False
     # why this step's backward cannot be measured (a create_graph backward)
     unmeasurable: str | None = None
