@@ -133,8 +133,6 @@ class _CapturedLinear(torch.autograd.Function):
                 g = batching.split_rows(grad_out, B) if rows else grad_out
                 capture.on_grad(capture, use, g)
         grad_w = grad_w.to(weight.dtype) if need_w and grad_w.dtype != weight.dtype else grad_w
-        if need_b and grad_b is None:
-            grad_b = g2.sum(0)
         if need_b and grad_b.dtype != bias.dtype:
             grad_b = grad_b.to(bias.dtype)
         return (grad_x if need_x else None, grad_w if need_w else None,
