@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
+from ..checks import is_int
 from .lr_rules import LR_RULES
 from .policies import POLICIES, CriticalBatchPolicy, GoodputPolicy, SchedulePolicy
 
@@ -11,7 +12,7 @@ from .policies import POLICIES, CriticalBatchPolicy, GoodputPolicy, SchedulePoli
 def positive_int(name: str, value, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"AdaptiveBatch: `{name}` must be a positive integer, got {value!r}")
     return value
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checks import is_int, is_real
 from ..data import EpochSampler, StepPlan, plan_step
 from ..model_structure import batchnorm_mixing
 from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_policy
@@ -193,13 +194,13 @@ class AdaptiveBatch:
             raise ValueError(f"AdaptiveBatch: `initial_batch`={initial_batch} is not divisible by "
                              f"the world size {self.world_size} (global batch = per-replica "
                              f"batch × replicas)")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"AdaptiveBatch: `warmup_steps` must be an integer ≥ 0, got "
                              f"{warmup_steps!r}")
-        if not (isinstance(hysteresis, (int, float)) and hysteresis >= 0):
+        if not (is_real(hysteresis, finite=False) and hysteresis >= 0):
             raise ValueError(f"AdaptiveBatch: `hysteresis` must be a number ≥ 0, got "
                              f"{hysteresis!r}")
-        if not (isinstance(beta, float) or isinstance(beta, int)) or not 0 <= beta < 1:
+        if not is_real(beta) or not 0 <= beta < 1:
             raise ValueError(f"AdaptiveBatch: `beta` must be in [0, 1), got {beta!r}")
         positive_int("noise_interval", noise_interval)
         for name, value in (("max_steps", max_steps), ("max_samples", max_samples),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..checks import is_real
 from ..estimators import NoiseScale
 from .lr_rules import MIN_ESTIMATE_STEPS, usable_reading
 
@@ -59,8 +60,7 @@ class CriticalBatchPolicy:
     name = "critical"
 
     def __init__(self, critical_factor: float = 1.0):
-        if not (isinstance(critical_factor, (int, float)) and critical_factor > 0
-                and math.isfinite(critical_factor)):
+        if not (is_real(critical_factor) and critical_factor > 0):
             raise ValueError(f"AdaptiveBatch: `critical_factor` must be a positive number, "
                              f"got {critical_factor!r}")
         self.critical_factor = float(critical_factor)

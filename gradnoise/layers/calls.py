@@ -29,6 +29,14 @@ class Call:
         self.args, self.kwargs, self.grad_outputs = (), {}, []
 
 
+def received_gradient(calls: list[Call]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(first input, first output's gradient) of each call whose first output
+    received a gradient in the step, in call order: what every layer rule's
+    norm formula reads."""
+    return [(c.args[0], c.grad_outputs[0]) for c in calls
+            if c.grad_outputs and c.grad_outputs[0] is not None]
+
+
 def batch_size_of(calls: list[Call]) -> int:
     """Dim 0 of the first tensor input (positional, else keyword) of the first call."""
     c = calls[0]

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from .. import ops
 from ..ops.conv import conv_patches, grouped_grad_out
 from .base import register_rule
+from .calls import received_gradient
 from .fused_backward import FusedBackwardRule
 
 
@@ -52,11 +53,9 @@ def _geometry(module) -> tuple[list[int], list[int], list[int], int]:
 def _recorded(module, calls):
     """[(padded x, padding, dY)] over the calls that received a gradient."""
     out = []
-    for c in calls:
-        g = c.grad_outputs[0] if c.grad_outputs else None
-        if g is not None:
-            x, padding = _padded_input(module, c.args[0].to(g.dtype))
-            out.append((x, padding, g))
+    for x, g in received_gradient(calls):
+        x, padding = _padded_input(module, x.to(g.dtype))
+        out.append((x, padding, g))
     return out
 
 

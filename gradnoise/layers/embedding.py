@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from .base import NormRule, register_rule
+from .calls import received_gradient
 from .tied import Factor
 
 
@@ -45,12 +46,10 @@ class EmbeddingRule(NormRule):
     def _cat(calls):
         """Token ids [B, ΣT] and output gradients [B, ΣT, d] over the calls."""
         idx, grads = [], []
-        for c in calls:
-            g = c.grad_outputs[0]
-            if g is not None:
-                B = g.shape[0]
-                idx.append(c.args[0].reshape(B, -1))
-                grads.append(g.reshape(B, -1, g.shape[-1]))
+        for tokens, g in received_gradient(calls):
+            B = g.shape[0]
+            idx.append(tokens.reshape(B, -1))
+            grads.append(g.reshape(B, -1, g.shape[-1]))
         if len(idx) > 1:
             same = all(g.dtype == grads[0].dtype for g in grads)
             dtype = grads[0].dtype if same else torch.float32

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from .base import register_rule
-from .calls import Call
+from .calls import Call, received_gradient
 from .fused_backward import FusedBackwardRule
 from .tied import Factor
 
@@ -30,11 +30,9 @@ def _flat3(t: torch.Tensor) -> torch.Tensor:
 def concat_calls(calls: list[Call]) -> tuple[torch.Tensor, torch.Tensor]:
     """X [B, ΣT, d] and dY [B, ΣT, p] over the calls that received a gradient."""
     xs, gs = [], []
-    for c in calls:
-        if c.grad_outputs and c.grad_outputs[0] is not None:
-            g = c.grad_outputs[0]
-            xs.append(_flat3(c.args[0]).to(g.dtype))
-            gs.append(_flat3(g))
+    for x, g in received_gradient(calls):
+        xs.append(_flat3(x).to(g.dtype))
+        gs.append(_flat3(g))
     if len(xs) == 1:  # one call: no copy
         return xs[0], gs[0]
     return torch.cat(xs, 1), torch.cat(gs, 1)

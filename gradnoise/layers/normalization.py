@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.norm_layers import normalised_rows
 from .base import NormRule, register_rule
+from .calls import received_gradient
 from .fused_backward import FusedBackwardRule
 
 
@@ -26,10 +28,6 @@ def _normalized_numel(module) -> int:
     for s in module.normalized_shape:
         n *= s
     return n
-
-
-def _recorded(calls):
-    return [(c.args[0], c.grad_outputs[0]) for c in calls if c.grad_outputs[0] is not None]
 
 
 class _RowNormRule(FusedBackwardRule):
@@ -75,7 +73,7 @@ class _RowNormRule(FusedBackwardRule):
     def _rows(self, module, calls):
         C = _normalized_numel(module)
         xs, gs = zip(*[(x.reshape(x.shape[0], -1, C), g.reshape(g.shape[0], -1, C))
-                       for x, g in _recorded(calls)])
+                       for x, g in received_gradient(calls)])
         return torch.cat(xs, 1), torch.cat(gs, 1)
 
     def sq_norms(self, module, calls, params):
@@ -87,11 +85,7 @@ class _RowNormRule(FusedBackwardRule):
         x, g = self._rows(module, calls)
         eps = self._eps(module, x)
         x, g = x[samples].double(), g[samples].double()
-        if self.rms:
-            xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        else:
-            mean = x.mean(-1, keepdim=True)
-            xhat = (x - mean) * torch.rsqrt((x - mean).square().mean(-1, keepdim=True) + eps)
+        xhat = normalised_rows(x, eps, self.rms)
         out = {}
         if "weight" in params:
             out["weight"] = (g * xhat).sum(1).float().view(-1, *module.weight.shape)
@@ -163,7 +157,7 @@ class GroupNormRule(FusedBackwardRule):
             [need_input_grad, need_weight, need_bias]))
 
     def sq_norms(self, module, calls, params):
-        recorded = _recorded(calls)
+        recorded = received_gradient(calls)
         if len(recorded) == 1:
             x, g = recorded[0]
             return ops.group_norm_sq_norms(x.to(g.dtype), g, module.num_groups, module.eps,
@@ -174,13 +168,10 @@ class GroupNormRule(FusedBackwardRule):
 
     def per_sample_grads(self, module, calls, params, samples):
         out = {}
-        for x, g in _recorded(calls):
+        for x, g in received_gradient(calls):
             x, g = x[samples].double(), g[samples].double()
             b, C = x.shape[:2]
-            xg = x.reshape(b, module.num_groups, -1)
-            mean = xg.mean(-1, keepdim=True)
-            var = (xg - mean).square().mean(-1, keepdim=True)
-            xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, C, -1)
+            xhat = normalised_rows(x.reshape(b, module.num_groups, -1), module.eps).reshape(b, C, -1)
             g = g.reshape(b, C, -1)
             parts = {}
             if "weight" in params:
@@ -206,7 +197,7 @@ class EvalBatchNormRule(NormRule):
 
     def per_sample_grads(self, module, calls, params, samples):
         out = {}
-        for x, g in _recorded(calls):
+        for x, g in received_gradient(calls):
             x, g = x[samples].double(), g[samples].double()
             b, C = x.shape[:2]
             shape = (1, C) + (1,) * (x.dim() - 2)

@@ -3,10 +3,9 @@ of samples of each, and the two-batch estimate they lead to (estimators.py
 has the maths)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from numbers import Real
 
+from ..checks import is_real
 from ..estimators import unbiased_sq_norm_and_trace
 
 
@@ -23,8 +22,7 @@ class Backward:
 
 def positive(value, what: str) -> float:
     """`value` as a float if it is a finite number > 0, else a ValueError naming `what`."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not (
-            math.isfinite(value) and value > 0):
+    if not is_real(value) or value <= 0:
         raise ValueError(f"GradientNoiseScale.{what} must be a finite number > 0, got {value!r}")
     return float(value)
 

@@ -8,6 +8,7 @@ import time
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import is_int, is_real
 from ..estimators import NoiseScale, NoiseScaleEstimator
 from ..tracker import GradNoiseTracker
 from .backwards import positive
@@ -70,9 +71,9 @@ class GradientNoiseScale:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"GradientNoiseScale: `loss_reduction` must be 'mean' or 'sum', "
                              f"got {loss_reduction!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+        if not is_real(beta) or not 0 <= beta < 1:
             raise ValueError(f"GradientNoiseScale: `beta` must be a number in [0, 1), got {beta!r}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        if not is_int(interval) or interval < 1:
             raise ValueError(f"GradientNoiseScale: `interval` must be an integer ≥ 1 (measure one "
                              f"step in `interval`), got {interval!r}")
         if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "is_enabled")):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..checks import is_int
 from . import _validate
 from ._validate import accumulation_dtype
 from .backends import resolve_backend
@@ -34,10 +35,10 @@ __all__ = ["conv_sq_norms", "conv_weight_grad_and_sq_norms", "conv_sq_norms_ref"
 
 
 def _as_list(name: str, value, nd: int) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = [value] * nd
     value = list(value)
-    if len(value) != nd or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if len(value) != nd or not all(is_int(v) for v in value):
         raise ValueError(f"gradnoise: `{name}` must be an int or {nd} ints, got {value!r}")
     return value
 
@@ -60,7 +61,7 @@ def check_conv_args(x, grad_out, kernel_size, stride=1, padding=0, dilation=1, g
         raise ValueError(
             f"gradnoise: need kernel_size, stride, dilation >= 1 and padding >= 0, got "
             f"kernel_size={kernel_size} stride={stride} padding={padding} dilation={dilation}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or \
+    if not is_int(groups) or groups < 1 or \
             x.shape[1] % groups or grad_out.shape[1] % groups:
         raise ValueError(
             f"gradnoise: `groups` = {groups!r} must divide the input channels ({x.shape[1]}) "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_int
 from . import _validate
 from .backends import resolve_backend
 
@@ -27,7 +28,7 @@ def check_embedding_args(indices, grad_out, num_embeddings: int) -> None:
     if indices.device != grad_out.device:
         raise ValueError(f"gradnoise: `indices` is on {indices.device} but `grad_out` is on "
                          f"{grad_out.device}")
-    if not isinstance(num_embeddings, int) or num_embeddings < 1:
+    if not is_int(num_embeddings) or num_embeddings < 1:
         raise ValueError(f"gradnoise: `num_embeddings` must be a positive int, got {num_embeddings!r}")
 
 

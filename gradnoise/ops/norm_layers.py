@@ -19,10 +19,10 @@ inputs' device, "triton" (``torch.ops.gradnoise_triton.*``) and "reference"
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
+from ..checks import is_int, is_real
 from . import _validate
 from ._validate import accumulation_dtype
 from .backends import resolve_backend
@@ -54,13 +54,12 @@ def _check_pair(x, grad_out, layout: str) -> None:
 
 
 def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or \
-            not math.isfinite(eps) or eps < 0:
+    if not is_real(eps) or eps < 0:
         raise ValueError(f"gradnoise: `eps` must be a finite number >= 0, got {eps!r}")
 
 
 def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"gradnoise: `{name}` must be an int, got {type(value).__name__}")
 
 
@@ -118,6 +117,16 @@ def rms_norm_default_eps(dtype: torch.dtype) -> float:
     return torch.finfo(accumulation_dtype(dtype)).eps
 
 
+def normalised_rows(x: torch.Tensor, eps: float, rms: bool = False) -> torch.Tensor:
+    """x̂ over the last dimension: x·rsqrt(mean x² + ε) for RMSNorm,
+    (x − mean)·rsqrt(var + ε) with the biased variance for LayerNorm and
+    GroupNorm (whose rows are a sample's group)."""
+    if rms:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    dev = x - x.mean(-1, keepdim=True)
+    return dev * torch.rsqrt(dev.square().mean(-1, keepdim=True) + eps)
+
+
 # ---------------------------------------------------------------------------
 # Pure-PyTorch twins
 # ---------------------------------------------------------------------------
@@ -133,12 +142,7 @@ def layer_norm_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, normalized_
         return out
     g3 = grad_out.reshape(B, T, C).to(acc)
     if with_weight:
-        x3 = x.reshape(B, T, C).to(acc)
-        if rms:
-            xhat = x3 * torch.rsqrt(x3.square().mean(-1, keepdim=True) + eps)
-        else:
-            dev = x3 - x3.mean(-1, keepdim=True)
-            xhat = dev * torch.rsqrt(dev.square().mean(-1, keepdim=True) + eps)
+        xhat = normalised_rows(x.reshape(B, T, C).to(acc), eps, rms)
         out = out + (g3 * xhat).sum(1).square().sum(1)
     if with_bias:
         out = out + g3.sum(1).square().sum(1)
@@ -155,9 +159,7 @@ def group_norm_sq_norms_ref(x: torch.Tensor, grad_out: torch.Tensor, groups: int
         return out
     g3 = grad_out.reshape(B, C, S).to(acc)
     if with_weight:
-        xg = x.reshape(B, groups, (C // groups) * S).to(acc)
-        dev = xg - xg.mean(-1, keepdim=True)
-        xhat = (dev * torch.rsqrt(dev.square().mean(-1, keepdim=True) + eps)).reshape(B, C, S)
+        xhat = normalised_rows(x.reshape(B, groups, (C // groups) * S).to(acc), eps).reshape(B, C, S)
         out = out + (g3 * xhat).sum(2).square().sum(1)
     if with_bias:
         out = out + g3.sum(2).square().sum(1)
