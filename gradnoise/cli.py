@@ -161,34 +161,15 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
-    """Adaptive vs fixed small and fixed large batches: steps and examples to a target loss."""
-    from pathlib import Path
+    """The adaptive batch placed on the fixed-batch front (gradnoise.critical_batch.compare)."""
+    from .critical_batch.command import run_compare
+    return run_compare(args, console)
 
-    from .demo import write_plots
 
-    config = _demo_config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [("adaptive", None), (f"fixed {config.initial_batch}", config.initial_batch),
-            (f"fixed {config.max_batch}", config.max_batch)]
-    results = [_live_training(console, config, name, fixed, out / f"{name.replace(' ', '_')}.csv")
-               for name, fixed in runs]
-    target = args.target
-    table = Table(title=f"to a training loss of {target:.3f} nats/byte (20-step mean)")
-    for col in ("run", "optimizer steps", "examples", "seconds", "final batch", "final loss"):
-        table.add_column(col, justify="right")
-    for r in results:
-        hit = r.first_below(target)
-        final = r.history[-1]
-        seconds = sum(h["seconds"] for h in r.history[: hit["step"]]) if hit else None
-        table.add_row(r.name, f"{hit['step']:,}" if hit else f"> {final['step']:,}",
-                      f"{hit['samples']:,}" if hit else f"> {final['samples']:,}",
-                      f"{seconds:.0f}" if seconds is not None else "—",
-                      str(final["batch_size"]), f"{final['loss']:.3f}")
-    console.print(table)
-    for path in write_plots(results, out):
-        console.print(f"plot: {path}")
-    return 0
+def cmd_critical_batch(args: argparse.Namespace, console: Console) -> int:
+    """The critical batch measured three ways (gradnoise.critical_batch)."""
+    from .critical_batch.command import run
+    return run(args, console)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time whole training steps with per-sample norms against peers")
     bench.add_argument("--backend", choices=BACKENDS, default=None,
                        help=f"backend to time (default: as {ENV_VAR} or by device)")
-    for name, helptext in (("demo", "train a byte-level LM with the adaptive batch (the main job)"),
-                           ("compare", "adaptive vs fixed small and large batches, to a target loss")):
+    for name, helptext in (("demo", "train a byte-level LM with the adaptive batch (the main job)"),):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--minutes", type=float, default=4.0 if name == "demo" else 5.0,
-                       help="time budget per training run")
+        p.add_argument("--minutes", type=float, default=4.0, help="time budget of the run")
         p.add_argument("--samples", type=int, default=0, help="examples per run (default 60,000)")
         p.add_argument("--max-batch", type=int, default=0, help="largest batch (default 512)")
         p.add_argument("--policy", choices=("critical", "goodput"), default="critical")
@@ -218,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
         p.add_argument("--out", default="gradnoise-out", help="folder for plots and logs")
-        if name == "compare":
-            p.add_argument("--target", type=float, default=1.8,
-                           help="target training loss, nats/byte (20-step mean)")
+    from .critical_batch.command import add_compare_parser
+    from .critical_batch.command import add_parser as add_critical_batch
+    add_compare_parser(sub)
+    add_critical_batch(sub)
     return parser
 
 

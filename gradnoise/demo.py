@@ -5,9 +5,8 @@ with the adaptive batch, and show what the controller did.
 `run_training` trains one configuration (adaptive or a fixed batch);
 `python -m gradnoise demo` runs the adaptive one with a live progress line,
 then prints a summary and writes PNG plots and the per-step log;
-`python -m gradnoise compare` trains adaptive, fixed-small and fixed-large
-batches on the same data and reports the optimizer steps and the examples
-each needed to reach a target loss.
+`python -m gradnoise compare` (gradnoise.critical_batch.compare) places
+adaptive runs on the fixed-batch front of the same task.
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ class DemoConfig:
     lr: float = 2e-3             # Adam learning rate at the initial batch
     lr_rule: str = "sqrt"        # Adam family: square-root scaling
     policy: str = "critical"
+    confidence: float = 1.645    # z of the bound on B_simple the policy acts on
     max_samples: int = 60_000
     max_seconds: float = 240.0
     seed: int = 0
@@ -70,23 +70,14 @@ class RunResult:
     history: list = field(default_factory=list)
     seconds: float = 0.0
 
-    def first_below(self, target: float, smoothing: int = 20) -> dict | None:
-        """The first step whose loss, averaged over the last `smoothing` steps,
-        is below `target`."""
-        window = []
-        for rec in self.history:
-            window.append(rec["loss"])
-            window = window[-smoothing:]
-            if len(window) == smoothing and sum(window) / smoothing < target:
-                return rec
-        return None
-
 
 def run_training(config: DemoConfig, name: str = "adaptive", fixed_batch: int | None = None,
                  log_path: Path | None = None,
-                 on_step: Callable[[dict], None] | None = None) -> RunResult:
+                 on_step: Callable[[dict], None] | None = None,
+                 until_loss: float | None = None, smoothing: int = 20) -> RunResult:
     """Train one run. `fixed_batch`: keep the batch at that size (the learning
-    rate still follows config.lr_rule, as in the adaptive run)."""
+    rate still follows config.lr_rule, as in the adaptive run). `until_loss`:
+    stop once the mean loss of the last `smoothing` steps is below it."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -97,7 +88,8 @@ def run_training(config: DemoConfig, name: str = "adaptive", fixed_batch: int | 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if fixed_batch is None:
         kwargs = dict(initial_batch=config.initial_batch, max_batch=config.max_batch,
-                      policy=config.policy, lr_rule=config.lr_rule)
+                      policy=config.policy, lr_rule=config.lr_rule,
+                      confidence=config.confidence)
     else:
         # A fixed batch: the schedule policy holding one size, with the
         # learning rate the rule gives that batch relative to initial_batch,
@@ -121,6 +113,10 @@ def run_training(config: DemoConfig, name: str = "adaptive", fixed_batch: int | 
                     on_step(rec)
                 if time.perf_counter() - start > config.max_seconds:
                     break
+                if until_loss is not None and len(controller.history) >= smoothing:
+                    recent = controller.history[-smoothing:]
+                    if sum(h["loss"] for h in recent) / smoothing < until_loss:
+                        break
     result.history = list(controller.history)
     result.seconds = time.perf_counter() - start
     return result

@@ -21,7 +21,7 @@ from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_poli
 from .lr_rules import LRRamp, lr_factor
 from .memory_probe import probe_micro_batch
 from .noise_source import choose_noise_source
-from .policies import BatchLimits
+from .policies import CONFIDENCE_Z, BatchLimits
 from .records import RecordLog, check_log_path
 
 
@@ -82,6 +82,10 @@ class AdaptiveBatch:
         critical_factor: c in the critical policy's target c·B_simple.
         hysteresis: h: a policy's wish is taken only when ≥ (1 + h)·current
             (≤ current/(1 + h) when shrinking), or beyond a bound.
+        confidence: z of the one-sided bounds B_simple ∓ z·stderr the critical
+            and goodput policies act on: the batch grows only as far as the
+            lower bound asks, shrinks only as far as the upper one allows
+            (default 1.645, 95%; 0 acts on the point estimate).
         grow_only: never shrink the batch (critical and goodput policies).
         schedule: for policy="schedule": a callable samples_seen -> batch, or
             a list of (samples_seen threshold, batch) pairs; see ramp_schedule.
@@ -146,7 +150,8 @@ class AdaptiveBatch:
     def __init__(self, model: nn.Module, optimizer, data, *, initial_batch: int,
                  min_batch: int | None = None, max_batch: int, micro_batch: int | None = None,
                  policy="critical", lr_rule="linear", noise_source="auto", warmup_steps: int = 20,
-                 critical_factor: float = 1.0, hysteresis: float = 0.25, grow_only: bool = True,
+                 critical_factor: float = 1.0, hysteresis: float = 0.25,
+                 confidence: float = CONFIDENCE_Z, grow_only: bool = True,
                  schedule=None, memory_budget: int | None = None, seed: int = 0,
                  collate_fn: Callable | None = None, log_path: str | os.PathLike | None = None,
                  tensorboard_dir: str | os.PathLike | None = None, scaler=None, beta: float = 0.95,
@@ -200,6 +205,9 @@ class AdaptiveBatch:
         if not (is_real(hysteresis, finite=False) and hysteresis >= 0):
             raise ValueError(f"AdaptiveBatch: `hysteresis` must be a number ≥ 0, got "
                              f"{hysteresis!r}")
+        if not (is_real(confidence) and confidence >= 0):
+            raise ValueError(f"AdaptiveBatch: `confidence` must be a number ≥ 0 (z of the bound "
+                             f"on B_simple the policy acts on), got {confidence!r}")
         if not is_real(beta) or not 0 <= beta < 1:
             raise ValueError(f"AdaptiveBatch: `beta` must be in [0, 1), got {beta!r}")
         positive_int("noise_interval", noise_interval)
@@ -246,7 +254,7 @@ class AdaptiveBatch:
         self.micro_batch = micro_batch
         self.limits = BatchLimits(min_batch=min_batch, max_batch=max_batch, unit=unit,
                                   initial_batch=initial_batch, grow_only=bool(grow_only),
-                                  hysteresis=float(hysteresis))
+                                  hysteresis=float(hysteresis), confidence=float(confidence))
         self.initial_batch = initial_batch
         self.batch_size = initial_batch
 

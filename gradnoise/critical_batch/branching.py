@@ -1,0 +1,128 @@
+"""Method 2 of the critical-batch measurement: branching (Merrill et al.
+2025, "Critical batch size revisited").
+
+One trunk run trains at batch B and keeps checkpoints (model and optimizer
+state) at chosen steps. From each checkpoint, short branches train at k·B
+for each factor k, each on the same number of examples, with the learning
+rate the rule gives k·B (or the best of a small grid around it, `tune`).
+The branches' losses are compared as each run reads its own, smoothed: the
+local critical batch at the checkpoint is the largest k·B whose loss is
+within ε (relative) of the branch at B. It follows the critical batch along
+training at a fraction of a full sweep's cost.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .runs import RunSpec, Task, draw_batches, lag, smoothed, train_run
+
+
+@dataclass
+class BranchConfig:
+    batch: int                        # trunk batch B
+    lr: float                         # trunk rate at B
+    checkpoints: list[int]            # trunk steps to branch from
+    factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    branch_examples: int = 0          # examples per branch (default: 64 steps of the largest)
+    lr_rule: str = "sqrt"             # rate at k·B: lr · k^½ ("sqrt"), · k ("linear"), · 1
+    tune: tuple[float, ...] = ()      # extra rate multipliers tried per branch (best kept)
+    epsilon: float = 0.01             # relative loss gap still called equal
+    window: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.lr_rule not in ("none", "sqrt", "linear"):
+            raise ValueError(f"BranchConfig: `lr_rule` must be 'none', 'sqrt' or 'linear', got "
+                             f"{self.lr_rule!r}")
+        if 1 not in self.factors:
+            raise ValueError(f"BranchConfig: `factors` must include 1 (the branch at B that the "
+                             f"others are compared with), got {self.factors}")
+        self.factors = sorted(set(int(k) for k in self.factors))
+        self.checkpoints = sorted(set(int(c) for c in self.checkpoints))
+        if not self.branch_examples:
+            self.branch_examples = 64 * self.batch * max(self.factors)
+
+    def branch_lr(self, factor: int) -> float:
+        return self.lr * {"none": 1.0, "sqrt": math.sqrt(factor), "linear": factor}[self.lr_rule]
+
+
+@dataclass
+class BranchPoint:
+    """What the branches from one checkpoint found."""
+    step: int                         # trunk step of the checkpoint
+    examples: int                     # trunk examples at the checkpoint
+    trunk_loss: float                 # trunk's smoothed loss there
+    losses: dict = field(default_factory=dict)     # factor -> smoothed loss at the end
+    lrs: dict = field(default_factory=dict)        # factor -> rate used
+    critical_batch: int | None = None             # largest k·B within ε of k = 1
+    bounded: bool = True             # False: the largest factor tried was within ε
+
+
+def _trunk(task: Task, config: BranchConfig, on_checkpoint) -> list[float]:
+    """Train the trunk to the last checkpoint, handing each checkpoint's
+    state to on_checkpoint(step, state, losses so far)."""
+    torch.manual_seed(config.seed)
+    model = task.model()
+    optimizer = task.optimizer(model.parameters(), config.lr)
+    draw = draw_batches(task, config.seed)
+    losses, pending = [], list(config.checkpoints)
+    for step in range(1, config.checkpoints[-1] + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.loss(model, draw(config.batch))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if pending and step == pending[0]:
+            pending.pop(0)
+            on_checkpoint(step, {"model": copy.deepcopy(model.state_dict()),
+                                 "optimizer": copy.deepcopy(optimizer.state_dict())}, losses)
+    return losses
+
+
+def run_branches(task: Task, config: BranchConfig, progress: bool = True) -> list[BranchPoint]:
+    """Train the trunk and every branch; one BranchPoint per checkpoint."""
+    from rich.progress import Progress
+    multipliers = (1.0,) + tuple(config.tune)
+    points: list[BranchPoint] = []
+    with Progress(disable=not progress) as bar:
+        total = len(config.checkpoints) * len(config.factors) * len(multipliers)
+        bar_id = bar.add_task("branches", total=total)
+
+        def branch_all(step: int, state: dict, losses: list[float]) -> None:
+            point = BranchPoint(step=step, examples=step * config.batch,
+                                trunk_loss=smoothed(losses, config.window)[-1])
+            for k in config.factors:
+                batch = k * config.batch
+                # the trailing mean at the end reads the loss lag(window) steps back:
+                # run that much longer, so every branch is read at the same examples
+                steps = max(config.window, math.ceil(config.branch_examples / batch
+                                                     + lag(config.window)))
+                best = None
+                for m in multipliers:
+                    spec = RunSpec(batch=batch, lr=config.branch_lr(k) * m,
+                                   seed=config.seed + 1000 * step + k, targets=(-math.inf,),
+                                   max_steps=steps, window=config.window,
+                                   diverge_factor=math.inf)
+                    record = train_run(task, spec, model_state=state)
+                    end = smoothed(record.losses, config.window)[-1] \
+                        if record.status != "diverged" else math.inf
+                    if best is None or end < best[0]:
+                        best = (end, spec.lr)
+                    bar.advance(bar_id)
+                point.losses[k], point.lrs[k] = best
+            base = point.losses[1]
+            within = [k for k in config.factors if point.losses[k] <= base * (1 + config.epsilon)]
+            point.critical_batch = max(within) * config.batch
+            point.bounded = max(within) < max(config.factors)
+            points.append(point)
+
+        _trunk(task, config, branch_all)
+    return points
+
+
+def branch_result(config: BranchConfig, points: list[BranchPoint]) -> dict:
+    return {"config": asdict(config), "points": [asdict(replace(p)) for p in points]}

@@ -1,0 +1,168 @@
+"""The fixed-batch sweep, its learning-rate search and pruning, resuming,
+the engines, and branching, against the noisy quadratic model's known
+answers."""
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from gradnoise.critical_batch import (BranchConfig, NoisyQuadratic, SweepConfig,
+                                      fit_front, quadratic_task, run_branches, run_sweep,
+                                      train_run)
+from gradnoise.critical_batch.search import BatchSearch
+from gradnoise.critical_batch.sweep import SerialEngine
+
+PROBLEM = NoisyQuadratic(dim=128, power=0.5, noise=4.0)
+TASK = quadratic_task(PROBLEM)
+TARGETS = [1.0, 0.6]
+WINDOW = 20
+
+
+def small_config(seed=0, **kw):
+    base = dict(batches=[2, 4, 8, 16, 32, 64, 128], targets=TARGETS, lr=0.2, lr_factor=2.0,
+                lr_points=3, max_steps=3000, window=WINDOW, seed=seed, bootstrap=100)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+class CountingEngine(SerialEngine):
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, fn, *args):
+        self.submitted.append(args[1])
+        return super().submit(fn, *args)
+
+
+def test_sweep_recovers_the_exact_front_of_the_quadratic_model():
+    """Each batch's best steps, and B_crit, against the recursion's over the
+    same learning rates, read through the same trailing mean. Tolerance: four
+    standard errors of the mean over five seeds (plus one step for the
+    rounding of steps)."""
+    sweeps = [run_sweep(TASK, small_config(seed), engine="serial", progress=False)
+              for seed in range(5)]
+    for target in TARGETS:
+        exact_points = []
+        for b in small_config().batches:
+            rates = sorted({r.spec["lr"] for s in sweeps for r in s.records
+                            if r.spec["batch"] == b})
+            exact, _ = PROBLEM.best_analytic_steps(b, target, 3000, lrs=rates, window=WINDOW)
+            got = [s.best[b][target][0] for s in sweeps]
+            se = statistics.stdev(got) / math.sqrt(len(got))
+            assert abs(statistics.mean(got) - exact) <= 4 * se + 1.0, (target, b, got, exact)
+            exact_points.append((b, exact))
+        exact_fit = fit_front(*zip(*exact_points), bootstrap=0)
+        measured = [s.fits[target].b_crit for s in sweeps]
+        se = statistics.stdev(measured) / math.sqrt(len(measured))
+        assert abs(statistics.mean(measured) - exact_fit.b_crit) <= 4 * se, (measured,
+                                                                             exact_fit.b_crit)
+    # larger batches need fewer steps and, past B_crit, more examples
+    best = sweeps[0].best
+    target = TARGETS[-1]
+    steps = [best[b][target][0] for b in sorted(best)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert best[128][target][0] * 128 > 2 * best[2][target][0] * 2
+
+
+def test_search_extends_the_grid_while_the_best_rate_is_on_its_edge():
+    # a starting rate 16× too small: the search must walk up to the best one
+    result = run_sweep(TASK, small_config(batches=[16], lr=0.2 / 16, max_extensions=6),
+                       engine="serial", progress=False)
+    rates = sorted(r.spec["lr"] for r in result.records)
+    best = result.best_lr[16]
+    assert rates[0] < best < rates[-1]
+    scores = {r.spec["lr"]: r.steps_to(TARGETS[-1]) for r in result.records}
+    assert scores[best] == min(scores.values())
+
+
+def test_a_run_that_cannot_beat_the_best_stops_at_its_steps():
+    search = BatchSearch(small_config().template(8), start_lr=0.2)
+    first = search.next_spec()
+    assert search.next_spec() is None        # one at a time: the next one gets a budget
+    record = train_run(TASK, first)
+    search.finish(first, record)
+    nxt = search.next_spec()
+    assert nxt.max_steps == math.ceil(record.steps_to(min(TARGETS)) + (WINDOW - 1) / 2)
+    pruned = train_run(TASK, nxt)
+    assert len(pruned.losses) <= nxt.max_steps
+    assert pruned.status in ("done", "budget", "diverged")
+
+
+def test_resume_reuses_finished_runs_and_refuses_other_settings(tmp_path):
+    config = small_config(batches=[4, 16, 64])
+    first = run_sweep(TASK, config, out=tmp_path, engine="serial", progress=False)
+    files = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(files) == len(first.records)
+    counting = CountingEngine()
+    again = run_sweep(TASK, config, out=tmp_path, engine=counting, resume=True, progress=False)
+    assert counting.submitted == []
+    assert again.best == first.best
+    # a sweep stopped half-way: only the missing runs are trained
+    files[0].unlink()
+    counting = CountingEngine()
+    run_sweep(TASK, config, out=tmp_path, engine=counting, resume=True, progress=False)
+    assert [s.key for s in counting.submitted] == [files[0].stem]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_sweep(TASK, config, out=tmp_path, engine="serial", progress=False)
+    with pytest.raises(ValueError, match="max_steps"):
+        run_sweep(TASK, small_config(batches=[4, 16, 64], max_steps=50), out=tmp_path,
+                  engine="serial", resume=True, progress=False)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["config"]["max_steps"] == 3000            # the refused call changed nothing
+
+
+def test_process_pool_gives_the_serial_results():
+    config = small_config(batches=[4, 32])
+    serial = run_sweep(TASK, config, engine="serial", progress=False)
+    pooled = run_sweep(TASK, config, progress=False)         # local spawn pool
+    assert pooled.best == serial.best
+    assert [r.losses for r in pooled.records] == [r.losses for r in serial.records]
+
+
+def test_submitit_local_executor_runs_the_sweep(tmp_path):
+    submitit = pytest.importorskip("submitit")
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=5)
+    config = small_config(batches=[8, 32])
+    got = run_sweep(TASK, config, engine=executor, progress=False)
+    serial = run_sweep(TASK, config, engine="serial", progress=False)
+    assert got.best == serial.best
+
+
+def test_noise_scale_along_the_runs():
+    config = small_config(batches=[8], noise_interval=2, noise_source="micro_batch", window=1)
+    result = run_sweep(TASK, config, engine="serial", progress=False)
+    run = next(r for r in result.records if r.spec["lr"] == result.best_lr[8])
+    assert run.noise and all(math.isfinite(n["b_simple"]) for n in run.noise)
+    # at the start B_simple is Σc/Σh² (a few estimates in)
+    assert run.noise[0]["b_simple"] == pytest.approx(PROBLEM.b_simple(), rel=0.6)
+    # it grows as the loss falls (‖G‖ shrinks faster than tr Σ)
+    assert np.mean([n["b_simple"] for n in run.noise[-3:]]) > PROBLEM.b_simple()
+
+
+@pytest.mark.parametrize("bad,match", [(dict(batches=[0, 4]), "positive integers"),
+                                       (dict(targets=[math.nan]), "finite"),
+                                       (dict(lr=-1.0), "lr"),
+                                       (dict(lr_rule="cube"), "lr_rule")])
+def test_sweep_config_names_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small_config(**bad)
+
+
+def test_branching_finds_the_critical_batch_of_the_quadratic_model():
+    """Branches at k·B with the linear rule (SGD) from checkpoints: at the
+    start, where B_simple is small, only small factors keep up; the local
+    critical batch grows as training goes on, as B_simple does."""
+    config = BranchConfig(batch=2, lr=0.1, checkpoints=[5, 200], factors=[1, 2, 4, 8, 16, 32],
+                          lr_rule="linear", epsilon=0.05, window=1, branch_examples=256)
+    points = run_branches(TASK, config, progress=False)
+    assert [p.step for p in points] == [5, 200]
+    for p in points:
+        assert p.critical_batch in [k * 2 for k in config.factors]
+        assert p.losses[1] > 0 and set(p.lrs) == set(config.factors)
+        within = [k for k in config.factors if p.losses[k] <= p.losses[1] * 1.05]
+        assert p.critical_batch == 2 * max(within)
+    assert points[1].critical_batch >= points[0].critical_batch
+    assert points[0].critical_batch < 2 * 32          # bounded at the start
