@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     # Wide enough for the tables when the output is a file or a CI log.
     console = Console(width=None if sys.stdout.isatty() else 120)
     handler = {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo,
-               "compare": cmd_compare}[args.command]
+               "compare": cmd_compare, "critical-batch": cmd_critical_batch}[args.command]
     return handler(args, console)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradnoise.critical_batch import NoisyQuadratic, fit_front, linear_scaling_limit, pareto_product
+from gradnoise.critical_batch.judge import place, steps_and_examples
 from gradnoise.critical_batch.nqm import QuadraticModel
 from gradnoise.noise_scale import GradientNoiseScale
 
@@ -119,3 +120,38 @@ def test_analytic_steps_read_the_curve_as_a_run_does():
     assert problem.analytic_steps(4, 0.3, 1e-9, 200) == math.inf   # below the noise floor
     steps, lr = problem.best_analytic_steps(4, target, 200)
     assert steps <= 50 and lr > 0
+
+
+def test_a_run_is_placed_where_its_smoothed_loss_crosses_the_target():
+    # loss falls by 0.01 a step from 1.0: the raw curve is first below 0.5037 at step 51
+    losses = [1.0 - 0.01 * k for k in range(100)]
+    samples = [8 * (k + 1) if k < 40 else 320 + 16 * (k - 39) for k in range(100)]
+    s, e = steps_and_examples(losses, samples, 0.5037, window=1)
+    assert s == 51 and e == samples[50]
+    # a trailing mean over 9 steps of a straight line is the line 4 steps back: no lag left
+    assert steps_and_examples(losses, samples, 0.5037, window=9) == (51, samples[50])
+    # a crossing between two steps takes its examples in between
+    s2, e2 = steps_and_examples(losses, samples, 0.5037, window=2)
+    assert s2 == 51.5 and e2 == (samples[50] + samples[51]) / 2
+    assert steps_and_examples(losses, samples, -1.0) is None
+    fit = fit_front([8, 16, 32, 64], [40 * (1 + 20 / b) for b in (8, 16, 32, 64)], bootstrap=0)
+    placed = place(losses, samples, {0.5037: fit, 2.0: fit, -1.0: "no front"}, window=1)
+    assert [p.target for p in placed] == [2.0, 0.5037, -1.0]
+    assert placed[0].steps == 1 and placed[2].steps is None
+    assert placed[1].pareto_product == pytest.approx(pareto_product(51, samples[50], fit.s_min,
+                                                                    fit.e_min))
+
+
+def test_verdict_keeps_each_configuration_s_worst_seed():
+    from gradnoise.critical_batch.compare import Variant, verdict
+    from gradnoise.critical_batch.judge import Placement
+    results = {Variant("critical", "sqrt", 0): [Placement(2.0, 10, 100, 0.5),
+                                                Placement(1.5, 20, 300, 1.5)],
+               Variant("critical", "sqrt", 1): [Placement(2.0, 11, 110, 0.9),
+                                                Placement(1.5, None, None, None)],
+               Variant("goodput", "sqrt", 0): [Placement(2.0, 10, 90, 1.2),
+                                               Placement(1.5, 18, 250, 0.8)]}
+    got = verdict(results)
+    assert got[("critical", "sqrt")]["worst_product"] == {2.0: 0.9, 1.5: math.inf}
+    assert got[("critical", "sqrt")]["targets_met"] == [2.0]
+    assert got[("goodput", "sqrt")]["targets_met"] == [1.5]

@@ -4,13 +4,17 @@ answers."""
 import json
 import math
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 
-from gradnoise.critical_batch import (BranchConfig, NoisyQuadratic, SweepConfig,
+from gradnoise.critical_batch import (BranchConfig, NoisyQuadratic, RunSpec, SweepConfig, Task,
                                       fit_front, quadratic_task, run_branches, run_sweep,
                                       train_run)
+from gradnoise.critical_batch.runs import draw_batches
 from gradnoise.critical_batch.search import BatchSearch
 from gradnoise.critical_batch.sweep import SerialEngine
 
@@ -132,10 +136,13 @@ def test_submitit_local_executor_runs_the_sweep(tmp_path):
 
 
 def test_noise_scale_along_the_runs():
-    config = small_config(batches=[8], noise_interval=2, noise_source="micro_batch", window=1)
+    config = small_config(batches=[8], noise_interval=2, noise_source="micro_batch", window=1,
+                          noise_per_layer=True)
     result = run_sweep(TASK, config, engine="serial", progress=False)
     run = next(r for r in result.records if r.spec["lr"] == result.best_lr[8])
     assert run.noise and all(math.isfinite(n["b_simple"]) for n in run.noise)
+    # one module owns θ: its per-layer reading is the whole model's
+    assert all(n["layers"][""] == pytest.approx(n["b_simple"]) for n in run.noise)
     # at the start B_simple is Σc/Σh² (a few estimates in)
     assert run.noise[0]["b_simple"] == pytest.approx(PROBLEM.b_simple(), rel=0.6)
     # it grows as the loss falls (‖G‖ shrinks faster than tr Σ)
@@ -166,3 +173,73 @@ def test_branching_finds_the_critical_batch_of_the_quadratic_model():
         assert p.critical_batch == 2 * max(within)
     assert points[1].critical_batch >= points[0].critical_batch
     assert points[0].critical_batch < 2 * 32          # bounded at the start
+
+
+def _pair_model():
+    return torch.nn.Linear(1, 1)
+
+
+def _sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _pair_loss(model, batch):
+    x, y = batch
+    assert torch.equal(y, 10 * x), "inputs and targets of a batch come from different samples"
+    return (model(x.float()) - y.float()).square().mean()
+
+
+def _pairs():
+    x = torch.arange(40).reshape(40, 1)
+    return torch.utils.data.TensorDataset(x, 10 * x)
+
+
+def test_a_dataset_task_draws_whole_samples_without_replacement():
+    task = Task("pairs", model=_pair_model, optimizer=_sgd, loss=_pair_loss, data=_pairs)
+    draw = draw_batches(task, seed=3)
+    seen = torch.cat([draw(8)[0] for _ in range(5)]).flatten().tolist()
+    assert sorted(seen) == list(range(40))                  # one epoch: each sample once
+    # 40 = 2·16 + 8: the third batch takes 8 of this epoch and 8 of the next, never fewer
+    draw = draw_batches(task, seed=4)
+    batches = [draw(16)[0].flatten().tolist() for _ in range(5)]
+    assert [len(b) for b in batches] == [16] * 5
+    assert sorted(batches[0] + batches[1] + batches[2][:8]) == list(range(40))
+    record = train_run(task, RunSpec(batch=8, lr=1e-3, seed=0, targets=(-1.0,), max_steps=7))
+    assert len(record.losses) == 7 and record.status == "budget"
+
+
+def test_the_command_runs_on_the_quadratic_model(tmp_path):
+    out = tmp_path / "cb"
+    code = subprocess.run([sys.executable, "-m", "gradnoise", "critical-batch", "--task",
+                           "quadratic", "--batches", "4,16,64", "--targets", "1.0",
+                           "--engine", "serial", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert code.returncode == 0, code.stderr[-3000:]
+    assert "exact answer at loss 1" in code.stdout
+    data = json.loads((out / "critical_batch.json").read_text())
+    assert data["sweep"]["fits"]["1.0"]["b_crit"] > 0 and data["branches"]
+    assert data["noise_scale"]
+    for name in ("front.png", "best_lr.png", "critical_batch.png"):
+        assert (out / name).stat().st_size > 10_000
+    again = subprocess.run([sys.executable, "-m", "gradnoise", "critical-batch", "--task",
+                            "quadratic", "--batches", "4,16,64", "--targets", "1.0",
+                            "--engine", "serial", "--out", str(out), "--methods", "sweep"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def _failing_loss(model, z):
+    if z.shape[0] == 16:
+        raise FloatingPointError("the model's loss cannot be computed")
+    return model(z)
+
+
+def test_a_failing_run_is_named_and_the_finished_ones_are_kept(tmp_path):
+    bad = Task(TASK.name, model=TASK.model, optimizer=TASK.optimizer, loss=_failing_loss,
+               batches=TASK.batches)
+    with pytest.raises(RuntimeError, match=r"the run B16_lr0\.2_seed0 failed: the model's loss") \
+            as info:
+        run_sweep(bad, small_config(batches=[8, 16]), out=tmp_path, engine="serial",
+                  progress=False)
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert [p.stem for p in (tmp_path / "runs").glob("*.json")] == ["B8_lr0.2_seed0"]

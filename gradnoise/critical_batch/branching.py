@@ -4,7 +4,8 @@
 One trunk run trains at batch B and keeps checkpoints (model and optimizer
 state) at chosen steps. From each checkpoint, short branches train at k·B
 for each factor k, each on the same number of examples, with the learning
-rate the rule gives k·B (or the best of a small grid around it, `tune`).
+rate the rule gives k·B, the rate a sweep found best at k·B (`rates`), or
+the best of multipliers around either (`tune`).
 The branches' losses are compared as each run reads its own, smoothed: the
 local critical batch at the checkpoint is the largest k·B whose loss is
 within ε (relative) of the branch at B. It follows the critical batch along
@@ -29,6 +30,7 @@ class BranchConfig:
     factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     branch_examples: int = 0          # examples per branch (default: 64 steps of the largest)
     lr_rule: str = "sqrt"             # rate at k·B: lr · k^½ ("sqrt"), · k ("linear"), · 1
+    rates: dict = field(default_factory=dict)   # factor -> rate, instead of the rule (tuned)
     tune: tuple[float, ...] = ()      # extra rate multipliers tried per branch (best kept)
     epsilon: float = 0.01             # relative loss gap still called equal
     window: int = 10
@@ -47,6 +49,9 @@ class BranchConfig:
             self.branch_examples = 64 * self.batch * max(self.factors)
 
     def branch_lr(self, factor: int) -> float:
+        """The rate given for this factor in `rates`, else the rule's."""
+        if factor in self.rates:
+            return self.rates[factor]
         return self.lr * {"none": 1.0, "sqrt": math.sqrt(factor), "linear": factor}[self.lr_rule]
 
 

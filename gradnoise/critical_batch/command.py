@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -51,9 +52,13 @@ def add_parser(sub) -> None:
                    help="starting rate at larger batches relative to the smallest")
     p.add_argument("--lr-factor", type=float, default=2.0, help="learning-rate grid spacing")
     p.add_argument("--lr-points", type=int, default=3, help="grid rates before extensions")
+    p.add_argument("--max-extensions", type=int, default=4,
+                   help="rates added beyond the grid's edge while the best sits on it")
     p.add_argument("--max-steps", type=int, default=None, help="step budget of a run")
     p.add_argument("--noise-interval", type=int, default=4,
                    help="with the noise method: measure B_simple one step in this many")
+    p.add_argument("--per-layer", action="store_true",
+                   help="with the noise method: B_simple of each layer too (in the JSON)")
     p.add_argument("--branch-batch", type=int, default=None, help="trunk batch of the branches")
     p.add_argument("--branch-steps", type=_ints, default=None, help="trunk steps to branch from")
     p.add_argument("--branch-factors", type=_ints, default=[1, 2, 4, 8, 16])
@@ -74,14 +79,16 @@ def _defaults(args) -> dict:
     in about 15 minutes on 2 cores."""
     if args.task == "quadratic":
         from .nqm import NoisyQuadratic, quadratic_task
-        problem = NoisyQuadratic(dim=64, noise=10.0)
+        problem = NoisyQuadratic(dim=128, power=0.5, noise=4.0)
         return dict(task=quadratic_task(problem), problem=problem, batches=[2, 4, 8, 16, 32, 64,
-                    128, 256], targets=[1.0, 0.5, 0.3], lr=0.05, max_steps=4000, window=1,
-                    noise_source="micro_batch", branch_batch=4, branch_steps=[20, 80, 300])
+                    128], targets=[1.0, 0.6], lr=0.2, max_steps=3000, window=20,
+                    noise_source="micro_batch", branch_batch=2, branch_steps=[20, 100],
+                    branch_examples=512)
     from .builtin import byte_lm_task
-    return dict(task=byte_lm_task(), problem=None, batches=[8, 16, 32, 64, 128],
-                targets=[2.6, 2.4, 2.2], lr=1e-3, max_steps=1500, window=20,
-                noise_source="per_sample", branch_batch=8, branch_steps=[100, 300])
+    return dict(task=byte_lm_task(), problem=None, batches=[8, 16, 32, 64, 128, 256],
+                targets=[2.6, 2.4, 2.2, 2.0], lr=1e-3, max_steps=3000, window=20,
+                noise_source="per_sample", branch_batch=8, branch_steps=[100, 400],
+                branch_examples=4096)
 
 
 def _engine(args):
@@ -111,16 +118,21 @@ def run(args: argparse.Namespace, console: Console) -> int:
         config = SweepConfig(batches=args.batches or d["batches"],
                              targets=args.targets or d["targets"], lr=args.lr or d["lr"],
                              lr_rule=args.lr_rule, lr_factor=args.lr_factor,
-                             lr_points=args.lr_points, seed=args.seed,
+                             lr_points=args.lr_points, max_extensions=args.max_extensions,
+                             seed=args.seed,
                              max_steps=args.max_steps or d["max_steps"], window=d["window"],
                              noise_interval=args.noise_interval if "noise" in args.methods else 0,
-                             noise_source=d["noise_source"])
+                             noise_source=d["noise_source"], noise_per_layer=args.per_layer)
         console.print(f"Fixed-batch sweep on {d['task'].name}: batches {config.batches}, "
                       f"targets {config.targets}, learning rates from {config.lr:g} "
                       f"(×{config.lr_factor:g} grid, extended at its edges)")
         engine, threads = _engine(args)
-        sweep = run_sweep(d["task"], config, out=out / "sweep", engine=engine, threads=threads,
-                          resume=args.resume)
+        try:
+            sweep = run_sweep(d["task"], config, out=out / "sweep", engine=engine,
+                              threads=threads, resume=args.resume)
+        except (FileExistsError, ValueError) as exc:     # the folder holds another sweep
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         table = Table(title="the steps–examples front of each target")
         for col in TABLE_HEADER:
             table.add_column(col, justify="right")
@@ -134,12 +146,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if "branch" in args.methods:
         batch = args.branch_batch or d["branch_batch"]
         lr = (sweep.best_lr.get(batch) if sweep else None) or args.lr or d["lr"]
+        # the sweep's best rate at each k·B it measured: branches tuned, not ruled
+        rates = {k: sweep.best_lr[k * batch] for k in args.branch_factors
+                 if sweep is not None and sweep.best_lr.get(k * batch)}
         bconfig = BranchConfig(batch=batch, lr=lr, checkpoints=args.branch_steps or
-                               d["branch_steps"], factors=args.branch_factors,
-                               epsilon=args.epsilon, window=min(d["window"], 10) or 1,
+                               d["branch_steps"], factors=args.branch_factors, rates=rates,
+                               epsilon=args.epsilon, window=min(d["window"], 10),
+                               branch_examples=d["branch_examples"],
                                seed=args.seed, lr_rule="sqrt" if d["problem"] is None else "linear")
         console.print(f"Branching from a trunk at B={batch}, lr {lr:.3g}, at steps "
-                      f"{bconfig.checkpoints}, to ×{bconfig.factors}")
+                      f"{bconfig.checkpoints}, to ×{bconfig.factors}, rates "
+                      + ", ".join(f"×{k}: {bconfig.branch_lr(k):.3g}" for k in bconfig.factors)
+                      + (" (the sweep's best)" if rates else f" ({bconfig.lr_rule} rule)"))
         points = run_branches(d["task"], bconfig)
         branches = branch_result(bconfig, points)["points"]
         for p in points:
@@ -172,8 +190,9 @@ def add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="the adaptive batch placed on the fixed-batch front of the "
                        "built-in task: the Pareto product of each policy and LR rule")
     p.add_argument("--front", default=None,
-                   help="a `critical-batch --out` folder whose sweep is the front (default: "
-                        "measure it into OUT/front, resumable)")
+                   help="a `critical-batch --out` folder whose sweep is the front; with '{seed}' "
+                        "in it, one per seed (default: measure each seed's into "
+                        "OUT/front-seed{seed}, resumable)")
     p.add_argument("--policies", default="critical,goodput", help="policies to place")
     p.add_argument("--lr-rules", default="sqrt,none", help="LR rules to place (Adam family)")
     p.add_argument("--seeds", type=_ints, default=[0], help="seeds, e.g. 0,1,2")
@@ -193,15 +212,18 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
     from .sweep import load_sweep
 
     out = Path(args.out)
-    if args.front is None:
-        sweep_args = build_default_args(out / "front")
-        sweep_args.methods = ["sweep"]
-        sweep_args.resume = (out / "front" / "sweep" / "sweep.json").exists()
-        run(sweep_args, console)
-        front_dir = out / "front" / "sweep"
-    else:
-        front_dir = Path(args.front) / "sweep"
-    front = load_sweep(front_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fronts = {}
+    for seed in args.seeds:     # each seed's runs are judged by the same seed's front
+        if args.front is None:
+            folder = out / f"front-seed{seed}"
+            sweep_args = build_default_args(folder)
+            sweep_args.methods, sweep_args.seed = ["sweep"], seed
+            sweep_args.resume = (folder / "sweep" / "sweep.json").exists()
+            run(sweep_args, console)
+        else:
+            folder = Path(args.front.replace("{seed}", str(seed)))
+        fronts[seed] = load_sweep(folder / "sweep")
     config = DemoConfig(max_seconds=args.minutes * 60, max_samples=args.samples,
                         threads=args.threads)
     if args.lr:
@@ -213,7 +235,7 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
     results = {}
     for v in variants:
         console.print(f"adaptive {v.name}: lr {config.lr:g} at batch {config.initial_batch}")
-        results[v] = run_variant(v, config, front)[1]
+        results[v] = run_variant(v, config, fronts[v.seed])[1]
     table = Table(title="adaptive runs on the fixed-batch front "
                         "(Pareto product ≤ 1: inside every fixed batch's front)")
     for col in ("run", "target loss", "steps", "examples", "Pareto product"):
@@ -226,12 +248,14 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{policy}/{rule}: product ≤ 1 in every seed at targets "
                       f"{v['targets_met'] or 'none'}")
     (out / "compare.json").write_text(json.dumps(
-        {"front": str(front_dir), "lr": config.lr,
+        {"fronts": {s: f.task for s, f in fronts.items()}, "lr": config.lr,
          "runs": {v.name: [p.__dict__ for p in ps] for v, ps in results.items()},
          "verdict": {f"{p}/{r}": {"worst_product": {repr(t): x for t, x in v["worst_product"]
                                                     .items()}, "targets_met": v["targets_met"]}
                      for (p, r), v in judged.items()}}, indent=1, default=float))
-    console.print(f"plot: {write_plot(out, front, results)}")
+    for seed, front in fronts.items():
+        mine = {v: p for v, p in results.items() if v.seed == seed}
+        console.print(f"plot: {write_plot(out / f'adaptive_on_front_seed{seed}.png', front, mine)}")
     return 0
 
 

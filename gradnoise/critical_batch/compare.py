@@ -51,8 +51,8 @@ def summary_rows(results: dict[Variant, list[Placement]]) -> list[list[str]]:
 
 
 def write_plot(out: Path, front: SweepResult, results: dict[Variant, list[Placement]]) -> Path:
-    """The fitted fronts with the fixed-batch bests, and each adaptive run's
-    (S, E) at each target."""
+    """A PNG at `out`: the fitted fronts with the fixed-batch bests, and each
+    adaptive run's (S, E) at each target."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,11 +81,11 @@ def write_plot(out: Path, front: SweepResult, results: dict[Variant, list[Placem
                  "fixed batch)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out / "adaptive_on_front.png", dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-    return out / "adaptive_on_front.png"
+    return out
 
 
 def verdict(results: dict[Variant, list[Placement]]) -> dict[tuple[str, str], dict]:

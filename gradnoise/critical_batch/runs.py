@@ -67,6 +67,7 @@ class RunSpec:
     diverge_factor: float = 1.5
     noise_interval: int = 0          # measure B_simple one step in this many (0: never)
     noise_source: str = "per_sample"
+    noise_per_layer: bool = False    # B_simple of each module that owns parameters, too
 
     @property
     def key(self) -> str:
@@ -136,17 +137,29 @@ def first_crossing(losses, target: float, window: int):
 
 def draw_batches(task: Task, seed: int):
     """A function size -> batch for the run: the task's own draw, or its
-    dataset sampled epoch by epoch without replacement."""
+    dataset sampled epoch by epoch without replacement, every batch of
+    exactly `size` samples (one that meets the end of an epoch takes the
+    rest from the next)."""
     if task.batches is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         return lambda size: task.batches(gen, size)
     dataset = task.data()
     tensors = getattr(dataset, "tensors", None)
     sampler = EpochSampler(len(dataset), seed=seed)
+
+    def indices(size: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < size:
+            out += sampler.take(size - len(out))[1]
+        return out
+
     if tensors is not None and task.collate is default_collate:
         # a TensorDataset: index its tensors at once instead of item by item
-        return lambda size: tuple(t[sampler.take(size)[1]] for t in tensors)
-    return lambda size: task.collate([dataset[i] for i in sampler.take(size)[1]])
+        def draw(size):
+            index = torch.tensor(indices(size))
+            return tuple(t[index] for t in tensors)
+        return draw
+    return lambda size: task.collate([dataset[i] for i in indices(size)])
 
 
 def _half(batch, k: int):
@@ -160,7 +173,8 @@ def _noise_reader(model: nn.Module, spec: RunSpec):
     if not spec.noise_interval:
         return None
     from ..noise_scale import GradientNoiseScale
-    return GradientNoiseScale(model, source=spec.noise_source, interval=spec.noise_interval)
+    return GradientNoiseScale(model, source=spec.noise_source, interval=spec.noise_interval,
+                              per_layer=spec.noise_per_layer)
 
 
 def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] | None = None,
@@ -214,8 +228,11 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
             mean = total / min(step, spec.window)
             if noise is not None and reading is not None and reading.b_simple is not None \
                     and (step - 1) % spec.noise_interval == 0:
-                record.noise.append({"step": step - lag(spec.window, step), "loss": mean,
-                                     "b_simple": reading.b_simple, "stderr": reading.stderr})
+                entry = {"step": step - lag(spec.window, step), "loss": mean,
+                         "b_simple": reading.b_simple, "stderr": reading.stderr}
+                if spec.noise_per_layer:
+                    entry["layers"] = {name: r.b_simple for name, r in noise.read_layers().items()}
+                record.noise.append(entry)
             while pending and mean < pending[0]:
                 record.reached[target_key(pending.pop(0))] = step - lag(spec.window, step)
             if not pending:

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class SweepConfig:
     diverge_factor: float = 1.5
     noise_interval: int = 0           # B_simple along the runs, one step in this many
     noise_source: str = "per_sample"
+    noise_per_layer: bool = False
     bootstrap: int = 500
 
     def __post_init__(self):
@@ -73,7 +74,8 @@ class SweepConfig:
         return RunSpec(batch=batch, lr=self.start_lr(batch), seed=self.seed,
                        targets=tuple(self.targets), max_steps=self.max_steps,
                        window=self.window, diverge_factor=self.diverge_factor,
-                       noise_interval=self.noise_interval, noise_source=self.noise_source)
+                       noise_interval=self.noise_interval, noise_source=self.noise_source,
+                       noise_per_layer=self.noise_per_layer)
 
 
 @dataclass
@@ -95,15 +97,21 @@ class SweepResult:
 
 
 class _Done:
-    """A finished job, for the serial engine."""
+    """A finished job of the serial engine: its value, or what it raised."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, fn, args):
+        self.value = self.error = None
+        try:
+            self.value = fn(*args)
+        except Exception as exc:
+            self.error = exc
 
     def done(self) -> bool:
         return True
 
     def result(self):
+        if self.error is not None:
+            raise self.error
         return self.value
 
 
@@ -111,7 +119,7 @@ class SerialEngine:
     """Runs each job in this process when it is submitted."""
 
     def submit(self, fn, *args):
-        return _Done(fn(*args))
+        return _Done(fn, args)
 
 
 def _job(task: Task, spec: RunSpec, threads: int) -> dict:
@@ -138,8 +146,10 @@ def _check_folder(out: Path, task: Task, config: SweepConfig, resume: bool) -> N
         if not resume:
             raise FileExistsError(f"critical batch: {out} already holds a sweep; pass resume=True "
                                   "(--resume) to continue it, or choose another folder")
+        # a setting the saved sweep predates counts as its default
+        defaults = {f.name: f.default for f in fields(SweepConfig)}
         changed = sorted(k for k in set(mine["config"]) | set(theirs["config"])
-                         if mine["config"].get(k) != theirs["config"].get(k)
+                         if mine["config"].get(k) != theirs["config"].get(k, defaults.get(k))
                          and k not in ("bootstrap",))
         if theirs["task"] != task.name or changed:
             raise ValueError(f"critical batch: the sweep in {out} was run with other settings "
@@ -198,7 +208,12 @@ def run_sweep(task: Task, config: SweepConfig, out: str | Path | None = None,
                 for job in finished:
                     jobs.remove(job)
                     future, s, spec = job
-                    record = RunRecord.from_dict(future.result())
+                    try:
+                        record = RunRecord.from_dict(future.result())
+                    except Exception as exc:
+                        kept = f"; the finished runs are kept in {out}" if out else ""
+                        raise RuntimeError(f"critical batch: the run {spec.key} failed: {exc}"
+                                           f"{kept}") from exc
                     if out is not None:
                         path = out / "runs" / f"{spec.key}.json"
                         path.with_suffix(".tmp").write_text(json.dumps(record.to_dict()))
