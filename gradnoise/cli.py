@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--minutes", type=float, default=4.0, help="time budget of the run")
         p.add_argument("--samples", type=int, default=0, help="examples per run (default 60,000)")
         p.add_argument("--max-batch", type=int, default=0, help="largest batch (default 512)")
-        p.add_argument("--policy", choices=("critical", "goodput"), default="critical")
+        p.add_argument("--policy", choices=("critical", "goodput"), default="goodput")
         p.add_argument("--lr-rule", choices=("none", "linear", "sqrt"), default="sqrt")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
