@@ -54,27 +54,38 @@ def hessian_noise_scale(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch
     """
     params = [p for p in model.parameters() if p.requires_grad]
     n = min(samples, inputs.shape[0])
+    return hessian_noise_scale_of(
+        params, lambda: loss_fn(model(inputs), targets),
+        lambda i: loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]), n)
+
+
+def hessian_noise_scale_of(params: list[torch.Tensor], batch_loss: Callable[[], torch.Tensor],
+                           sample_loss: Callable[[int], torch.Tensor],
+                           samples: int) -> HessianNoiseScale:
+    """`hessian_noise_scale` for any loss: batch_loss() the mean loss of the
+    batch, sample_loss(i) that of its sample i, for i < samples (≥ 2)."""
+    n = samples
     if n < 2:
         raise ValueError("hessian_noise_scale: needs at least 2 samples")
 
-    def gradient(x, y) -> torch.Tensor:
-        return _flat(torch.autograd.grad(loss_fn(model(x), y), params)).detach()
+    def gradient(i) -> torch.Tensor:
+        return _flat(torch.autograd.grad(sample_loss(i), params)).detach()
 
-    per_sample = torch.stack([gradient(inputs[i:i + 1], targets[i:i + 1]) for i in range(n)])
-    # One graph of the batch gradient serves every Hessian-vector product.
-    batch_grad = _flat(torch.autograd.grad(loss_fn(model(inputs), targets), params,
-                                           create_graph=True))
+    with torch.enable_grad():
+        per_sample = torch.stack([gradient(i) for i in range(n)])
+        # One graph of the batch gradient serves every Hessian-vector product.
+        batch_grad = _flat(torch.autograd.grad(batch_loss(), params, create_graph=True))
 
-    def hvp(vec: torch.Tensor) -> torch.Tensor:
-        return _flat(torch.autograd.grad(batch_grad, params, grad_outputs=vec,
-                                         retain_graph=True))
+        def hvp(vec: torch.Tensor) -> torch.Tensor:
+            return _flat(torch.autograd.grad(batch_grad, params, grad_outputs=vec,
+                                             retain_graph=True))
 
-    G = batch_grad.detach()
-    gHg = (G * hvp(G)).sum().item()
-    centred = per_sample - per_sample.mean(0)
-    # The Hessian of the batch loss stands for H (the per-sample Hessians
-    # average to it); one HVP per centred sample gradient.
-    quad = sum((c * hvp(c)).sum().item() for c in centred)
+        G = batch_grad.detach()
+        gHg = (G * hvp(G)).sum().item()
+        centred = per_sample - per_sample.mean(0)
+        # The Hessian of the batch loss stands for H (the per-sample Hessians
+        # average to it); one HVP per centred sample gradient.
+        quad = sum((c * hvp(c)).sum().item() for c in centred)
     tr_h_sigma = quad / (n - 1)
     sq = G.square().sum().item()
     ok = gHg > 0

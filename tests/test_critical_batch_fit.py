@@ -155,3 +155,20 @@ def test_verdict_keeps_each_configuration_s_worst_seed():
     assert got[("critical", "sqrt")]["worst_product"] == {2.0: 0.9, 1.5: math.inf}
     assert got[("critical", "sqrt")]["targets_met"] == [2.0]
     assert got[("goodput", "sqrt")]["targets_met"] == [1.5]
+
+
+def test_b_noise_along_a_run_matches_the_closed_form():
+    """The Hessian-aware noise scale read by a run (hessian.py, 128 samples
+    per reading) at the start of the quadratic model, against
+    Σ h_j c_j / Σ h_j³ θ_j²; the tolerance covers the batch gradient's own
+    noise in GᵀHG (about 3% here) and the sampling of tr(HΣ)."""
+    from gradnoise.critical_batch import RunSpec, quadratic_task, train_run
+    problem = NoisyQuadratic(dim=32, power=0.5, noise=4.0)
+    spec = RunSpec(batch=128, lr=0.0, seed=0, targets=(-1.0,), max_steps=4, window=1,
+                   hessian_interval=1, hessian_samples=128)
+    record = train_run(quadratic_task(problem), spec)
+    readings = [h["b_noise"] for h in record.hessian]
+    assert len(readings) == 4
+    assert np.mean(readings) == pytest.approx(problem.b_noise(), rel=0.2)
+    h = problem.curvature()
+    assert problem.b_noise() == pytest.approx(float((4 * h * h).sum() / h.pow(3).sum()))

@@ -57,6 +57,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="step budget of a run")
     p.add_argument("--noise-interval", type=int, default=4,
                    help="with the noise method: measure B_simple one step in this many")
+    p.add_argument("--hessian-interval", type=int, default=None,
+                   help="with the noise method: B_noise (Hessian-aware, 8 samples) one step in "
+                        "this many (default: 10 on the quadratic model, off on the LM, where "
+                        "one reading costs about ten steps)")
     p.add_argument("--per-layer", action="store_true",
                    help="with the noise method: B_simple of each layer too (in the JSON)")
     p.add_argument("--branch-batch", type=int, default=None, help="trunk batch of the branches")
@@ -83,12 +87,12 @@ def _defaults(args) -> dict:
         return dict(task=quadratic_task(problem), problem=problem, batches=[2, 4, 8, 16, 32, 64,
                     128], targets=[1.0, 0.6], lr=0.2, max_steps=3000, window=20,
                     noise_source="micro_batch", branch_batch=2, branch_steps=[20, 100],
-                    branch_examples=512)
+                    branch_examples=512, hessian_interval=10)
     from .builtin import byte_lm_task
     return dict(task=byte_lm_task(), problem=None, batches=[8, 16, 32, 64, 128, 256],
                 targets=[2.6, 2.4, 2.2, 2.0], lr=1e-3, max_steps=3000, window=20,
                 noise_source="per_sample", branch_batch=8, branch_steps=[100, 400],
-                branch_examples=4096)
+                branch_examples=4096, hessian_interval=0)
 
 
 def _engine(args):
@@ -122,7 +126,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
                              seed=args.seed,
                              max_steps=args.max_steps or d["max_steps"], window=d["window"],
                              noise_interval=args.noise_interval if "noise" in args.methods else 0,
-                             noise_source=d["noise_source"], noise_per_layer=args.per_layer)
+                             noise_source=d["noise_source"], noise_per_layer=args.per_layer,
+                             hessian_interval=(d["hessian_interval"] if args.hessian_interval
+                                               is None else args.hessian_interval)
+                             if "noise" in args.methods else 0)
         console.print(f"Fixed-batch sweep on {d['task'].name}: batches {config.batches}, "
                       f"targets {config.targets}, learning rates from {config.lr:g} "
                       f"(×{config.lr_factor:g} grid, extended at its edges)")

@@ -10,7 +10,9 @@ learning rate α each direction evolves independently in expectation,
 
 so the steps S(B) to a target, their optimum over α and B_crit follow
 without sampling (`expected_losses`, `analytic_steps`). The simple noise
-scale at θ is B_simple = tr(Σ)/‖G‖² = Σ_j c_j / Σ_j h_j² θ_j² (`b_simple`).
+scale at θ is B_simple = tr(Σ)/‖G‖² = Σ_j c_j / Σ_j h_j² θ_j² (`b_simple`), and
+the Hessian-aware one B_noise = tr(HΣ)/GᵀHG = Σ_j h_j c_j / Σ_j h_j³ θ_j²
+(`b_noise`).
 
 As a `Task` the model is θ itself and a batch is its noise draw z [B, n].
 The loss a run reads is L(θ), exactly: the sampled term θ·(√c ⊙ z̄) has mean
@@ -50,6 +52,12 @@ class NoisyQuadratic:
         """Σ c_j / Σ h_j² θ_j² at θ (default: the start)."""
         theta = self.start() if theta is None else theta.double()
         return float(self.noise_variance().sum() / (self.curvature().square() * theta.square()).sum())
+
+    def b_noise(self, theta: torch.Tensor | None = None) -> float:
+        """tr(HΣ)/GᵀHG = Σ h_j c_j / Σ h_j³ θ_j² at θ (default: the start)."""
+        theta = self.start() if theta is None else theta.double()
+        h = self.curvature()
+        return float((h * self.noise_variance()).sum() / (h.pow(3) * theta.square()).sum())
 
     def expected_losses(self, batch: int, lr, steps: int) -> np.ndarray:
         """E L at each of `steps` SGD steps, read as a training run reads its

@@ -26,9 +26,20 @@ def noise_readings(sweep: SweepResult) -> list[dict]:
     return []
 
 
+def hessian_readings(sweep: SweepResult) -> list[dict]:
+    """B_noise readings along the same run as `noise_readings`: [{loss, b_noise, step}]."""
+    for batch in sorted(sweep.best_lr):
+        lr = sweep.best_lr[batch]
+        for r in sweep.records:
+            if r.spec["batch"] == batch and r.spec["lr"] == lr and r.hessian:
+                return r.hessian
+    return []
+
+
 def write_json(path: Path, sweep: SweepResult | None, branches: dict | None) -> Path:
     data = {"sweep": sweep.to_dict() if sweep else None, "branches": branches,
-            "noise_scale": noise_readings(sweep) if sweep else []}
+            "noise_scale": noise_readings(sweep) if sweep else [],
+            "b_noise": hessian_readings(sweep) if sweep else []}
     path.write_text(json.dumps(data, indent=1, default=float))
     return path
 
@@ -121,6 +132,10 @@ def write_plots(out: Path, sweep: SweepResult | None, branches: list | None) -> 
                             for r in readings])
             ax.plot(loss, b, color="tab:green", alpha=0.8, label="B_simple along the run")
             ax.fill_between(loss, b - 1.96 * err, b + 1.96 * err, color="tab:green", alpha=0.15)
+        hessian = [h for h in hessian_readings(sweep) if h["b_noise"] is not None]
+        if hessian:
+            ax.plot([h["loss"] for h in hessian], [h["b_noise"] for h in hessian], ".",
+                    color="tab:purple", label="B_noise (Hessian) along the run")
     if branches:
         pts = [(p["trunk_loss"], p["critical_batch"], p["bounded"]) for p in branches]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-", color="tab:red",

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from ..data import EpochSampler
+from ..hessian import hessian_noise_scale_of
 
 
 @dataclass
@@ -68,6 +69,8 @@ class RunSpec:
     noise_interval: int = 0          # measure B_simple one step in this many (0: never)
     noise_source: str = "per_sample"
     noise_per_layer: bool = False    # B_simple of each module that owns parameters, too
+    hessian_interval: int = 0        # B_noise (Hessian-aware) one step in this many (0: never)
+    hessian_samples: int = 8
 
     @property
     def key(self) -> str:
@@ -83,6 +86,7 @@ class RunRecord:
     status: str = "running"       # "done", "budget" (stopped at max_steps), "diverged"
     seconds: float = 0.0
     noise: list[dict] = field(default_factory=list)       # step, loss, b_simple, stderr, ...
+    hessian: list[dict] = field(default_factory=list)     # step, loss, b_noise
 
     def steps_to(self, target: float) -> float:
         """Lag-corrected steps to `target`, or inf if the run did not reach it."""
@@ -169,6 +173,26 @@ def _half(batch, k: int):
     return type(batch)(t.chunk(2)[k] for t in batch)
 
 
+def _sample(batch, i: int):
+    """Sample i of a batch (a tensor, or a tuple or list of them), batch dim kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i:i + 1]
+    return type(batch)(t[i:i + 1] for t in batch)
+
+
+def _b_noise(task: Task, model: nn.Module, batch, samples: int) -> float | None:
+    """B_noise = tr(HΣ)/GᵀHG at the model's parameters on this batch (hessian.py),
+    on a fresh copy: the run's noise-scale hooks must not see these backward passes."""
+    twin = task.model()
+    twin.load_state_dict(model.state_dict())
+    model = twin
+    params = [p for p in model.parameters() if p.requires_grad]
+    size = batch.shape[0] if isinstance(batch, torch.Tensor) else batch[0].shape[0]
+    return hessian_noise_scale_of(params, lambda: task.loss(model, batch),
+                                  lambda i: task.loss(model, _sample(batch, i)),
+                                  min(samples, size)).b_noise
+
+
 def _noise_reader(model: nn.Module, spec: RunSpec):
     if not spec.noise_interval:
         return None
@@ -202,6 +226,9 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
     try:
         for step in range(1, spec.max_steps + 1):
             batch = draw(spec.batch)
+            b_noise = None
+            if spec.hessian_interval and (step - 1) % spec.hessian_interval == 0:
+                b_noise = _b_noise(task, model, batch, spec.hessian_samples)
             optimizer.zero_grad(set_to_none=True)
             if split:   # two backward passes: the micro-batch source compares them
                 parts = [_half(batch, k) for k in range(2)]
@@ -233,6 +260,9 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
                 if spec.noise_per_layer:
                     entry["layers"] = {name: r.b_simple for name, r in noise.read_layers().items()}
                 record.noise.append(entry)
+            if b_noise is not None:
+                record.hessian.append({"step": step - lag(spec.window, step), "loss": mean,
+                                       "b_noise": b_noise})
             while pending and mean < pending[0]:
                 record.reached[target_key(pending.pop(0))] = step - lag(spec.window, step)
             if not pending:

@@ -48,6 +48,7 @@ class SweepConfig:
     noise_interval: int = 0           # B_simple along the runs, one step in this many
     noise_source: str = "per_sample"
     noise_per_layer: bool = False
+    hessian_interval: int = 0         # B_noise along the runs, one step in this many
     bootstrap: int = 500
 
     def __post_init__(self):
@@ -75,7 +76,8 @@ class SweepConfig:
                        targets=tuple(self.targets), max_steps=self.max_steps,
                        window=self.window, diverge_factor=self.diverge_factor,
                        noise_interval=self.noise_interval, noise_source=self.noise_source,
-                       noise_per_layer=self.noise_per_layer)
+                       noise_per_layer=self.noise_per_layer,
+                       hessian_interval=self.hessian_interval)
 
 
 @dataclass
