@@ -60,10 +60,16 @@ def hessian_noise_scale(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch
 
 
 def hessian_noise_scale_of(params: list[torch.Tensor], batch_loss: Callable[[], torch.Tensor],
-                           sample_loss: Callable[[int], torch.Tensor],
-                           samples: int) -> HessianNoiseScale:
+                           sample_loss: Callable[[int], torch.Tensor], samples: int,
+                           batch_size: int | None = None) -> HessianNoiseScale:
     """`hessian_noise_scale` for any loss: batch_loss() the mean loss of the
-    batch, sample_loss(i) that of its sample i, for i < samples (≥ 2)."""
+    batch, sample_loss(i) that of its sample i, for i < samples (≥ 2).
+
+    batch_size: the batch's number of samples B, to remove the batch
+    gradient's own noise: E[G_BᵀH G_B] = GᵀHG + tr(HΣ)/B and
+    E‖G_B‖² = ‖G‖² + tr(Σ)/B, both estimated from the same per-sample
+    gradients. Without it the batch's G_B stands for G, which overstates
+    GᵀHG, and understates B_noise, unless B ≫ B_noise."""
     n = samples
     if n < 2:
         raise ValueError("hessian_noise_scale: needs at least 2 samples")
@@ -88,6 +94,9 @@ def hessian_noise_scale_of(params: list[torch.Tensor], batch_loss: Callable[[], 
         quad = sum((c * hvp(c)).sum().item() for c in centred)
     tr_h_sigma = quad / (n - 1)
     sq = G.square().sum().item()
+    if batch_size is not None:
+        gHg -= tr_h_sigma / batch_size
+        sq -= centred.square().sum().item() / (n - 1) / batch_size
     ok = gHg > 0
     return HessianNoiseScale(tr_h_sigma / gHg if ok else None, sq / gHg if ok else None,
                              tr_h_sigma, gHg, sq, n)

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--noise-interval", type=int, default=4,
                    help="with the noise method: measure B_simple one step in this many")
     p.add_argument("--hessian-interval", type=int, default=None,
-                   help="with the noise method: B_noise (Hessian-aware, 8 samples) one step in "
+                   help="with the noise method: B_noise (Hessian-aware, 16 samples) one step in "
                         "this many (default: 10 on the quadratic model, off on the LM, where "
                         "one reading costs about ten steps)")
     p.add_argument("--per-layer", action="store_true",

@@ -70,7 +70,7 @@ class RunSpec:
     noise_source: str = "per_sample"
     noise_per_layer: bool = False    # B_simple of each module that owns parameters, too
     hessian_interval: int = 0        # B_noise (Hessian-aware) one step in this many (0: never)
-    hessian_samples: int = 8
+    hessian_samples: int = 16        # its own batch, drawn apart from the training batches
 
     @property
     def key(self) -> str:
@@ -180,17 +180,17 @@ def _sample(batch, i: int):
     return type(batch)(t[i:i + 1] for t in batch)
 
 
-def _b_noise(task: Task, model: nn.Module, batch, samples: int) -> float | None:
-    """B_noise = tr(HΣ)/GᵀHG at the model's parameters on this batch (hessian.py),
-    on a fresh copy: the run's noise-scale hooks must not see these backward passes."""
+def _b_noise(task: Task, model: nn.Module, batch) -> float | None:
+    """B_noise = tr(HΣ)/GᵀHG at the model's parameters (hessian.py), from every
+    sample of `batch`, the batch gradient's own noise removed. On a fresh copy
+    of the model: the run's noise-scale hooks must not see these backward passes."""
     twin = task.model()
     twin.load_state_dict(model.state_dict())
-    model = twin
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in twin.parameters() if p.requires_grad]
     size = batch.shape[0] if isinstance(batch, torch.Tensor) else batch[0].shape[0]
-    return hessian_noise_scale_of(params, lambda: task.loss(model, batch),
-                                  lambda i: task.loss(model, _sample(batch, i)),
-                                  min(samples, size)).b_noise
+    return hessian_noise_scale_of(params, lambda: task.loss(twin, batch),
+                                  lambda i: task.loss(twin, _sample(batch, i)), size,
+                                  batch_size=size).b_noise
 
 
 def _noise_reader(model: nn.Module, spec: RunSpec):
@@ -217,6 +217,8 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
         for group in optimizer.param_groups:
             group["lr"] = spec.lr
     draw = draw_batches(task, spec.seed)
+    # measurements draw from their own stream: the training batches stay those of a run without
+    measure = draw_batches(task, spec.seed + 7919) if spec.hessian_interval else None
     record = RunRecord(spec=asdict(spec))
     pending = sorted(set(spec.targets), reverse=True)
     noise = _noise_reader(model, spec)
@@ -228,7 +230,7 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
             batch = draw(spec.batch)
             b_noise = None
             if spec.hessian_interval and (step - 1) % spec.hessian_interval == 0:
-                b_noise = _b_noise(task, model, batch, spec.hessian_samples)
+                b_noise = _b_noise(task, model, measure(spec.hessian_samples))
             optimizer.zero_grad(set_to_none=True)
             if split:   # two backward passes: the micro-batch source compares them
                 parts = [_half(batch, k) for k in range(2)]
