@@ -31,7 +31,7 @@ from torch import nn
 
 @dataclass
 class HessianNoiseScale:
-    b_noise: float | None     # tr(HΣ)/(GᵀHG); None if GᵀHG ≤ 0
+    b_noise: float | None     # tr(HΣ)/(GᵀHG); None if GᵀHG ≤ 0 or tr(HΣ) < 0
     eps_max: float | None     # ‖G‖²/(GᵀHG); None if GᵀHG ≤ 0
     trace_h_sigma: float
     g_h_g: float
@@ -98,5 +98,6 @@ def hessian_noise_scale_of(params: list[torch.Tensor], batch_loss: Callable[[], 
         gHg -= tr_h_sigma / batch_size
         sq -= centred.square().sum().item() / (n - 1) / batch_size
     ok = gHg > 0
-    return HessianNoiseScale(tr_h_sigma / gHg if ok else None, sq / gHg if ok else None,
-                             tr_h_sigma, gHg, sq, n)
+    # a negative tr(HΣ) (indefinite H, or sampling) gives no B_noise rather than a negative one
+    return HessianNoiseScale(tr_h_sigma / gHg if ok and tr_h_sigma >= 0 else None,
+                             sq / gHg if ok else None, tr_h_sigma, gHg, sq, n)

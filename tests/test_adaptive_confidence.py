@@ -46,6 +46,14 @@ def test_goodput_grows_on_the_lower_bound():
     assert pol.decide(16, uncertain, 0, lim) == 96 or pol.decide(16, uncertain, 0, lim) == 104
     useless = NoiseScale(1.0, 400.0, 400.0, 1000.0, 12)                    # lower bound < 0
     assert pol.decide(16, useless, 0, lim) == 16
+    # free to shrink: a wide reading whose lower bound asks for less and upper bound for
+    # more keeps the batch (never grows on the upper bound)
+    lim.grow_only = False
+    wide = NoiseScale(1.0, 100.0, 100.0, 60.0 / 1.645, 12)                  # [40, 160]
+    assert pol.decide(64, wide, 0, lim) == 64
+    # both bounds below: shrinks as far as the upper bound allows
+    low = NoiseScale(1.0, 4.0, 4.0, 1.0, 12)                                # [2.4, 5.6]
+    assert pol.decide(64, low, 0, lim) == pol.best(64, 4.0 + 1.645, lim)
 
 
 def test_the_controller_checks_and_passes_the_confidence():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradnoise.critical_batch import NoisyQuadratic, fit_front, linear_scaling_limit, pareto_product
-from gradnoise.critical_batch.judge import place, steps_and_examples
+from gradnoise.critical_batch.judge import place, place_history, steps_and_examples
 from gradnoise.critical_batch.nqm import QuadraticModel
 from gradnoise.noise_scale import GradientNoiseScale
 
@@ -113,33 +113,42 @@ def test_noise_scale_at_the_start_matches_the_closed_form():
 def test_analytic_steps_read_the_curve_as_a_run_does():
     problem = NoisyQuadratic(dim=8, noise=1.0)
     curve = problem.expected_losses(4, 0.3, 200)
-    target = float(curve[49]) * 1.0000001        # crossed at step 50 exactly (the raw curve)
-    assert problem.analytic_steps(4, 0.3, target, 200) == 50
+    assert curve[0] == pytest.approx(0.5 * float(problem.curvature().sum()))  # step 1: the start
+    target = float(curve[49]) * 1.0000001        # the loss of step 50: after 49 updates
+    assert problem.analytic_steps(4, 0.3, target, 200) == 49
     # a trailing mean over 5 steps lags by 2 steps: corrected back
-    assert abs(problem.analytic_steps(4, 0.3, target, 200, window=5) - 50) <= 1
+    assert abs(problem.analytic_steps(4, 0.3, target, 200, window=5) - 49) <= 1
     assert problem.analytic_steps(4, 0.3, 1e-9, 200) == math.inf   # below the noise floor
     steps, lr = problem.best_analytic_steps(4, target, 200)
-    assert steps <= 50 and lr > 0
+    assert steps <= 49 and lr > 0
 
 
 def test_a_run_is_placed_where_its_smoothed_loss_crosses_the_target():
-    # loss falls by 0.01 a step from 1.0: the raw curve is first below 0.5037 at step 51
+    # each step's loss is taken before its update; it falls by 0.01 a step from
+    # 1.0, first below 0.5037 at step 51: after 50 updates
     losses = [1.0 - 0.01 * k for k in range(100)]
     samples = [8 * (k + 1) if k < 40 else 320 + 16 * (k - 39) for k in range(100)]
     s, e = steps_and_examples(losses, samples, 0.5037, window=1)
-    assert s == 51 and e == samples[50]
+    assert s == 50 and e == samples[49]
     # a trailing mean over 9 steps of a straight line is the line 4 steps back: no lag left
-    assert steps_and_examples(losses, samples, 0.5037, window=9) == (51, samples[50])
-    # a crossing between two steps takes its examples in between
+    assert steps_and_examples(losses, samples, 0.5037, window=9) == (50, samples[49])
+    # a crossing between two updates takes its examples in between
     s2, e2 = steps_and_examples(losses, samples, 0.5037, window=2)
-    assert s2 == 51.5 and e2 == (samples[50] + samples[51]) / 2
+    assert s2 == 50.5 and e2 == (samples[49] + samples[50]) / 2
     assert steps_and_examples(losses, samples, -1.0) is None
+    assert steps_and_examples(losses, samples, 2.0, window=1) == (0, 0)   # before any update
     fit = fit_front([8, 16, 32, 64], [40 * (1 + 20 / b) for b in (8, 16, 32, 64)], bootstrap=0)
     placed = place(losses, samples, {0.5037: fit, 2.0: fit, -1.0: "no front"}, window=1)
     assert [p.target for p in placed] == [2.0, 0.5037, -1.0]
-    assert placed[0].steps == 1 and placed[2].steps is None
-    assert placed[1].pareto_product == pytest.approx(pareto_product(51, samples[50], fit.s_min,
+    assert placed[0].steps == 0 and placed[2].steps is None
+    assert placed[1].pareto_product == pytest.approx(pareto_product(50, samples[49], fit.s_min,
                                                                     fit.e_min))
+    # a step the GradScaler skipped is no update
+    history = [{"loss": v, "samples": n, "skipped": False} for v, n in zip(losses, samples)]
+    history.insert(10, {"loss": 9.9, "samples": samples[9] + 8, "skipped": True})
+    for h in history[11:]:
+        h["samples"] += 8
+    assert place_history(history, {0.5037: fit}, window=1)[0].steps == 50
 
 
 def test_verdict_keeps_each_configuration_s_worst_seed():

@@ -196,7 +196,9 @@ class GoodputPolicy:
         lower, upper = limits.bounds(reading)
         best = self.best(current, max(lower, 0.0), limits)
         if best is not None and best < current:
-            best = max(best, self.best(current, upper, limits))
+            # a shrink needs the upper bound to ask for one too, and goes as far as it asks
+            cautious = self.best(current, upper, limits)
+            best = cautious if cautious is not None and cautious < current else current
         return current if best is None else limits.accept(current, best)
 
     def state_dict(self) -> dict:

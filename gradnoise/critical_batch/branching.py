@@ -7,8 +7,8 @@ for each factor k, each on the same number of examples, with the learning
 rate the rule gives k·B, the rate a sweep found best at k·B (`rates`), or
 the best of multipliers around either (`tune`).
 The branches' losses are compared as each run reads its own, smoothed: the
-local critical batch at the checkpoint is the largest k·B whose loss is
-within ε (relative) of the branch at B. It follows the critical batch along
+local critical batch at the checkpoint is the largest k·B such that the
+branches at every factor up to k end within ε (relative) of the branch at B. It follows the critical batch along
 training at a fraction of a full sweep's cost.
 """
 from __future__ import annotations
@@ -45,6 +45,9 @@ class BranchConfig:
                              f"others are compared with), got {self.factors}")
         self.factors = sorted(set(int(k) for k in self.factors))
         self.checkpoints = sorted(set(int(c) for c in self.checkpoints))
+        if not self.checkpoints or self.checkpoints[0] < 1 or self.window < 1:
+            raise ValueError(f"BranchConfig: need checkpoints at steps >= 1 (at least one) and "
+                             f"window >= 1, got {self.checkpoints}, {self.window}")
         if not self.branch_examples:
             self.branch_examples = 64 * self.batch * max(self.factors)
 
@@ -102,27 +105,36 @@ def run_branches(task: Task, config: BranchConfig, progress: bool = True) -> lis
                                 trunk_loss=smoothed(losses, config.window)[-1])
             for k in config.factors:
                 batch = k * config.batch
-                # the trailing mean at the end reads the loss lag(window) steps back:
-                # run that much longer, so every branch is read at the same examples
-                steps = max(config.window, math.ceil(config.branch_examples / batch
-                                                     + lag(config.window)))
+                # every branch's trailing mean covers about window·B examples, and
+                # reads the loss 1 + lag steps back: run that much longer, so that
+                # every branch is read after the same examples
+                window = max(1, round(config.window / k))
+                steps = math.ceil(config.branch_examples / batch + 1 + lag(window))
                 best = None
                 for m in multipliers:
                     spec = RunSpec(batch=batch, lr=config.branch_lr(k) * m,
                                    seed=config.seed + 1000 * step + k, targets=(-math.inf,),
-                                   max_steps=steps, window=config.window,
-                                   diverge_factor=math.inf)
+                                   max_steps=steps, window=window, diverge_factor=math.inf)
                     record = train_run(task, spec, model_state=state)
-                    end = smoothed(record.losses, config.window)[-1] \
+                    end = smoothed(record.losses, window)[-1] \
                         if record.status != "diverged" else math.inf
                     if best is None or end < best[0]:
                         best = (end, spec.lr)
                     bar.advance(bar_id)
                 point.losses[k], point.lrs[k] = best
             base = point.losses[1]
-            within = [k for k in config.factors if point.losses[k] <= base * (1 + config.epsilon)]
-            point.critical_batch = max(within) * config.batch
-            point.bounded = max(within) < max(config.factors)
+            if not math.isfinite(base):
+                raise RuntimeError(f"branching: the branch at B={config.batch} from step {step} "
+                                   f"diverged (lr {point.lrs[1]:g}); the others have nothing to "
+                                   "be compared with. Lower the rate")
+            # the largest k with every factor up to it within ε of k = 1
+            largest = 1
+            for k in config.factors[1:]:
+                if point.losses[k] - base > config.epsilon * abs(base):
+                    break
+                largest = k
+            point.critical_batch = largest * config.batch
+            point.bounded = largest < max(config.factors)
             points.append(point)
 
         _trunk(task, config, branch_all)

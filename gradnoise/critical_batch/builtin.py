@@ -3,6 +3,7 @@ model on the standard library's source, trained by Adam."""
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -30,7 +31,10 @@ def _loss(model: torch.nn.Module, batch) -> torch.Tensor:
 def byte_lm_task(config: DemoConfig | None = None) -> Task:
     """The demo's model, data and optimizer (DemoConfig's sizes)."""
     config = config or DemoConfig()
-    return Task(name=f"byte-lm(d={config.width}, blocks={config.blocks}, "
-                     f"context={config.context})",
+    # everything the runs depend on, so that a resumed sweep refuses another's runs;
+    # the data is the standard library of this Python version
+    return Task(name=f"byte-lm(d={config.width}, heads={config.heads}, blocks={config.blocks}, "
+                     f"context={config.context}, bytes={config.data_bytes}, "
+                     f"python={platform.python_version()})",
                 model=functools.partial(_model, config), optimizer=_adam, loss=_loss,
                 data=functools.partial(byte_windows, config))

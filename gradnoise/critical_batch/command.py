@@ -103,9 +103,6 @@ def _engine(args):
         executor = submitit.AutoExecutor(folder=Path(args.out) / "submitit")
         executor.update_parameters(timeout_min=60)
         return executor, 0
-    if args.workers:
-        from .sweep import local_engine
-        return local_engine(args.workers)
     return None, 0
 
 
@@ -136,7 +133,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         engine, threads = _engine(args)
         try:
             sweep = run_sweep(d["task"], config, out=out / "sweep", engine=engine,
-                              threads=threads, resume=args.resume)
+                              threads=threads, resume=args.resume, workers=args.workers or None)
         except (FileExistsError, ValueError) as exc:     # the folder holds another sweep
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -227,7 +224,9 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
             sweep_args = build_default_args(folder)
             sweep_args.methods, sweep_args.seed = ["sweep"], seed
             sweep_args.resume = (folder / "sweep" / "sweep.json").exists()
-            run(sweep_args, console)
+            code = run(sweep_args, console)
+            if code:
+                return code
         else:
             folder = Path(args.front.replace("{seed}", str(seed)))
         fronts[seed] = load_sweep(folder / "sweep")

@@ -23,16 +23,18 @@ class Placement:
 
 def steps_and_examples(losses: list[float], samples: list[int], target: float,
                        window: int = 20) -> tuple[float, float] | None:
-    """(S, E) at which the trailing mean of `losses` first falls below
-    `target`, S lag-corrected (runs.first_crossing); E the examples seen after
-    S steps (`samples[i]`: examples after step i + 1; linear between steps).
-    None if the mean never falls below it."""
+    """(S, E): the updates S after which the trailing mean of `losses` first
+    falls below `target`, lag corrected (runs.first_crossing), and the
+    examples E those S updates took (`samples[i]`: examples after update
+    i + 1; linear between updates, 0 before the first). None if the mean
+    never falls below it."""
     s = first_crossing(losses, target, window)
     if s == math.inf:
         return None
-    lo = max(int(math.floor(s)), 1)
-    hi = min(lo + 1, len(samples))
-    return s, samples[lo - 1] + (s - lo) * (samples[hi - 1] - samples[lo - 1])
+    seen = [0, *samples]
+    lo = min(int(math.floor(s)), len(seen) - 1)
+    hi = min(lo + 1, len(seen) - 1)
+    return s, seen[lo] + (s - lo) * (seen[hi] - seen[lo])
 
 
 def place(losses: list[float], samples: list[int], fits: dict, window: int = 20
@@ -51,5 +53,8 @@ def place(losses: list[float], samples: list[int], fits: dict, window: int = 20
 
 
 def place_history(history: list[dict], fits: dict, window: int = 20) -> list[Placement]:
-    """`place` for an AdaptiveBatch history (its records' loss and samples)."""
-    return place([h["loss"] for h in history], [h["samples"] for h in history], fits, window)
+    """`place` for an AdaptiveBatch history (its records' loss and samples),
+    one entry per update: a step the GradScaler skipped is none (its samples
+    still count, in the next record's cumulative total)."""
+    steps = [h for h in history if not h.get("skipped")]
+    return place([h["loss"] for h in steps], [h["samples"] for h in steps], fits, window)

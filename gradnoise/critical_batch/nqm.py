@@ -22,13 +22,14 @@ recursion predicts the mean of.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .runs import Task, first_crossing
+from .runs import Task, first_crossing, lag
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,23 @@ class NoisyQuadratic:
         h = self.curvature()
         return float((h * self.noise_variance()).sum() / (h.pow(3) * theta.square()).sum())
 
-    def expected_losses(self, batch: int, lr, steps: int) -> np.ndarray:
+    def moments(self, batch: int, lr: float, updates: int) -> np.ndarray:
+        """E θ_j² after `updates` SGD updates from the start."""
+        h, c = self.curvature().numpy(), self.noise_variance().numpy()
+        m = self.start().numpy() ** 2
+        for _ in range(updates):
+            m = (1 - lr * h) ** 2 * m + lr * lr * c / batch
+        return m
+
+    def expected_losses(self, batch: int, lr, steps: int, start=None) -> np.ndarray:
         """E L at each of `steps` SGD steps, read as a training run reads its
         loss: at step t, at the parameters before its update (step 1: the
-        start). One learning rate ([steps]) or an array of them ([len(lr), steps])."""
+        start, or second moments `start`). One learning rate ([steps]) or an
+        array of them ([len(lr), steps])."""
         h, c = self.curvature().numpy(), self.noise_variance().numpy()
         lrs = np.atleast_1d(np.asarray(lr, dtype=np.float64))[:, None]
-        m = np.broadcast_to(self.start().numpy() ** 2, (lrs.shape[0], self.dim)).copy()
+        m0 = self.start().numpy() ** 2 if start is None else np.asarray(start, np.float64)
+        m = np.broadcast_to(m0, (lrs.shape[0], self.dim)).copy()
         decay, inject = (1 - lrs * h) ** 2, lrs * lrs * c / batch
         out = np.empty((lrs.shape[0], steps))
         with np.errstate(over="ignore", invalid="ignore"):   # rates past 2/h_max diverge: inf
@@ -93,6 +104,23 @@ class NoisyQuadratic:
         steps = self.analytic_steps(batch, lrs, target, max_steps, window)
         k = int(np.argmin(steps))
         return float(steps[k]), float(lrs[k])
+
+
+    def branch_losses(self, batch: int, lr: float, checkpoint: int, factors, rates: dict,
+                      examples: int, window: int) -> dict:
+        """The expected losses branching reads (branching.py's rules: each
+        branch at k·B runs ceil(E/(k·B) + 1 + lag) steps and is read by the
+        trailing mean over max(1, round(window/k)) steps), from a trunk at
+        (batch, lr) after `checkpoint` updates: E L is linear in E θ², so the
+        branches' expectation starts from the trunk's expected moments."""
+        m = self.moments(batch, lr, checkpoint)
+        out = {}
+        for k in factors:
+            w = max(1, round(window / k))
+            steps = math.ceil(examples / (k * batch) + 1 + lag(w))
+            curve = self.expected_losses(k * batch, rates[k], steps, start=m)
+            out[k] = float(curve[-w:].mean())
+        return out
 
 
 class QuadraticModel(nn.Module):
@@ -129,6 +157,7 @@ def _noise(problem: NoisyQuadratic, generator: torch.Generator, size: int) -> to
 
 def quadratic_task(problem: NoisyQuadratic = NoisyQuadratic()) -> Task:
     """The noisy quadratic model as a sweep's task, trained by SGD."""
-    return Task(name=f"noisy-quadratic(dim={problem.dim})",
+    return Task(name=f"noisy-quadratic(dim={problem.dim}, power={problem.power}, "
+                     f"noise={problem.noise})",
                 model=functools.partial(_model, problem), optimizer=_sgd, loss=_loss,
                 batches=functools.partial(_noise, problem))

@@ -3,10 +3,12 @@ asked (batch, learning rate, seed, target losses, a step budget) and what it
 records (the loss curve, the step each target was reached, the noise scale
 along the way).
 
-Losses are read smoothed without lag: a trailing mean over the last n steps
-(n = `window`, fewer in the first steps) describes the loss (n − 1)/2 steps
-back, so a run whose trailing mean first drops below a target at step t
-reached it at t − (n − 1)/2 (`first_crossing`). The
+Losses are read smoothed without lag. The loss of step t is taken before its
+update, at the parameters t − 1 updates made; a trailing mean over the last n
+steps (n = `window`, fewer in the first steps) describes the loss (n − 1)/2
+steps back. So a run whose trailing mean first drops below a target at step t
+reached it after S = t − 1 − (n − 1)/2 updates (`updates_at`, `first_crossing`):
+the steps S of McCandlish et al., and E = B·S examples. The
 run stops once the last target is reached, once it can no longer reach it
 within `max_steps` (the sweep sets that to the best run's count at the same
 batch: a run that has not got there by then cannot beat it), or once its
@@ -82,7 +84,7 @@ class RunSpec:
 class RunRecord:
     spec: dict
     losses: list[float] = field(default_factory=list)     # per step, as trained
-    reached: dict = field(default_factory=dict)           # str(target) -> lag-corrected step
+    reached: dict = field(default_factory=dict)           # str(target) -> updates (lag corrected)
     status: str = "running"       # "done", "budget" (stopped at max_steps), "diverged"
     seconds: float = 0.0
     noise: list[dict] = field(default_factory=list)       # step, loss, b_simple, stderr, ...
@@ -123,10 +125,16 @@ def lag(window: int, step: int | None = None) -> float:
     return (n - 1) / 2.0
 
 
+def updates_at(step: int, window: int) -> float:
+    """Updates behind the loss that the trailing mean at `step` (1-based)
+    describes: step − 1 − lag."""
+    return step - 1 - lag(window, step)
+
+
 def first_crossing(losses, target: float, window: int):
-    """Lag-corrected step at which the trailing mean of `losses` first falls
-    below `target` (inf if never): one curve [steps], or one per row
-    [curves, steps] (then an array of steps)."""
+    """Updates after which the trailing mean of `losses` (each step's loss
+    before its update) first falls below `target`, lag corrected (inf if
+    never): one curve [steps], or one per row [curves, steps] (then an array)."""
     curves = np.atleast_2d(np.asarray(losses, dtype=np.float64))
     steps = np.arange(1, curves.shape[1] + 1)
     n = np.minimum(steps, window)
@@ -135,7 +143,7 @@ def first_crossing(losses, target: float, window: int):
         means = (cs[:, steps] - cs[:, steps - n]) / n
     below = means < target
     hit = below.argmax(1)
-    out = np.where(below.any(1), steps[hit] - (n[hit] - 1) / 2.0, np.inf)
+    out = np.where(below.any(1), steps[hit] - 1 - (n[hit] - 1) / 2.0, np.inf)
     return float(out[0]) if np.ndim(losses) == 1 else out
 
 
@@ -184,7 +192,8 @@ def _b_noise(task: Task, model: nn.Module, batch) -> float | None:
     """B_noise = tr(HΣ)/GᵀHG at the model's parameters (hessian.py), from every
     sample of `batch`, the batch gradient's own noise removed. On a fresh copy
     of the model: the run's noise-scale hooks must not see these backward passes."""
-    twin = task.model()
+    with torch.random.fork_rng(devices=[]):   # the run's own random draws stay as they were
+        twin = task.model()
     twin.load_state_dict(model.state_dict())
     params = [p for p in twin.parameters() if p.requires_grad]
     size = batch.shape[0] if isinstance(batch, torch.Tensor) else batch[0].shape[0]
@@ -257,16 +266,16 @@ def train_run(task: Task, spec: RunSpec, on_step: Callable[[int, float], None] |
             mean = total / min(step, spec.window)
             if noise is not None and reading is not None and reading.b_simple is not None \
                     and (step - 1) % spec.noise_interval == 0:
-                entry = {"step": step - lag(spec.window, step), "loss": mean,
+                entry = {"step": updates_at(step, spec.window), "loss": mean,
                          "b_simple": reading.b_simple, "stderr": reading.stderr}
                 if spec.noise_per_layer:
                     entry["layers"] = {name: r.b_simple for name, r in noise.read_layers().items()}
                 record.noise.append(entry)
             if b_noise is not None:
-                record.hessian.append({"step": step - lag(spec.window, step), "loss": mean,
+                record.hessian.append({"step": updates_at(step, spec.window), "loss": mean,
                                        "b_noise": b_noise})
             while pending and mean < pending[0]:
-                record.reached[target_key(pending.pop(0))] = step - lag(spec.window, step)
+                record.reached[target_key(pending.pop(0))] = updates_at(step, spec.window)
             if not pending:
                 record.status = "done"
                 break

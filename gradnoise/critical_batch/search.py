@@ -60,8 +60,9 @@ class BatchSearch:
         final = min(self.template.targets)
         if best is None or best[1].steps_to(final) == math.inf:
             return self.template.max_steps
+        # reaching S updates shows in the mean at step S + 1 + lag
         return min(self.template.max_steps,
-                   math.ceil(best[1].steps_to(final) + lag(self.template.window)))
+                   math.ceil(best[1].steps_to(final) + 1 + lag(self.template.window)))
 
     def _extend(self) -> None:
         """Queue one rate beyond the edge the best run sits on, if it does."""

@@ -64,6 +64,13 @@ class SweepConfig:
         if self.lr_factor <= 1 or self.lr_points < 1:
             raise ValueError(f"SweepConfig: need lr_factor > 1 and lr_points >= 1, got "
                              f"{self.lr_factor}, {self.lr_points}")
+        if self.window < 1 or self.max_steps < 1 or self.bootstrap < 0:
+            raise ValueError(f"SweepConfig: need window >= 1, max_steps >= 1 and bootstrap >= 0, "
+                             f"got {self.window}, {self.max_steps}, {self.bootstrap}")
+        odd = [b for b in self.batches if b < 2 or b % 2]
+        if self.noise_interval and self.noise_source == "micro_batch" and odd:
+            raise ValueError(f"SweepConfig: the micro-batch noise source splits each batch in "
+                             f"two equal halves; batches {odd} cannot be")
         self.batches = sorted(int(b) for b in set(self.batches))
         self.targets = sorted(float(t) for t in set(self.targets))
 
@@ -164,18 +171,20 @@ def _check_folder(out: Path, task: Task, config: SweepConfig, resume: bool) -> N
 
 def run_sweep(task: Task, config: SweepConfig, out: str | Path | None = None,
               engine=None, threads: int = 0, resume: bool = False,
-              progress: bool = True, allow_parallel: bool = False) -> SweepResult:
+              progress: bool = True, allow_parallel: bool = False,
+              workers: int | None = None) -> SweepResult:
     """Run the sweep and fit its fronts.
 
-    engine: None for a local process pool; "serial"; or an executor (see the
-        module docstring). threads: torch threads per job (0: the pool's
-        share of the cores, or torch's default for another engine).
+    engine: None for a local process pool of `workers` (default: one per
+        core); "serial"; or an executor (see the module docstring).
+        threads: torch threads per job (0: the pool's share of the cores, or
+        torch's default for another engine).
     allow_parallel: start a batch's grid rates side by side (faster on many
         workers, prunes less).
     """
     owned = None
     if engine is None:
-        engine, pool_threads = local_engine()
+        engine, pool_threads = local_engine(workers)
         owned, threads = engine, threads or pool_threads
     elif engine == "serial":
         engine = SerialEngine()
@@ -185,13 +194,19 @@ def run_sweep(task: Task, config: SweepConfig, out: str | Path | None = None,
     searches = [BatchSearch(config.template(b), config.start_lr(b), config.lr_factor,
                             config.lr_points, config.max_extensions) for b in config.batches]
     jobs: list[tuple] = []     # (future, search, spec)
+    failure = None             # (spec, exception) of the first run that failed
     from rich.progress import Progress
     bar = Progress(disable=not progress, transient=False)
     try:
         with bar:
             task_id = bar.add_task("fixed-batch runs", total=len(searches) * config.lr_points)
             while True:
-                for s in searches:
+                if failure is not None and not jobs:    # every other run kept: now say it
+                    spec, exc = failure
+                    kept = f"; the finished runs are kept in {out}" if out else ""
+                    raise RuntimeError(f"critical batch: the run {spec.key} failed: {exc}"
+                                       f"{kept}") from exc
+                for s in searches if failure is None else ():
                     while (spec := s.next_spec(allow_parallel)) is not None:
                         saved = out / "runs" / f"{spec.key}.json" if out is not None else None
                         if saved is not None and saved.exists():
@@ -213,9 +228,8 @@ def run_sweep(task: Task, config: SweepConfig, out: str | Path | None = None,
                     try:
                         record = RunRecord.from_dict(future.result())
                     except Exception as exc:
-                        kept = f"; the finished runs are kept in {out}" if out else ""
-                        raise RuntimeError(f"critical batch: the run {spec.key} failed: {exc}"
-                                           f"{kept}") from exc
+                        failure = failure or (spec, exc)
+                        continue
                     if out is not None:
                         path = out / "runs" / f"{spec.key}.json"
                         path.with_suffix(".tmp").write_text(json.dumps(record.to_dict()))
@@ -240,8 +254,13 @@ def summarise(task_name: str, config: SweepConfig, searches: list[BatchSearch]) 
         result.best_lr[s.batch] = best[0] if best else None
     for t in config.targets:
         points = [(b, d[t][0]) for b, d in result.best.items() if d[t][0] < math.inf]
+        at_start = [b for b, s in points if s <= 0]
+        points = [(b, s) for b, s in points if s > 0]
         if len({b for b, _ in points}) < 2:
-            result.fits[t] = (f"reached at {len(points)} batch size(s); a front needs two or more")
+            why = f"reached after some updates at {len(points)} batch size(s); a front needs two"
+            if at_start:
+                why += f" (below it before any update at B = {at_start}: choose a lower target)"
+            result.fits[t] = why
             continue
         result.fits[t] = fit_front([b for b, _ in points], [s for _, s in points], target=t,
                                    bootstrap=config.bootstrap, seed=config.seed)
