@@ -15,31 +15,22 @@ from .fit import FrontFit
 from .sweep import SweepResult
 
 
-def noise_readings(sweep: SweepResult) -> list[dict]:
-    """B_simple readings along the best run of the smallest batch that has
-    any (method 3): [{loss, b_simple, stderr, step}]."""
+def readings(sweep: SweepResult, kind: str) -> list[dict]:
+    """Method 3's readings along the best run of the smallest batch that has
+    any: kind "noise" (B_simple: [{step, loss, b_simple, stderr}]) or
+    "hessian" (B_noise: [{step, loss, b_noise}])."""
     for batch in sorted(sweep.best_lr):
         lr = sweep.best_lr[batch]
         for r in sweep.records:
-            if r.spec["batch"] == batch and r.spec["lr"] == lr and r.noise:
-                return r.noise
-    return []
-
-
-def hessian_readings(sweep: SweepResult) -> list[dict]:
-    """B_noise readings along the same run as `noise_readings`: [{loss, b_noise, step}]."""
-    for batch in sorted(sweep.best_lr):
-        lr = sweep.best_lr[batch]
-        for r in sweep.records:
-            if r.spec["batch"] == batch and r.spec["lr"] == lr and r.hessian:
-                return r.hessian
+            if r.spec["batch"] == batch and r.spec["lr"] == lr and getattr(r, kind):
+                return getattr(r, kind)
     return []
 
 
 def write_json(path: Path, sweep: SweepResult | None, branches: dict | None) -> Path:
     data = {"sweep": sweep.to_dict() if sweep else None, "branches": branches,
-            "noise_scale": noise_readings(sweep) if sweep else [],
-            "b_noise": hessian_readings(sweep) if sweep else []}
+            "noise_scale": readings(sweep, "noise") if sweep else [],
+            "b_noise": readings(sweep, "hessian") if sweep else []}
     path.write_text(json.dumps(data, indent=1, default=float))
     return path
 
@@ -124,15 +115,15 @@ def write_plots(out: Path, sweep: SweepResult | None, branches: list | None) -> 
             zhang = [(f.target, f.b_crit_zhang) for f in fits if f.b_crit_zhang is not None]
             if zhang:
                 ax.plot(*zip(*zhang), "s--", label="sweep: 20% above linear scaling")
-        readings = noise_readings(sweep)
-        if readings:
-            loss = np.array([r["loss"] for r in readings])
-            b = np.array([r["b_simple"] for r in readings])
+        series = readings(sweep, "noise")
+        if series:
+            loss = np.array([r["loss"] for r in series])
+            b = np.array([r["b_simple"] for r in series])
             err = np.array([r["stderr"] if r["stderr"] is not None else np.nan
-                            for r in readings])
+                            for r in series])
             ax.plot(loss, b, color="tab:green", alpha=0.8, label="B_simple along the run")
             ax.fill_between(loss, b - 1.96 * err, b + 1.96 * err, color="tab:green", alpha=0.15)
-        hessian = [h for h in hessian_readings(sweep) if h["b_noise"] is not None]
+        hessian = [h for h in readings(sweep, "hessian") if h["b_noise"] is not None]
         if hessian:
             ax.plot([h["loss"] for h in hessian], [h["b_noise"] for h in hessian], ".",
                     color="tab:purple", label="B_noise (Hessian) along the run")
