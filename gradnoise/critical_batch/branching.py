@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .runs import RunSpec, Task, draw_batches, lag, smoothed, train_run
+from .runs import RunSpec, Task, draw_batches, lag, tail_mean, train_run
 
 
 @dataclass
@@ -102,7 +102,7 @@ def run_branches(task: Task, config: BranchConfig, progress: bool = True) -> lis
 
         def branch_all(step: int, state: dict, losses: list[float]) -> None:
             point = BranchPoint(step=step, examples=step * config.batch,
-                                trunk_loss=smoothed(losses, config.window)[-1])
+                                trunk_loss=tail_mean(losses, config.window))
             for k in config.factors:
                 batch = k * config.batch
                 # every branch's trailing mean covers about window·B examples, and
@@ -116,7 +116,7 @@ def run_branches(task: Task, config: BranchConfig, progress: bool = True) -> lis
                                    seed=config.seed + 1000 * step + k, targets=(-math.inf,),
                                    max_steps=steps, window=window, diverge_factor=math.inf)
                     record = train_run(task, spec, model_state=state)
-                    end = smoothed(record.losses, window)[-1] \
+                    end = tail_mean(record.losses, window) \
                         if record.status != "diverged" else math.inf
                     if best is None or end < best[0]:
                         best = (end, spec.lr)

@@ -56,31 +56,21 @@ def write_plot(out: Path, front: SweepResult, results: dict[Variant, list[Placem
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from .report import draw_fronts
 
     fits = [f for f in front.fits.values() if isinstance(f, FrontFit)]
     fig, ax = plt.subplots(figsize=(7, 5))
-    colors = dict(zip([f.target for f in fits], plt.cm.viridis(np.linspace(0, 0.9, len(fits)))))
-    for fit in fits:
-        grid = np.geomspace(min(fit.batches) / 4, max(fit.batches) * 4, 100)
-        s = fit.s_min * (1 + fit.b_crit / grid)
-        ax.plot(s, s * grid, color=colors[fit.target], label=f"front, loss {fit.target:g}")
-        ax.scatter(fit.steps, [a * b for a, b in zip(fit.steps, fit.batches)],
-                   color=colors[fit.target], s=20)
+    colors = draw_fronts(ax, fits)
     markers = "ovsD^<>phx"
     for k, (variant, placements) in enumerate(results.items()):
         pts = [p for p in placements if p.steps is not None and p.target in colors]
         ax.scatter([p.steps for p in pts], [p.examples for p in pts], marker=markers[k % 10],
                    facecolor="none", edgecolor=[colors[p.target] for p in pts], s=70,
                    label=f"adaptive {variant.name}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer steps S")
-    ax.set_ylabel("examples E")
     ax.set_title("adaptive runs on the fixed-batch front (inside the curve: better than every "
                  "fixed batch)", fontsize=9)
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -59,6 +59,26 @@ TABLE_HEADER = ["target loss", "S_min", "E_min", "B_crit (95%)", "B_crit (Zhang)
                 "RMS residual", "batches"]
 
 
+def draw_fronts(ax, fits: list[FrontFit]) -> dict:
+    """Each target's fitted hyperbola and its best run per batch (outlined) on
+    log steps–examples axes; returns the colour of each target."""
+    import matplotlib.pyplot as plt
+    colors = dict(zip([f.target for f in fits], plt.cm.viridis(np.linspace(0, 0.9, len(fits)))))
+    for fit in fits:
+        grid = np.geomspace(min(fit.batches) / 4, max(fit.batches) * 4, 100)
+        s_fit = fit.s_min * (1 + fit.b_crit / grid)
+        ax.plot(s_fit, s_fit * grid, color=colors[fit.target],
+                label=f"loss {fit.target:g}: B_crit {fit.b_crit:.3g}")
+        ax.scatter(fit.steps, [s * b for s, b in zip(fit.steps, fit.batches)], s=30,
+                   color=colors[fit.target], edgecolor="k")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer steps S")
+    ax.set_ylabel("examples E")
+    ax.grid(alpha=0.3, which="both")
+    return colors
+
+
 def write_plots(out: Path, sweep: SweepResult | None, branches: list | None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -69,25 +89,14 @@ def write_plots(out: Path, sweep: SweepResult | None, branches: list | None) -> 
         fits = [f for f in sweep.fits.values() if isinstance(f, FrontFit)]
         if fits:
             fig, ax = plt.subplots(figsize=(6.5, 5))
-            colors = plt.cm.viridis(np.linspace(0, 0.9, len(fits)))
-            for fit, color in zip(fits, colors):
+            colors = draw_fronts(ax, fits)
+            for fit in fits:
                 runs = [(r.steps_to(fit.target), r.spec["batch"]) for r in sweep.records]
                 runs = [(s, b) for s, b in runs if s < math.inf]
-                ax.scatter([s for s, _ in runs], [s * b for s, b in runs], s=10, color=color,
-                           alpha=0.35)
-                ax.scatter(fit.steps, [s * b for s, b in zip(fit.steps, fit.batches)], s=30,
-                           color=color, edgecolor="k", label=f"loss {fit.target:g}: "
-                                                           f"B_crit {fit.b_crit:.3g}")
-                grid = np.geomspace(min(fit.batches) / 4, max(fit.batches) * 4, 100)
-                s_fit = fit.s_min * (1 + fit.b_crit / grid)
-                ax.plot(s_fit, s_fit * grid, color=color)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("optimizer steps S")
-            ax.set_ylabel("examples E")
+                ax.scatter([s for s, _ in runs], [s * b for s, b in runs], s=10,
+                           color=colors[fit.target], alpha=0.35)
             ax.set_title("fixed-batch runs and the fitted front (best run per batch outlined)")
             ax.legend(fontsize=8)
-            ax.grid(alpha=0.3, which="both")
             paths.append(_save(fig, out / "front.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -107,15 +107,10 @@ def target_key(target: float) -> str:
     return repr(float(target))
 
 
-def smoothed(losses: list[float], window: int) -> list[float]:
-    """Trailing means over `window` steps (shorter at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(losses):
-        total += v
-        if i >= window:
-            total -= losses[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+def tail_mean(losses: list[float], window: int) -> float:
+    """The trailing mean at the last step: the mean of the last min(len, window) losses."""
+    tail = losses[-window:]
+    return sum(tail) / len(tail)
 
 
 def lag(window: int, step: int | None = None) -> float:
