@@ -18,7 +18,7 @@ from ..checks import is_int, is_real
 from ..data import EpochSampler, StepPlan, plan_step
 from ..model_structure import batchnorm_mixing
 from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_policy
-from .lr_rules import LRRamp, lr_factor
+from .decisions import BatchDecisions
 from .memory_probe import probe_micro_batch
 from .noise_source import choose_noise_source
 from .policies import CONFIDENCE_Z, BatchLimits
@@ -256,7 +256,7 @@ class AdaptiveBatch:
                                   initial_batch=initial_batch, grow_only=bool(grow_only),
                                   hysteresis=float(hysteresis), confidence=float(confidence))
         self.initial_batch = initial_batch
-        self.batch_size = initial_batch
+        self.decisions = BatchDecisions(self.policy, self.lr_rule, self.limits, warmup_steps)
 
         # ----- noise source
         self.noise, self.noise_source, self.noise_source_reason = choose_noise_source(
@@ -280,12 +280,7 @@ class AdaptiveBatch:
         self.samples_seen = 0
         self.history: list[dict] = []
         self.history_start = 0       # records before this process (restored runs)
-        self.lr_factor = 1.0          # factor of the last optimizer step
-        self._lr_target = 1.0         # the rule's last value (kept while it is None)
-        self._lr_estimated = False
-        self._ramp = LRRamp(warmup_steps)
         self._plan: StepPlan | None = None
-        self._timed_steps = 0         # in this process: the first step is not timed
         self._cuda = any(p.is_cuda for p in self.module.parameters())
         self._records = RecordLog(self.log_path, tensorboard_dir, self.rank)
 
@@ -306,6 +301,16 @@ class AdaptiveBatch:
     @property
     def epochs_completed(self) -> int:
         return self.sampler.epochs_completed
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch of the coming steps (the policy's last decision)."""
+        return self.decisions.batch_size
+
+    @property
+    def lr_factor(self) -> float:
+        """The factor on the learning rate of the last optimizer step."""
+        return self.decisions.lr_factor
 
     @property
     def accumulation(self) -> int:
@@ -406,22 +411,7 @@ class AdaptiveBatch:
             return False
         self.noise.step(plan.local_size)
         reading = self.noise.read()
-
-        target = (self.lr_rule(self.batch_size, self.initial_batch, reading)
-                  if callable(self.lr_rule)
-                  else lr_factor(self.lr_rule, self.batch_size, self.initial_batch, reading,
-                                 self.limits.min_estimate_steps))
-        if target is None:
-            target = self._lr_target
-        elif not self._lr_estimated and self.lr_rule in ("adascale", "mccandlish") \
-                and self.batch_size != self.initial_batch:
-            # the estimate just became usable: ramp from the held factor
-            self._lr_estimated = True
-            if target != self._lr_target:
-                self._ramp.begin(self.lr_factor)
-        self._lr_target = target
-        factor = self._ramp.value(target)
-
+        factor = self.decisions.lr_for_step(reading)
         skipped, lr = self._optimizer_step(factor, clip_grad_norm)
         if self._cuda:
             torch.cuda.synchronize()
@@ -431,15 +421,8 @@ class AdaptiveBatch:
         self.samples_seen += plan.global_size
         if not skipped:
             self.steps += 1
-            self._ramp.advance()
-            self.lr_factor = factor
-            if self._timed_steps > 0:
-                self.policy.observe(plan.global_size, seconds)
-            self._timed_steps += 1
-            new = self.policy.decide(self.batch_size, reading, self.samples_seen, self.limits)
-            if new != self.batch_size:
-                self._ramp.begin(factor)
-                self.batch_size = int(new)
+        self.decisions.after_step(factor, plan.global_size, seconds, reading, self.samples_seen,
+                                  skipped)
         self._record({
             "step": self.steps, "samples": self.samples_seen, "epoch": plan.epoch,
             "loss": loss, "b_simple": reading.b_simple, "b_simple_stderr": reading.stderr,
@@ -523,9 +506,7 @@ class AdaptiveBatch:
             "sampler": self.sampler.state_dict(),
             "noise_source": self.noise_source,
             "noise": self.noise.state_dict(),
-            "policy": self.policy.state_dict(),
-            "lr": {"factor": self.lr_factor, "target": self._lr_target,
-                   "estimated": self._lr_estimated, "ramp": self._ramp.state_dict()},
+            **self.decisions.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -555,15 +536,10 @@ class AdaptiveBatch:
         self.limits.unit = self.micro_batch * self.world_size
         self.limits.min_batch, self.limits.max_batch = state["min_batch"], state["max_batch"]
         self.limits.initial_batch = self.initial_batch
-        self.batch_size = state["batch_size"]
+        self.decisions.load_state_dict(state)
         self.steps, self.samples_seen = state["steps"], state["samples_seen"]
         self.sampler.load_state_dict(state["sampler"])
         self.noise.load_state_dict(state["noise"])
-        self.policy.load_state_dict(state["policy"])
-        lr = state["lr"]
-        self.lr_factor, self._lr_target, self._lr_estimated = (lr["factor"], lr["target"],
-                                                               lr["estimated"])
-        self._ramp.load_state_dict(lr["ramp"])
         self.history = []
         self.history_start = state["history_len"]
         self._records.truncate(self.history_start)
