@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checks import is_int, is_real
 from ..data import EpochSampler, StepPlan, plan_step
 from ..model_structure import batchnorm_mixing
+from ..noise_scale import GradientNoiseScale
 from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_policy
 from .decisions import BatchDecisions
 from .memory_probe import probe_micro_batch
@@ -409,7 +410,12 @@ class AdaptiveBatch:
         plan = self._plan
         if plan is None or plan.backwards < plan.accumulation:
             return False
-        self.noise.step(plan.local_size)
+        if clip_grad_norm is not None and isinstance(self.noise, GradientNoiseScale):
+            # clip first: ‖G_B‖ is the norm clipping computes anyway
+            self.noise.step(plan.local_size, grad_norm=self._clip(clip_grad_norm))
+            clip_grad_norm = None
+        else:
+            self.noise.step(plan.local_size)
         reading = self.noise.read()
         factor = self.decisions.lr_for_step(reading)
         skipped, lr = self._optimizer_step(factor, clip_grad_norm)
@@ -431,6 +437,14 @@ class AdaptiveBatch:
             "seconds": seconds, "next_batch_size": self.batch_size, "skipped": skipped})
         return not skipped
 
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients (unscaled first under a GradScaler); returns
+        the total norm before clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _optimizer_step(self, factor: float, clip_grad_norm: float | None) -> tuple[bool, float]:
         groups = self.optimizer.param_groups
         saved = [g["lr"] for g in groups]
@@ -438,18 +452,16 @@ class AdaptiveBatch:
             g["lr"] = g["lr"] * factor
         skipped = False
         try:
-            params = [p for g in groups for p in g["params"]]
             if self.scaler is not None:
                 if clip_grad_norm is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                    self._clip(clip_grad_norm)
                 before = float(self.scaler.get_scale())
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 skipped = float(self.scaler.get_scale()) < before
             else:
                 if clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+                    self._clip(clip_grad_norm)
                 self.optimizer.step()
         finally:
             for g, lr in zip(groups, saved):

@@ -12,7 +12,7 @@ from ..checks import is_int, is_real
 from ..estimators import NoiseScale, NoiseScaleEstimator
 from ..tracker import GradNoiseTracker
 from .backwards import positive
-from .gradients import GradSqNorms, owner_names
+from .gradients import GradSqNorms, owner_names, total_sq_norm
 from .sources import DistributedSource, MicroBatchSource, PerSampleSource
 
 SOURCES = ("per_sample", "micro_batch", "distributed")
@@ -49,7 +49,11 @@ class GradientNoiseScale:
 
     Call `step(batch_size)` once per optimizer step, after the last backward
     and before the gradients are zeroed or clipped, and before the
-    GradScaler's `step` (after its `unscale_` is fine).
+    GradScaler's `step` (after its `unscale_` is fine). Where the loop clips,
+    pass the total norm `clip_grad_norm_` returned, `step(batch_size,
+    grad_norm=total)`, after clipping: ‖G_B‖² is then that norm squared
+    instead of a second read of every gradient (with per_layer, the layers'
+    norms are still read, and scaled back to it).
 
     Several backward passes per step (gradient accumulation): by default the
     step's `batch_size` samples are taken to be split evenly among them and
@@ -100,9 +104,11 @@ class GradientNoiseScale:
         self.layer_estimators: dict[str, NoiseScaleEstimator] = {}
         self.skipped_steps = 0
         self._owners = owner_names(model)
+        self._trainable_layers = {self._owners.get(id(p), "") for p in self.params}
         self._own_seconds = 0.0
         self.interval = interval
         self.steps_seen = 0          # step() calls so far, measured or not
+        self._given_sq_norm: float | None = None   # ‖G_B‖² passed to this step()
         self._grads = GradSqNorms(self.params, self._owners)
         if source == "per_sample":
             owns = tracker is None if owns_tracker is None else owns_tracker
@@ -167,7 +173,7 @@ class GradientNoiseScale:
         hooks: what measuring the noise scale has cost the training loop."""
         return self._own_seconds
 
-    def step(self, batch_size: int | None = None) -> NoiseScale | None:
+    def step(self, batch_size: int | None = None, grad_norm=None) -> NoiseScale | None:
         """Update the estimates from the step just completed and return the
         reading (None if the step is not one measured, see `interval`, or was
         skipped for non-finite gradients; see `skipped_steps`).
@@ -176,12 +182,20 @@ class GradientNoiseScale:
         for "micro_batch" and "distributed" unless every backward declared
         its own with after_backward; the per-sample source reads it and
         checks it against the tracker's count).
+        grad_norm: ‖G_B‖, the total norm of the step's batch gradient before
+        clipping (what torch.nn.utils.clip_grad_norm_ returns; a number or a
+        tensor), for the gradients as they are in .grad (unscaled after the
+        GradScaler's unscale_).
         """
         start = time.perf_counter()
         measured = self.measuring
         try:
-            return self._step(batch_size) if measured else None
+            if not measured:
+                return None
+            self._given_sq_norm = None if grad_norm is None else total_sq_norm(grad_norm)
+            return self._step(batch_size)
         finally:
+            self._given_sq_norm = None
             self._source.end_step()
             self.steps_seen += 1
             self._pause_owned_tracker()
@@ -202,6 +216,21 @@ class GradientNoiseScale:
             for layer, (g, s) in pairs.items():
                 self.layer_estimators.setdefault(layer, NoiseScaleEstimator(self.beta)).update(g, s)
         return self.read()
+
+    def whole_model(self, small_layers) -> bool:
+        """Whether this step's estimate is one pair for the whole model: the
+        step was given the total norm, no per-layer estimates are kept, and
+        the small batches cover every layer with trainable parameters. No
+        gradient is read then."""
+        return (self._given_sq_norm is not None and not self.per_layer
+                and self._trainable_layers <= set(small_layers))
+
+    def batch_sq_norms(self, whole: bool) -> dict[str, float]:
+        """‖G_B‖² of the step's batch gradient: {"": value} for the whole
+        model, else per layer (scaled back to the given total if any)."""
+        if whole:
+            return {"": self._given_sq_norm}
+        return self._grads.batch(self._given_sq_norm)
 
     # ------------------------------------------------------------ reading
     def read(self) -> NoiseScale:

@@ -16,6 +16,11 @@ from .backwards import Backward, positive, two_batch_estimates, weights
 from .gradients import sq_norm
 
 
+def whole_model(per_layer: dict) -> dict:
+    """{layer: ‖g‖²} summed into one entry "" for the whole model."""
+    return {"": sum(float(v) for v in per_layer.values())}
+
+
 class _Source:
     """What every source shares: the step's backward passes, the batch
     gradient's norms, the GradScaler, the process group. `gns` is the
@@ -82,7 +87,10 @@ class PerSampleSource(_Source):
             raise RuntimeError("GradientNoiseScale.step: the tracker measured no backward pass "
                                "this step")
         w, b = self._weights(batch_size)
-        sums, self.sums = self.sums, {}
+        whole = self.gns.whole_model(self.sums)
+        sums = whole_model(self.sums) if whole else self.sums
+        self.sums = {}
+        grads = self.gns.batch_sq_norms(whole)
         layers = list(sums)
         vec = [float(sums[n]) for n in layers] + [sum(b), *weight_sums(w, b)]
         world = self.gns._distributed_world()
@@ -94,7 +102,6 @@ class PerSampleSource(_Source):
         if N < 2:
             raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
                              "samples in a step")
-        grads = self.gns._grads.batch()
         s2, s2_grad = self._scales_sq()
         # .grad = (1/R) Σ w_j G_{b_j} (DDP averages over R ranks): G_big = .grad·R/W,
         # E‖G_big‖² = ‖G‖² + tr(Σ)/B_eff.
@@ -187,15 +194,18 @@ class MicroBatchSource(_HookedSource):
                 f"{k} backward pass(es); the estimate needs at least 2 micro-batches per "
                 "optimizer step (gradient accumulation).")
         w, b = self._weights(batch_size)
-        grads = self.gns._grads.batch()
+        # every trainable parameter is hooked: a backward's layers are all of them
+        whole = self.gns.whole_model(self.gns._trainable_layers)
+        smalls = [whole_model(bk.sq_norms) if whole else bk.sq_norms for bk in self.backwards]
+        grads = self.gns.batch_sq_norms(whole)
         s2, s2_grad = self._scales_sq()
         W, W2 = weight_sums(w, b)
         # small: mean_j ‖g_j / w_j‖² = mean_j ‖G_{b_j}‖², E = ‖G‖² + tr(Σ)·mean_j(1/b_j)
         b_small = k / sum(1.0 / y for y in b)
         pairs = {}
         for layer in grads:
-            small = sum(float(bk.sq_norms.get(layer, 0.0)) / (wj * wj)
-                        for bk, wj in zip(self.backwards, w)) / k / s2
+            small = sum(float(norms.get(layer, 0.0)) / (wj * wj)
+                        for norms, wj in zip(smalls, w)) / k / s2
             big = float(grads[layer]) / (W * W) / s2_grad
             pairs[layer] = two_batch_estimates(small, big, b_small,
                                                effective_batch_size(W, W2))
@@ -234,7 +244,9 @@ class DistributedSource(_HookedSource):
             raise RuntimeError("GradientNoiseScale.step: no backward pass of the model since "
                                "the last step")
         w, b = self._weights(batch_size)
-        grads = self.gns._grads.batch()
+        whole = self.gns.whole_model(self.gns._trainable_layers)
+        local = whole_model(local) if whole else local
+        grads = self.gns.batch_sq_norms(whole)
         layers = sorted(set(grads) | set(local))
         world = dist.get_world_size(self.gns.group)
         if world < 2:
