@@ -55,10 +55,13 @@ class BatchDecisions:
         return self._ramp.value(target)
 
     def after_step(self, factor: float, samples: int, seconds: float,
-                   reading: NoiseScale | None, samples_seen: int, skipped: bool = False) -> int:
+                   reading: NoiseScale | None, samples_seen: int, skipped: bool = False,
+                   applicable=None) -> int:
         """Record the step just run (its LR factor, global samples and wall
         seconds) and return the batch for the next steps. A step the
-        GradScaler skipped changes nothing."""
+        GradScaler skipped changes nothing. `applicable(batch)` says whether
+        the loop can take a new batch at this boundary; when it cannot, the
+        batch stays and the policy decides again after the next step."""
         if skipped:
             return self.batch_size
         self._ramp.advance()
@@ -67,7 +70,7 @@ class BatchDecisions:
             self.policy.observe(samples, seconds)
         self._timed_steps += 1
         new = self.policy.decide(self.batch_size, reading, samples_seen, self.limits)
-        if new != self.batch_size:
+        if new != self.batch_size and (applicable is None or applicable(new)):
             self._ramp.begin(factor)
             self.batch_size = int(new)
         return self.batch_size

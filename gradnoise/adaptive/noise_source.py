@@ -13,9 +13,11 @@ from .arguments import require_methods
 NOISE_SOURCES = ("auto", "per_sample", "micro_batch", "distributed")
 
 
-def choose_noise_source(controller, noise_source, beta, interval):
+def choose_noise_source(controller, noise_source, beta, interval, loss_reduction="mean",
+                        per_layer=False):
     """(object, name, reason) of the noise-scale source of `controller` (an
-    AdaptiveBatch being built: its module, optimizer, scaler and processes)."""
+    AdaptiveBatch being built, or a trainer callback: its module, optimizer,
+    scaler and processes)."""
     if not isinstance(noise_source, str):
         require_methods(noise_source, ("step", "read", "state_dict", "load_state_dict"),
                          f"`noise_source` must be one of {NOISE_SOURCES} or an object "
@@ -36,7 +38,8 @@ def choose_noise_source(controller, noise_source, beta, interval):
         else:
             # (planned first, attached only if chosen)
             try:
-                tracker = GradNoiseTracker(controller.module, loss_reduction="mean", attach=False)
+                tracker = GradNoiseTracker(controller.module, loss_reduction=loss_reduction,
+                                           attach=False)
                 if not tracker.fallback_modules:
                     tracker.attach()
             except (ValueError, RuntimeError) as e:
@@ -60,10 +63,13 @@ def choose_noise_source(controller, noise_source, beta, interval):
     if name == "per_sample":
         noise = GradientNoiseScale(controller.module, source="per_sample", beta=beta,
                                    tracker=tracker, scaler=controller.scaler,
+                                   loss_reduction=loss_reduction, per_layer=per_layer,
                                    optimizer=controller.optimizer, process_group=controller._group,
                                    owns_tracker=True, interval=interval)
     else:
-        noise = GradientNoiseScale(controller.module, source=name, beta=beta, scaler=controller.scaler,
+        noise = GradientNoiseScale(controller.module, source=name, beta=beta,
+                                   scaler=controller.scaler, loss_reduction=loss_reduction,
+                                   per_layer=per_layer,
                                    optimizer=controller.optimizer, process_group=controller._group,
                                    interval=interval)
     return noise, name, reason

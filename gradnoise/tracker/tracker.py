@@ -174,6 +174,23 @@ class GradNoiseTracker(_Planning, _ForwardHooks, _BackwardHooks, _Results):
         self._attached = False
         return self
 
+    # ------------------------------------------- loops that never call the model
+    def begin_forward(self, batch_size: int) -> None:
+        """Open a measured step as a call of the model would, for loops that
+        run the model's submodules without calling the model itself (a
+        LightningModule's training_step): its tracked modules' calls until
+        `end_forward` are the step's, for `batch_size` samples. A call of the
+        model in between opens its own step, as always."""
+        if self._attached:
+            self._on_model_forward(self.model, (torch.empty(int(batch_size), 0),), {})
+
+    def end_forward(self, output=None) -> None:
+        """Close the step `begin_forward` opened, before its backward;
+        `output` (the loss, say) is checked for parameters used outside the
+        modules that measure them."""
+        if self._attached:
+            self._on_model_forward_end(self.model, (), output)
+
     def __getstate__(self) -> dict:
         # A copy of a tracked model (deepcopy, pickling) copies its hooks and
         # so this tracker: without the step in progress, whose tensors belong
