@@ -1,0 +1,337 @@
+"""Hugging Face Trainer callbacks (docs/design.md §11).
+
+    from gradnoise.integrations.transformers import NoiseScaleCallback, AdaptiveBatchCallback
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    NoiseScaleCallback().attach(trainer)                    # measure only, or
+    AdaptiveBatchCallback(max_batch=1024).attach(trainer)   # measure and adapt
+    trainer.train()
+
+`attach` adds the callback and three small hooks on this Trainer object: its
+`compute_loss` (each micro-batch's samples and the factor the Trainer puts
+on its loss), its `_get_grad_norm` (‖G_B‖ before clipping, which the Trainer
+computes at every step, so the gradients are not read again), and its `log`
+(the noise scale joins the Trainer's own logs, at its logging_steps, in every
+reporter it has).
+
+NoiseScaleCallback measures B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018)
+with its interval, ‖G‖² and tr(Σ). AdaptiveBatchCallback also grows the batch
+through `gradient_accumulation_steps`, by AdaptiveBatch's policies and LR
+rules, the LR factor applied inside optimizer.step() on top of the Trainer's
+schedule. What the Trainer allows, and how its step counts and schedule see a
+growing batch, is in the README ("Hugging Face Trainer").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from ..adaptive.policies import CONFIDENCE_Z
+from ..layers.batching import model_batch_size
+from .stepping import AccumulationPlan, LRInsideStep, SampleSchedule, make_noise, reading_metrics
+
+STATE_FILE = "gradnoise_state.pt"
+
+
+class NoiseScaleCallback(TrainerCallback):
+    """Measures the gradient noise scale at every (or every `interval`-th)
+    optimizer step of a Trainer; the readings join the Trainer's logs.
+
+    source: "auto", "per_sample", "micro_batch" or "distributed"
+    (gradnoise.noise_scale); per_layer: also log each layer's B_simple;
+    beta: EMA factor; prefix: of the logged names.
+
+    The factor on each micro-batch's loss is the Trainer's own: 1/k for a
+    loss averaged over its samples (k micro-batches in the step), or
+    1/num_items_in_batch for a loss summed over tokens and divided by the
+    step's tokens (transformers' models given num_items_in_batch).
+    """
+
+    def __init__(self, source: str = "auto", per_layer: bool = False, beta: float = 0.95,
+                 interval: int = 1, prefix: str = "noise/"):
+        self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
+        self.prefix = prefix
+        self.noise = None
+        self.source_reason = None
+        self.reading = None
+        self.trainer = None
+        self._grad_norm = None
+        self._pending = None          # (loss scale, samples) of the last micro-batch
+        self._metrics: dict[str, float] = {}
+
+    @property
+    def _who(self) -> str:
+        return type(self).__name__
+
+    # ------------------------------------------------------------- attach
+    def attach(self, trainer):
+        """Add this callback to `trainer` and hook the Trainer's loss, norm
+        and log methods (on this object only); returns self."""
+        for name in ("compute_loss", "_get_grad_norm", "log"):
+            if not callable(getattr(trainer, name, None)):
+                raise TypeError(f"{self._who}.attach: the Trainer has no method {name}(); this "
+                                "version of transformers is not supported")
+        self.trainer = trainer
+        compute_loss, grad_norm, log = trainer.compute_loss, trainer._get_grad_norm, trainer.log
+
+        def counted_compute_loss(model, inputs, *args, **kwargs):
+            self._before_micro_batch(model, inputs, kwargs.get("num_items_in_batch",
+                                                               args[1] if len(args) > 1 else None))
+            return compute_loss(model, inputs, *args, **kwargs)
+
+        def kept_grad_norm(*args, **kwargs):
+            self._grad_norm = grad_norm(*args, **kwargs)
+            return self._grad_norm
+
+        def log_with_noise(logs, *args, **kwargs):
+            if "loss" in logs and self._metrics:
+                logs = {**logs, **self._metrics}
+            return log(logs, *args, **kwargs)
+
+        trainer.compute_loss = counted_compute_loss
+        trainer._get_grad_norm = kept_grad_norm
+        trainer.log = log_with_noise
+        trainer.add_callback(self)
+        return self
+
+    def _require_attached(self) -> None:
+        if self.trainer is None:
+            raise RuntimeError(f"{self._who}: call {self._who}(...).attach(trainer) instead of "
+                               "passing it in callbacks=[...]; it needs the Trainer's loss "
+                               "factors and gradient norm")
+
+    # ------------------------------------------------------------ measure
+    def _token_scaled(self, num_items) -> bool:
+        """The Trainer's own rule: whether it divided the loss by the step's
+        items rather than by the number of micro-batches."""
+        t = self.trainer
+        scaled = getattr(t, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool((getattr(t, "model_accepts_loss_kwargs", False) and num_items is not None)
+                    or getattr(t, "compute_loss_func", None) is not None)
+
+    def _build_noise(self, model, token_scaled: bool) -> None:
+        t = self.trainer
+        optimizer = getattr(t.optimizer, "optimizer", t.optimizer)
+        self.noise, self.source, self.source_reason = make_noise(
+            model, optimizer, source=self.source, scaler=getattr(t.accelerator, "scaler", None),
+            world_size=t.args.world_size, beta=self.beta, interval=self.interval,
+            per_layer=self.per_layer, loss_reduction="sum" if token_scaled else "mean")
+        if self.source == "micro_batch" and t.args.gradient_accumulation_steps < 2:
+            raise ValueError(
+                f"{self._who}: the model needs the micro-batch source ({self.source_reason}), "
+                "which needs TrainingArguments(gradient_accumulation_steps ≥ 2)")
+        if self._state is not None:
+            self.noise.load_state_dict(self._state)
+            self._state = None
+
+    _state = None
+
+    def _before_micro_batch(self, model, inputs, num_items) -> None:
+        self._declare_pending()
+        token_scaled = self._token_scaled(num_items)
+        if self.noise is None:
+            self._build_noise(getattr(model, "module", model), token_scaled)
+        t = self.trainer
+        n = model_batch_size((), dict(inputs)) if isinstance(inputs, dict) else \
+            model_batch_size(tuple(inputs), {})
+        if token_scaled:
+            # loss = Σ tokens / num_items, times the processes when tokens are averaged across them
+            per = t.args.world_size if getattr(t.args, "average_tokens_across_devices",
+                                               False) and t.args.world_size > 1 else 1
+            scale = per / float(num_items)
+        else:
+            scale = 1.0 / t.current_gradient_accumulation_steps
+        self._pending = (scale, n)
+
+    def _declare_pending(self) -> None:
+        """The last micro-batch's backward is done: declare it."""
+        if self._pending is not None:
+            scale, n = self._pending
+            self._pending = None
+            self.noise.after_backward(scale, n)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._require_attached()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._declare_pending()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._declare_pending()
+        measured = self.noise.measuring
+        norm, self._grad_norm = self._grad_norm, None
+        self.noise.step(grad_norm=norm)
+        self.reading = self.noise.read()
+        if measured:
+            self._metrics = reading_metrics(self.reading, self.prefix)
+            if self.per_layer:
+                for layer, r in self.noise.read_layers().items():
+                    if r.b_simple is not None:
+                        self._metrics[f"{self.prefix}b_simple/{layer or 'model'}"] = r.b_simple
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.noise is not None:
+            self.noise.close()
+
+    # ------------------------------------------------------------- state
+    def _state_dict(self) -> dict:
+        return {} if self.noise is None else {"noise": self.noise.state_dict()}
+
+    def _load_state_dict(self, state: dict) -> None:
+        self._state = state.get("noise")
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            torch.save({type(self).__name__: self._state_dict()}, os.path.join(folder, STATE_FILE))
+
+    def _resume(self, args, state) -> None:
+        """A run resumed from checkpoint-N (global_step N at the start):
+        the state saved beside the Trainer's."""
+        if state.global_step == 0:
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{self._who}: training resumes at step {state.global_step} but {path} is "
+                "missing; the callback's state is saved with each checkpoint from the start "
+                "of a run")
+        self._load_state_dict(torch.load(path)[type(self).__name__])
+
+
+class AdaptiveBatchCallback(NoiseScaleCallback):
+    """Grows the batch toward the critical batch through
+    `gradient_accumulation_steps` and scales the learning rate to match.
+
+    Batch = per_device_train_batch_size × accumulation × processes; the
+    initial batch B0 is the TrainingArguments' (its gradient_accumulation_steps).
+    policy, lr_rule, warmup_steps, critical_factor, hysteresis, confidence and
+    schedule are AdaptiveBatch's. The batch only grows: the Trainer lays out
+    each epoch's optimizer steps at its start, and a smaller accumulation
+    would leave data unread.
+
+    schedule_by: "samples" (default) drives the Trainer's LambdaLR schedule
+    by samples_seen / B0, so a schedule of max_steps steps ends after
+    max_steps × B0 samples; "steps" leaves it in optimizer steps. Training
+    stops once max_steps × B0 samples were seen (the Trainer's max_steps,
+    read as steps at the initial batch).
+    """
+
+    def __init__(self, max_batch: int, policy="critical", lr_rule="linear",
+                 warmup_steps: int = 20, critical_factor: float = 1.0, hysteresis: float = 0.25,
+                 confidence: float = CONFIDENCE_Z, schedule=None, schedule_by: str = "samples",
+                 **monitor):
+        super().__init__(**monitor)
+        if schedule_by not in ("samples", "steps"):
+            raise ValueError(f"AdaptiveBatchCallback: `schedule_by` must be 'samples' or "
+                             f"'steps', got {schedule_by!r}")
+        self.settings = dict(max_batch=max_batch, policy=policy, lr_rule=lr_rule,
+                             warmup_steps=warmup_steps, critical_factor=critical_factor,
+                             hysteresis=hysteresis, confidence=confidence, schedule=schedule)
+        self.schedule_by = schedule_by
+        self.plan: AccumulationPlan | None = None
+        self.history: list[dict] = []
+        self._plan_state = None
+        self._lr = self._schedule = self._hook = None
+        self._factor = None
+        self._stepped = False
+        self._local_samples = 0
+        self._in_epoch = 0
+        self._epoch_length = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        optimizer = kwargs["optimizer"]
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.plan = AccumulationPlan(micro_batch=args.per_device_train_batch_size,
+                                     world_size=args.world_size,
+                                     accumulation=args.gradient_accumulation_steps,
+                                     who="AdaptiveBatchCallback", **self.settings)
+        self._resume(args, state)
+        if self._plan_state is not None:
+            self.plan.load_state_dict(self._plan_state, "AdaptiveBatchCallback")
+            self._plan_state = None
+            if self.plan.accumulation != args.gradient_accumulation_steps:
+                raise ValueError(
+                    f"AdaptiveBatchCallback: the checkpoint at step {state.global_step} was "
+                    f"saved with gradient_accumulation_steps={self.plan.accumulation}, grown from "
+                    f"{args.gradient_accumulation_steps}; the Trainer finds where to resume by "
+                    "counting optimizer steps of its initial accumulation, so it would re-read or "
+                    "skip data. Resume runs whose batch has not grown yet, or start a new run "
+                    "from the saved model with the grown batch as its initial one")
+        args.gradient_accumulation_steps = self.plan.accumulation
+        if self.schedule_by == "samples" and kwargs.get("lr_scheduler") is not None:
+            try:
+                self._schedule = SampleSchedule(kwargs["lr_scheduler"],
+                                                self.plan.decisions.initial_batch)
+            except TypeError as e:
+                raise TypeError(f"AdaptiveBatchCallback: {e}") from None
+        self._lr = LRInsideStep(optimizer)
+        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        loader = kwargs.get("train_dataloader")
+        self._epoch_length = len(loader) if loader is not None and hasattr(loader, "__len__") \
+            else None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._in_epoch = 0
+
+    def _before_micro_batch(self, model, inputs, num_items) -> None:
+        super()._before_micro_batch(model, inputs, num_items)
+        self._local_samples += self._pending[1]
+        self._in_epoch += 1
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        super().on_pre_optimizer_step(args, state, control, **kwargs)
+        self._factor = self.plan.lr_for_step(self.reading)
+        self._lr.set(self._factor)
+        self._stepped = False
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+        if self._schedule is not None:
+            self._schedule.before_scheduler_step(self.plan.samples_seen + self._global_samples())
+
+    def _global_samples(self) -> int:
+        n = self._local_samples
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(t)
+            n = int(t)
+        return n
+
+    def on_step_end(self, args, state, control, **kwargs):
+        samples = self._global_samples()
+        self._local_samples = 0
+        factor, self._factor = self._factor, None
+        accumulation = args.gradient_accumulation_steps
+        ends_epoch = self._epoch_length is not None and self._in_epoch >= self._epoch_length
+        args.gradient_accumulation_steps = self.plan.after_step(
+            factor, samples, self.reading, not self._stepped, 0 if ends_epoch else self._in_epoch)
+        record = self.plan.record(samples, accumulation, self.reading, not self._stepped)
+        self.history.append(record)
+        self._metrics.update({f"{self.prefix}{k}": float(record[k]) for k in
+                              ("batch_size", "next_batch_size", "lr_factor", "samples")})
+        if state.max_steps > 0 and self.plan.samples_seen >= state.max_steps * \
+                self.plan.decisions.initial_batch:
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if self._lr is not None:
+            self._lr.close()
+            self._hook.remove()
+
+    def _state_dict(self) -> dict:
+        state = super()._state_dict()
+        if self.plan is not None:
+            state["plan"] = self.plan.state_dict()
+        return state
+
+    def _load_state_dict(self, state: dict) -> None:
+        super()._load_state_dict(state)
+        self._plan_state = state.get("plan")
