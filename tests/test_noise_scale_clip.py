@@ -124,3 +124,17 @@ def test_controller_takes_the_batch_norm_from_its_own_clipping(monkeypatch):
     bitten, w_bitten = _controller_run(1e-3)
     assert bitten[0] == pytest.approx(plain[0], rel=1e-5)   # same weights at the first step
     assert not torch.allclose(w_bitten, w_plain)
+
+
+def test_optimizer_without_a_learning_rate_is_refused_and_a_mismatched_rule_warned():
+    from gradnoise.adaptive import AdaptiveBatch
+    from tests.helpers import index_dataset
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = None
+    with pytest.raises(ValueError, match="SGD optimizer has lr=None"):
+        AdaptiveBatch(model, opt, index_dataset(32), initial_batch=8, max_batch=16, micro_batch=4)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="Adam optimizer is usually scaled by the 'sqrt'"):
+        AdaptiveBatch(model, adam, index_dataset(32), initial_batch=8, max_batch=16,
+                      micro_batch=4, lr_rule="linear").close()

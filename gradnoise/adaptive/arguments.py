@@ -67,3 +67,38 @@ def resolve_policy(policy, schedule, critical_factor):
     if policy == "goodput":
         return GoodputPolicy()
     return CriticalBatchPolicy(critical_factor)
+
+
+#: the optimizers each rule was derived for: linear for SGD (Goyal et al. 2017),
+#: sqrt for the Adam family (Malladi et al. 2022)
+_RULE_FAMILIES = {"linear": ("SGD",), "sqrt": ("Adam", "AdamW", "NAdam", "RAdam", "Adamax",
+                                               "Adafactor", "Adagrad", "RMSprop")}
+
+
+def check_optimizer_lr(optimizer, lr_rule, who: str = "AdaptiveBatch") -> None:
+    """Every param group must have a learning rate a factor can multiply (a
+    number or a tensor): an error names the optimizer otherwise (Adafactor
+    with relative_step=True has none). A named rule paired with an optimizer
+    of the other family is warned about: linear scaling is SGD's, sqrt
+    scaling the Adam family's."""
+    import warnings
+
+    import torch
+    name = type(optimizer).__name__
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise ValueError(
+                f"{who}: param group {i} of the {name} optimizer has lr={lr!r}; the learning-rate "
+                "rule multiplies each group's lr, so the optimizer must have one (for "
+                "transformers' Adafactor: relative_step=False and an lr)")
+    if not isinstance(lr_rule, str):
+        return
+    for rule, family in _RULE_FAMILIES.items():
+        other = [r for r in _RULE_FAMILIES if r != rule]
+        if lr_rule == rule and any(name == f for r in other for f in _RULE_FAMILIES[r]):
+            warnings.warn(
+                f"{who}: lr_rule={lr_rule!r} was derived for {', '.join(family)}; the {name} "
+                f"optimizer is usually scaled by the {other[0]!r} rule (linear for SGD, Goyal et "
+                "al. 2017; sqrt for the Adam family, Malladi et al. 2022)",
+                RuntimeWarning, stacklevel=3)

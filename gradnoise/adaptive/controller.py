@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -18,7 +18,9 @@ from ..checks import is_int, is_real
 from ..data import EpochSampler, StepPlan, plan_step
 from ..model_structure import batchnorm_mixing
 from ..noise_scale import GradientNoiseScale
-from .arguments import positive_int, resolve_data, resolve_lr_rule, resolve_policy
+from ..noise_scale.scale import sharded_modules
+from .arguments import (check_optimizer_lr, positive_int, resolve_data, resolve_lr_rule,
+                        resolve_policy)
 from .decisions import BatchDecisions
 from .memory_probe import probe_micro_batch
 from .noise_source import choose_noise_source
@@ -170,10 +172,11 @@ class AdaptiveBatch:
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
         self.dataset, self.collate_fn = resolve_data(data, collate_fn)
 
-        # ----- distributed
+        # ----- distributed: DDP, or FSDP2 (fully_shard: the model is its own wrapper)
         self._ddp = isinstance(model, DistributedDataParallel)
+        self._sharded = [] if self._ddp else sharded_modules(model)
         self._group = getattr(model, "process_group", None) if self._ddp else None
-        if self._ddp:
+        if self._ddp or self._sharded:
             self.world_size = dist.get_world_size(self._group)
             self.rank = dist.get_rank(self._group)
         else:
@@ -183,7 +186,11 @@ class AdaptiveBatch:
                               "not DistributedDataParallel, so every process samples the whole "
                               "dataset on its own; wrap the model in DDP to share the batches.",
                               RuntimeWarning, stacklevel=2)
-        self._distributed = self._ddp and self.world_size > 1
+        self._distributed = (self._ddp or bool(self._sharded)) and self.world_size > 1
+        if self._sharded and micro_batch is None:
+            raise ValueError("AdaptiveBatch: give `micro_batch` for a model sharded by FSDP2 "
+                             "(fully_shard): the memory probe runs on a copy of the model, and "
+                             "a sharded model cannot be copied")
 
         # ----- cheap validation first: nothing expensive runs on a bad config
         positive_int("initial_batch", initial_batch)
@@ -216,6 +223,7 @@ class AdaptiveBatch:
                             ("max_epochs", max_epochs)):
             positive_int(name, value, allow_none=True)
         self.lr_rule = resolve_lr_rule(lr_rule)
+        check_optimizer_lr(optimizer, self.lr_rule)
         self.policy = resolve_policy(policy, schedule, critical_factor)
         self.log_path = check_log_path(log_path)
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -366,7 +374,7 @@ class AdaptiveBatch:
                 # DDP decides at forward time whether the coming backward
                 # all-reduces, so no_sync must cover the forward as well.
                 last = plan.yielded == plan.accumulation
-                with self.model.no_sync() if self._ddp and not last else nullcontext():
+                with self._no_sync() if not last else nullcontext():
                     yield batch
                 if plan.backwards < plan.yielded:
                     raise RuntimeError("AdaptiveBatch: call controller.backward(loss) once for "
@@ -375,6 +383,24 @@ class AdaptiveBatch:
                 raise RuntimeError("AdaptiveBatch: call controller.step() after "
                                    "controller.backward(loss), at every micro-batch; it runs "
                                    "the optimizer at the end of each step")
+
+    @contextmanager
+    def _no_sync(self):
+        """Gradients stay local for the micro-batches before a step's last:
+        DDP's no_sync, or FSDP2's requires_gradient_sync off (read during backward)."""
+        if self._ddp:
+            with self.model.no_sync():
+                yield
+        elif self._sharded:
+            for m in self._sharded:
+                m.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield
+            finally:
+                for m in self._sharded:
+                    m.set_requires_gradient_sync(True, recurse=False)
+        else:
+            yield
 
     # -------------------------------------------------------------- backward
     def backward(self, loss: torch.Tensor, **kwargs) -> None:

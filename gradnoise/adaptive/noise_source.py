@@ -29,7 +29,16 @@ def choose_noise_source(controller, noise_source, beta, interval, loss_reduction
     name, reason, tracker = noise_source, "requested", None
     if noise_source == "auto":
         bn = [n for n, _ in batchnorm_mixing(controller.module)]
-        if controller._distributed:
+        if getattr(controller, "_sharded", None):
+            # FSDP2 bypasses the gradient hooks of the other sources
+            if bn:
+                raise ValueError(
+                    f"AdaptiveBatch: a model sharded by FSDP2 is measured from per-sample norms, "
+                    f"which BatchNorm with batch statistics ({', '.join(bn[:3])}) forbids; use "
+                    "GroupNorm/LayerNorm, or DistributedDataParallel with the 'distributed' "
+                    "source")
+            name, reason = "per_sample", "FSDP2 (fully_shard): per-sample norms over the ranks"
+        elif controller._distributed:
             name, reason = "distributed", (f"DistributedDataParallel over {controller.world_size} "
                                            "processes: local against global gradients")
         elif bn:

@@ -18,15 +18,16 @@ divides it by accumulate_grad_batches).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 try:
     from lightning.pytorch import Callback
 except ImportError:  # the standalone pytorch_lightning package
     from pytorch_lightning import Callback
 
+from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
-from .stepping import AccumulationPlan, LRInsideStep, SampleSchedule, make_noise, reading_metrics
+from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
+                       reading_metrics)
 
 
 def samples_in(batch) -> int:
@@ -136,7 +137,7 @@ class NoiseScaleMonitor(Callback):
             self._state = state_dict["noise"]
 
 
-class AdaptiveBatchSize(NoiseScaleMonitor):
+class AdaptiveBatchSize(AdaptiveCallback, NoiseScaleMonitor):
     """Grows the batch toward the critical batch by changing
     `accumulate_grad_batches`, and scales the learning rate to match.
 
@@ -168,14 +169,6 @@ class AdaptiveBatchSize(NoiseScaleMonitor):
                              warmup_steps=warmup_steps, critical_factor=critical_factor,
                              hysteresis=hysteresis, confidence=confidence, schedule=schedule)
         self.schedule_by, self.max_samples = schedule_by, max_samples
-        self.plan: AccumulationPlan | None = None
-        self.history: list[dict] = []    # one record per optimizer step of this process
-        self._plan_state = None
-        self._factor = None
-        self._stepped = False
-        self._lr = self._schedules = self._hook = None
-        self._local_samples = 0      # this process's samples in the step so far
-        self._step_samples: int | None = None   # every process's, once counted
 
     def on_fit_start(self, trainer, pl_module) -> None:
         accumulate = trainer.accumulate_grad_batches
@@ -191,94 +184,52 @@ class AdaptiveBatchSize(NoiseScaleMonitor):
                 "steps, which hold more samples as the batch grows; set max_epochs, or "
                 "AdaptiveBatchSize(max_samples=...)")
         super().on_fit_start(trainer, pl_module)
-        optimizer = trainer.optimizers[0]
-        self._lr = LRInsideStep(optimizer)
-        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
-        self._schedules = []
-        if self.schedule_by == "samples":
-            for config in trainer.lr_scheduler_configs:
-                if config.interval == "step":
-                    self._schedules.append(config.scheduler)
-        self._accumulate0 = accumulate
+        check_optimizer_lr(trainer.optimizers[0], self.settings["lr_rule"], "AdaptiveBatchSize")
 
-    def _build_plan(self, trainer, micro_batch: int) -> None:
-        self.plan = AccumulationPlan(micro_batch=micro_batch, world_size=trainer.world_size,
-                                     accumulation=self._accumulate0, who="AdaptiveBatchSize",
-                                     **self.settings)
-        try:
-            self._schedules = [SampleSchedule(s, self.plan.decisions.initial_batch)
-                               for s in self._schedules]
-        except TypeError as e:
-            raise TypeError(f"AdaptiveBatchSize: {e}") from None
-        if self._plan_state is not None:
-            self.plan.load_state_dict(self._plan_state, "AdaptiveBatchSize")
-            self._plan_state = None
-        trainer.accumulate_grad_batches = self.plan.accumulation
+    def _start(self, trainer, micro_batch: int) -> None:
+        """At the first batch, whose size is the micro-batch."""
+        plan = AccumulationPlan(micro_batch=micro_batch, world_size=trainer.world_size,
+                                accumulation=trainer.accumulate_grad_batches,
+                                who="AdaptiveBatchSize", **self.settings)
+        self._restore_plan(plan, "AdaptiveBatchSize")
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.interval == "step"]
+        self.steps = TrainerSteps(plan, trainer.optimizers[0], schedulers, self.schedule_by,
+                                  "AdaptiveBatchSize")
+        trainer.accumulate_grad_batches = plan.accumulation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.plan is None:
-            self._build_plan(trainer, self._n)
+        if self.steps is None:
+            self._start(trainer, self._n)
 
     def on_after_backward(self, trainer, pl_module) -> None:
         super().on_after_backward(trainer, pl_module)
-        self._local_samples += self._n
+        self.steps.count(self._n)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self._factor = self.plan.lr_for_step(self.reading)
-        self._lr.set(self._factor)
-        self._stepped = False
-
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._stepped = True
-        self._step_samples = self._global_samples()
-        for schedule in self._schedules:
-            schedule.before_scheduler_step(self.plan.samples_seen + self._step_samples)
-
-    def _global_samples(self) -> int:
-        """The step's samples over every process (the last step of an epoch
-        may hold fewer, and DistributedSampler may give ranks unequal shares)."""
-        n = self._local_samples
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([n], dtype=torch.int64)
-            dist.all_reduce(t)
-            n = int(t)
-        return n
+        self.steps.before_step(self.reading)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._factor is None:
-            return
-        samples = self._step_samples if self._stepped else self._global_samples()
-        self._local_samples, self._step_samples = 0, None
-        skipped = not self._stepped
-        factor, self._factor = self._factor, None
-        accumulation = trainer.accumulate_grad_batches
         progress = trainer.fit_loop.epoch_loop.batch_progress
         ends_epoch = (progress.is_last_batch
                       or progress.current.ready == trainer.num_training_batches)
-        trainer.accumulate_grad_batches = self.plan.after_step(
-            factor, samples, self.reading, skipped,
-            0 if ends_epoch else progress.current.ready)
-        record = self.plan.record(samples, accumulation, self.reading, skipped)
-        self.history.append(record)
-        pl_module.log_dict({f"{self.prefix}{k}": float(record[k])
-                            for k in ("batch_size", "next_batch_size", "accumulation",
-                                      "lr_factor", "samples")}, on_step=True, on_epoch=False)
+        new = self.steps.end_step(self.reading, 0 if ends_epoch else progress.current.ready,
+                                  trainer.accumulate_grad_batches)
+        if new is None:
+            return
+        trainer.accumulate_grad_batches = new
+        pl_module.log_dict(self.steps.metrics(self.prefix), on_step=True, on_epoch=False)
         if self.max_samples is not None and self.plan.samples_seen >= self.max_samples:
             trainer.should_stop = True
 
     def on_fit_end(self, trainer, pl_module) -> None:
         super().on_fit_end(trainer, pl_module)
-        if self._lr is not None:
-            self._lr.close()
-            self._hook.remove()
+        if self.steps is not None:
+            self.steps.close()
 
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self.plan is not None:
-            state["plan"] = self.plan.state_dict()
-        return state
+        return self._with_plan(super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

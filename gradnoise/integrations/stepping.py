@@ -215,3 +215,105 @@ class AccumulationPlan:
             raise ValueError(f"{who}: {e}") from None
         self.accumulation = self.decisions.batch_size // self.unit
         self.steps, self.samples_seen = state["steps"], state["samples_seen"]
+
+
+def _all_reduce_sum(value: int) -> int:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t)
+    return value
+
+
+class TrainerSteps:
+    """A trainer's optimizer steps under the adaptive batch: the samples of
+    each step, the LR factor inside optimizer.step(), schedules by samples,
+    the plan's decision at each boundary and a record per step.
+
+    Per step: `count(n)` for each micro-batch of n samples on this process,
+    `before_step(reading)` once the last backward is done, then
+    `end_step(reading, micro_batches_in_epoch, accumulation)` after the
+    optimizer step (or the GradScaler's skip): it returns the accumulation
+    for the next steps."""
+
+    def __init__(self, plan: AccumulationPlan, optimizer, schedulers, schedule_by: str, who: str):
+        self.plan, self.who = plan, who
+        self.history: list[dict] = []    # one record per optimizer step of this process
+        self._schedules = []
+        if schedule_by == "samples":
+            try:
+                self._schedules = [SampleSchedule(s, plan.decisions.initial_batch)
+                                   for s in schedulers]
+            except TypeError as e:
+                raise TypeError(f"{who}: {e}") from None
+        self._lr = LRInsideStep(optimizer)
+        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._local = 0                  # this process's samples in the step so far
+        self._samples: int | None = None  # every process's, once counted
+        self._factor: float | None = None
+        self._stepped = False
+
+    def count(self, samples: int) -> None:
+        self._local += samples
+
+    def before_step(self, reading) -> None:
+        self._factor = self.plan.lr_for_step(reading)
+        self._lr.set(self._factor)
+        self._stepped = False
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        # before the trainer steps its schedulers
+        self._stepped = True
+        self._samples = _all_reduce_sum(self._local)
+        for schedule in self._schedules:
+            schedule.before_scheduler_step(self.plan.samples_seen + self._samples)
+
+    def end_step(self, reading, micro_batches_in_epoch: int, accumulation: int) -> int | None:
+        """The accumulation from here on (None when no step ended here)."""
+        if self._factor is None:
+            return None
+        samples = self._samples if self._stepped else _all_reduce_sum(self._local)
+        factor, skipped = self._factor, not self._stepped
+        self._local, self._samples, self._factor = 0, None, None
+        new = self.plan.after_step(factor, samples, reading, skipped, micro_batches_in_epoch)
+        self.history.append(self.plan.record(samples, accumulation, reading, skipped))
+        return new
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """The last step's batch, next batch, accumulation, LR factor and samples."""
+        record = self.history[-1]
+        return {f"{prefix}{k}": float(record[k]) for k in
+                ("batch_size", "next_batch_size", "accumulation", "lr_factor", "samples")}
+
+    def close(self) -> None:
+        self._lr.close()
+        self._hook.remove()
+
+
+class AdaptiveCallback:
+    """What the adaptive callbacks share around their TrainerSteps: the
+    plan, the records, and the plan's part of their checkpointed state."""
+    steps: TrainerSteps | None = None
+    _plan_state: dict | None = None
+
+    @property
+    def plan(self) -> AccumulationPlan | None:
+        return None if self.steps is None else self.steps.plan
+
+    @property
+    def history(self) -> list[dict]:
+        """One record per optimizer step of this process."""
+        return [] if self.steps is None else self.steps.history
+
+    def _with_plan(self, state: dict) -> dict:
+        if self.plan is not None:
+            state["plan"] = self.plan.state_dict()
+        return state
+
+    def _restore_plan(self, plan: AccumulationPlan, who: str) -> bool:
+        """Load a checkpoint's plan into `plan`; whether there was one."""
+        if self._plan_state is None:
+            return False
+        plan.load_state_dict(self._plan_state, who)
+        self._plan_state = None
+        return True

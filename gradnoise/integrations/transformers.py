@@ -25,12 +25,13 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
 from ..layers.batching import model_batch_size
-from .stepping import AccumulationPlan, LRInsideStep, SampleSchedule, make_noise, reading_metrics
+from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
+                       reading_metrics)
 
 STATE_FILE = "gradnoise_state.pt"
 
@@ -203,7 +204,7 @@ class NoiseScaleCallback(TrainerCallback):
         self._load_state_dict(torch.load(path)[type(self).__name__])
 
 
-class AdaptiveBatchCallback(NoiseScaleCallback):
+class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
     """Grows the batch toward the critical batch through
     `gradient_accumulation_steps` and scales the learning rate to match.
 
@@ -233,13 +234,6 @@ class AdaptiveBatchCallback(NoiseScaleCallback):
                              warmup_steps=warmup_steps, critical_factor=critical_factor,
                              hysteresis=hysteresis, confidence=confidence, schedule=schedule)
         self.schedule_by = schedule_by
-        self.plan: AccumulationPlan | None = None
-        self.history: list[dict] = []
-        self._plan_state = None
-        self._lr = self._schedule = self._hook = None
-        self._factor = None
-        self._stepped = False
-        self._local_samples = 0
         self._in_epoch = 0
         self._epoch_length = None
 
@@ -247,31 +241,24 @@ class AdaptiveBatchCallback(NoiseScaleCallback):
         super().on_train_begin(args, state, control, **kwargs)
         optimizer = kwargs["optimizer"]
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.plan = AccumulationPlan(micro_batch=args.per_device_train_batch_size,
-                                     world_size=args.world_size,
-                                     accumulation=args.gradient_accumulation_steps,
-                                     who="AdaptiveBatchCallback", **self.settings)
+        check_optimizer_lr(optimizer, self.settings["lr_rule"], "AdaptiveBatchCallback")
+        plan = AccumulationPlan(micro_batch=args.per_device_train_batch_size,
+                                world_size=args.world_size,
+                                accumulation=args.gradient_accumulation_steps,
+                                who="AdaptiveBatchCallback", **self.settings)
         self._resume(args, state)
-        if self._plan_state is not None:
-            self.plan.load_state_dict(self._plan_state, "AdaptiveBatchCallback")
-            self._plan_state = None
-            if self.plan.accumulation != args.gradient_accumulation_steps:
+        if self._restore_plan(plan, "AdaptiveBatchCallback"):
+            if plan.accumulation != args.gradient_accumulation_steps:
                 raise ValueError(
                     f"AdaptiveBatchCallback: the checkpoint at step {state.global_step} was "
-                    f"saved with gradient_accumulation_steps={self.plan.accumulation}, grown from "
+                    f"saved with gradient_accumulation_steps={plan.accumulation}, grown from "
                     f"{args.gradient_accumulation_steps}; the Trainer finds where to resume by "
                     "counting optimizer steps of its initial accumulation, so it would re-read or "
                     "skip data. Resume runs whose batch has not grown yet, or start a new run "
                     "from the saved model with the grown batch as its initial one")
-        args.gradient_accumulation_steps = self.plan.accumulation
-        if self.schedule_by == "samples" and kwargs.get("lr_scheduler") is not None:
-            try:
-                self._schedule = SampleSchedule(kwargs["lr_scheduler"],
-                                                self.plan.decisions.initial_batch)
-            except TypeError as e:
-                raise TypeError(f"AdaptiveBatchCallback: {e}") from None
-        self._lr = LRInsideStep(optimizer)
-        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        scheduler = kwargs.get("lr_scheduler")
+        self.steps = TrainerSteps(plan, optimizer, [] if scheduler is None else [scheduler],
+                                  self.schedule_by, "AdaptiveBatchCallback")
         loader = kwargs.get("train_dataloader")
         self._epoch_length = len(loader) if loader is not None and hasattr(loader, "__len__") \
             else None
@@ -281,56 +268,33 @@ class AdaptiveBatchCallback(NoiseScaleCallback):
 
     def _before_micro_batch(self, model, inputs, num_items) -> None:
         super()._before_micro_batch(model, inputs, num_items)
-        self._local_samples += self._pending[1]
+        self.steps.count(self._pending[1])
         self._in_epoch += 1
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
-        self._factor = self.plan.lr_for_step(self.reading)
-        self._lr.set(self._factor)
-        self._stepped = False
-
-    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self._stepped = True
-        if self._schedule is not None:
-            self._schedule.before_scheduler_step(self.plan.samples_seen + self._global_samples())
-
-    def _global_samples(self) -> int:
-        n = self._local_samples
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([n], dtype=torch.int64)
-            dist.all_reduce(t)
-            n = int(t)
-        return n
+        self.steps.before_step(self.reading)
 
     def on_step_end(self, args, state, control, **kwargs):
-        samples = self._global_samples()
-        self._local_samples = 0
-        factor, self._factor = self._factor, None
-        accumulation = args.gradient_accumulation_steps
         ends_epoch = self._epoch_length is not None and self._in_epoch >= self._epoch_length
-        args.gradient_accumulation_steps = self.plan.after_step(
-            factor, samples, self.reading, not self._stepped, 0 if ends_epoch else self._in_epoch)
-        record = self.plan.record(samples, accumulation, self.reading, not self._stepped)
-        self.history.append(record)
-        self._metrics.update({f"{self.prefix}{k}": float(record[k]) for k in
-                              ("batch_size", "next_batch_size", "lr_factor", "samples")})
-        if state.max_steps > 0 and self.plan.samples_seen >= state.max_steps * \
-                self.plan.decisions.initial_batch:
+        new = self.steps.end_step(self.reading, 0 if ends_epoch else self._in_epoch,
+                                  args.gradient_accumulation_steps)
+        if new is None:
+            return control
+        args.gradient_accumulation_steps = new
+        self._metrics.update(self.steps.metrics(self.prefix))
+        if state.max_steps > 0 and (self.plan.samples_seen
+                                    >= state.max_steps * self.plan.decisions.initial_batch):
             control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         super().on_train_end(args, state, control, **kwargs)
-        if self._lr is not None:
-            self._lr.close()
-            self._hook.remove()
+        if self.steps is not None:
+            self.steps.close()
 
     def _state_dict(self) -> dict:
-        state = super()._state_dict()
-        if self.plan is not None:
-            state["plan"] = self.plan.state_dict()
-        return state
+        return self._with_plan(super()._state_dict())
 
     def _load_state_dict(self, state: dict) -> None:
         super()._load_state_dict(state)

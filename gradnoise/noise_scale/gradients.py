@@ -122,5 +122,7 @@ class GradSqNorms:
         if not grads:
             raise RuntimeError(
                 "GradientNoiseScale.step: no parameter of the model has a gradient. Call step() "
-                "after the step's last backward and before optimizer.zero_grad().")
+                "after the step's last backward and before optimizer.zero_grad(), and build "
+                "GradientNoiseScale after anything that replaces the model's parameters "
+                "(FSDP2's fully_shard).")
         return grads

@@ -18,13 +18,35 @@ from .sources import DistributedSource, MicroBatchSource, PerSampleSource
 SOURCES = ("per_sample", "micro_batch", "distributed")
 
 
+def sharded_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that FSDP2's fully_shard has sharded
+    (instances of torch.distributed.fsdp.FSDPModule)."""
+    if not dist.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp2_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of `model` that FSDP2 has sharded ("" for the model itself)."""
+    sharded = {id(m) for m in sharded_modules(model)}
+    return [name for name, m in model.named_modules() if id(m) in sharded]
+
+
 class GradientNoiseScale:
     """Measures B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018) during training.
 
     Args:
         model: the model being trained (the DDP-wrapped module for
-            source="distributed").
+            source="distributed"; the model itself once FSDP2's fully_shard
+            has sharded it, built after fully_shard).
         source: "per_sample", "micro_batch" or "distributed" (see module doc).
+            A model sharded by FSDP2 (torch.distributed.fsdp.fully_shard)
+            takes "per_sample" only: the others read gradient hooks on the
+            parameters, which FSDP2 bypasses, and are refused.
         beta: EMA factor of the smoothed estimates, in [0, 1).
         per_layer: also keep one estimator per module that owns parameters.
         tracker: for "per_sample", an existing GradNoiseTracker of this model
@@ -37,8 +59,12 @@ class GradientNoiseScale:
             `scaler` says whether .grad is already unscaled. Without it, the
             scaler's state for any optimizer is taken to be this one's: pass
             it when the scaler serves several optimizers.
-        process_group: for "distributed", and for "per_sample" under DDP,
-            where the per-sample sums are all-reduced (default: the world).
+        process_group: for "distributed", and for "per_sample" under DDP
+            or FSDP2, where the per-sample sums are all-reduced (default: the
+            world). .grad is taken to be the mean over these ranks of their
+            gradients, as DDP and FSDP2 reduce by default (not under FSDP2's
+            set_gradient_divide_factor). Sharded gradients (DTensors) are
+            summed over the whole world, which their device mesh must span.
         owns_tracker: detach the tracker on close() (default: if created here).
         interval: measure one optimizer step in `interval` (the first of each
             run of `interval` steps). The others cost nothing: a tracker this
@@ -72,6 +98,17 @@ class GradientNoiseScale:
                             f"{type(model).__name__}")
         if source not in SOURCES:
             raise ValueError(f"GradientNoiseScale: `source` must be one of {SOURCES}, got {source!r}")
+        if source != "per_sample":
+            sharded = [repr(n) if n else "the model" for n in fsdp2_modules(model)]
+            if sharded:
+                raise ValueError(
+                    f"GradientNoiseScale(source={source!r}) cannot measure a model sharded by "
+                    f"FSDP2's fully_shard ({', '.join(sharded[:3])}"
+                    f"{' ...' if len(sharded) > 3 else ''}): FSDP2 runs forward and backward on "
+                    "unsharded copies of the parameters and assigns the reduced, sharded "
+                    "gradients to .grad itself, so the gradient hooks this source reads never see "
+                    "the sharded parameters' gradients. Use source='per_sample' (per-sample norms "
+                    "summed over the ranks, against the sharded batch gradient).")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"GradientNoiseScale: `loss_reduction` must be 'mean' or 'sum', "
                              f"got {loss_reduction!r}")
