@@ -5,7 +5,12 @@ grouped per model; each timed step's norms are also checked.
     python -m pytest benchmarks/test_tracker_step.py --benchmark-columns=median,iqr,rounds
 
 The ratio table (interleaved repetitions, peak memory, disagreements) is
-gradnoise.benchmarking.tracker_step.run / `python -m gradnoise bench --tracker`.
+gradnoise.benchmarking.tracker_step.run / `python -m gradnoise bench --tracker`
+(`--compile` adds the compiled steps).
+
+`test_compiled_step` times the model compiled by torch.compile, plain and
+tracked, after the steps that compile it, with the tracked forward's graph
+breaks in the benchmark's extra_info.
 
 Tolerances (every candidate runs in float32; measured disagreements are
 ≲ 1e-5):
@@ -27,8 +32,8 @@ import torch
 
 from gradnoise import GradNoiseTracker
 from gradnoise.benchmarking import models
-from gradnoise.benchmarking.peers import (CANDIDATES, Unavailable, norm_layer_params,
-                                          per_sample_bytes, prepare)
+from gradnoise.benchmarking.peers import (CANDIDATES, COMPILED_CANDIDATES, Unavailable,
+                                          norm_layer_params, per_sample_bytes, prepare)
 from gradnoise.benchmarking.truth import truth_per_param
 
 pytestmark = [
@@ -118,6 +123,26 @@ def test_step(benchmark, model_name, candidate):
         loss_fn(ref(x), y).backward()
         for (n, p), (_, q) in zip(own.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=f"{candidate}: .grad of {n}")
+
+
+@pytest.mark.parametrize("candidate", COMPILED_CANDIDATES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_compiled_step(benchmark, model_name, candidate):
+    benchmark.group = f"compiled train step: {models.DESCRIPTIONS[model_name]}"
+    model, x, y, loss_fn = _built(model_name)
+    own = copy.deepcopy(model)
+    try:
+        prepared = prepare(candidate, own, x, y, loss_fn)
+    except Unavailable as e:
+        pytest.skip(f"n/a: {e}")
+    for _ in range(prepared.warmup_steps - 1):   # compiling
+        prepared.step()
+    result = benchmark.pedantic(prepared.step, rounds=5, warmup_rounds=1)
+    if candidate != "compiled plain":
+        truth = _truth(model_name)
+        names = norm_layer_params(model) if candidate.endswith("norm") else list(truth)
+        _close(result, sum(truth[k] for k in names), TRUTH_RTOL, f"{candidate} vs torch.func fp64")
+    benchmark.extra_info["graph_breaks"] = prepared.graph_breaks()
 
 
 def _check_norms(candidate, model_name, model, own, result, prepared, B):

@@ -51,6 +51,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         torch.set_num_threads(args.threads)
     if args.tracker:
         from .benchmarking.models import DEFAULT_MODELS
+        from .benchmarking.peers import CANDIDATES, COMPILED_CANDIDATES
         from .benchmarking.tracker_step import print_report, run
 
         with Progress(TextColumn("{task.description}"), BarColumn(),
@@ -58,7 +59,9 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                       console=console, transient=True) as progress:
             task = progress.add_task("timing", total=1)
             models = args.model or list(DEFAULT_MODELS)
-            rows = run(models=models, repeats=args.repeats,
+            candidates = list(args.candidate or CANDIDATES) + (
+                list(COMPILED_CANDIDATES) if args.compile else [])
+            rows = run(models=models, repeats=args.repeats, candidates=candidates,
                        on_progress=lambda desc, done, total: progress.update(
                            task, description=desc, completed=done, total=total))
         print_report(rows, console)
@@ -173,6 +176,7 @@ def cmd_critical_batch(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmarking.peers import CANDIDATES
     parser = argparse.ArgumentParser(prog="python -m gradnoise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what was built, and which backends can run here")
@@ -183,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a shape to time instead of the standard set (repeatable)")
     bench.add_argument("--model", action="append", choices=("mlp", "lm", "cnn", "gpt2", "llama"),
                        help="with --tracker: a model to run (repeatable; default: all five)")
+    bench.add_argument("--candidate", action="append", choices=CANDIDATES,
+                       help="with --tracker: a candidate to run (repeatable; default: all; the "
+                            "plain step always runs)")
+    bench.add_argument("--compile", action="store_true",
+                       help="with --tracker: also the model compiled by torch.compile, plain and "
+                            "tracked (layers 'all' and 'norm'), with its graph breaks")
     bench.add_argument("--tracker", action="store_true",
                        help="time whole training steps with per-sample norms against peers")
     bench.add_argument("--backend", choices=BACKENDS, default=None,

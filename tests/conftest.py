@@ -1,5 +1,12 @@
 import os
+import shutil
 import sys
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must
+# be chosen before triton is first imported: frameworks the suite imports
+# (torch._dynamo, through lightning and transformers) import it too.
+if os.environ.get("TRITON_INTERPRET") is None and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Let the tests import their ground-truth helpers as `tests.ground_truth`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,10 +1,16 @@
 """The training-step benchmark's interleaving: which plain step each
-candidate is paired with."""
+candidate is paired with (the compiled steps with the compiled plain step)."""
 from __future__ import annotations
 
 import time
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradnoise.benchmarking import models
 from gradnoise.benchmarking.timing import interleaved_pairs
+from gradnoise.benchmarking.tracker_step import run
 
 
 def _sleeper(seconds, log=None, tag=None):
@@ -39,3 +45,27 @@ def test_shared_plain_timed_every_repetition_even_if_no_candidate_uses_it():
                                  slow_budget_s=10.0, min_repeats=1, tick=lambda: None,
                                  own_plain=own)
     assert len(times["plain"]) == 3 and paired["plain"] == times["plain"]
+
+
+def test_compiled_candidates_pair_with_the_compiled_plain_step(monkeypatch):
+    """A compiled tracked step's ratio is to the compiled plain step (added
+    when not asked for), its norms are checked, and its row carries the graph
+    breaks of its forward."""
+    def tiny(seed=0):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        return model, torch.randn(4, 6), torch.randint(0, 3, (4,)), F.cross_entropy
+
+    monkeypatch.setitem(models.MODELS, "tiny", tiny)
+    rows = run(["tiny"], repeats=2, candidates=["gradnoise all", "compiled gradnoise all"],
+               memory=False, warmup=1)
+    by = {r.candidate: r for r in rows}
+    assert list(by) == ["plain", "compiled plain", "gradnoise all", "compiled gradnoise all"]
+    assert by["compiled plain"].baseline == "plain"
+    assert by["compiled gradnoise all"].baseline == "compiled plain"
+    assert by["compiled plain"].graph_breaks == 0 and by["plain"].graph_breaks is None
+    assert by["compiled gradnoise all"].graph_breaks > 0
+    assert by["compiled gradnoise all"].err_vs_truth < 1e-4
+    assert by["compiled gradnoise all"].err_vs_gradnoise < 1e-5   # against the eager tracker
+    assert by["compiled gradnoise all"].repeats == 2
+    assert "graph breaks" in by["compiled gradnoise all"].note

@@ -168,7 +168,8 @@ def runtime_distributions() -> set[str]:
 def test_works_with_its_runtime_dependencies_alone(tmp_path):
     """A site folder holding only the runtime dependencies (linked from this
     environment), Python started without its own site-packages: import every
-    module but the Triton kernels (the `triton` extra) and `__main__`, run an op, track a
+    module but the Triton kernels (the `triton` extra), the trainers' callbacks (their
+    extras: importing one says which) and `__main__`, run an op, track a
     step, and run `gradnoise info`, which must say that triton is missing."""
     site = tmp_path / "site"
     site.mkdir()
@@ -186,8 +187,17 @@ import importlib, pkgutil
 import torch
 import gradnoise
 assert importlib.util.find_spec("pytest") is None and importlib.util.find_spec("triton") is None
+frameworks = {{"gradnoise.integrations.lightning": "lightning",
+              "gradnoise.integrations.transformers": "transformers"}}
 for m in pkgutil.walk_packages(gradnoise.__path__, "gradnoise."):
-    if not m.name.startswith("gradnoise.ops.triton.") and m.name != "gradnoise.__main__":
+    if m.name in frameworks:        # each needs its extra, and says so
+        try:
+            importlib.import_module(m.name)
+        except ImportError as e:
+            assert f"gradnoise[{{frameworks[m.name]}}]" in str(e), e
+        else:
+            raise AssertionError(m.name + " imported without its framework")
+    elif not m.name.startswith("gradnoise.ops.triton.") and m.name != "gradnoise.__main__":
         importlib.import_module(m.name)
 from gradnoise import ops, cli
 x, g = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)

@@ -51,6 +51,8 @@ def measure_step_peak(model_name: str, candidate: str, samples: int = 3) -> floa
     with quiet():
         model, x, y, loss_fn = models_mod.build(model_name)
         prepared = prepare(candidate, model, x, y, loss_fn)
+        for _ in range(prepared.warmup_steps - 1):
+            prepared.step()                   # compiling
         t = time.perf_counter()
         prepared.step()                       # warm-up: one-time allocations
         slow = time.perf_counter() - t > 5.0

@@ -15,6 +15,9 @@ from torch import nn
 
 CANDIDATES = ("plain", "gradnoise all", "gradnoise norm", "gradnoise + noise scale",
               "torch.func vmap", "opacus hooks", "opacus ghost", "backpack")
+# The model compiled by torch.compile (inductor): its plain step, the baseline
+# of the other two, and the step tracked with layers="all" / "norm".
+COMPILED_CANDIDATES = ("compiled plain", "compiled gradnoise all", "compiled gradnoise norm")
 # Peers that materialise per-sample gradients are refused above this projection.
 MATERIALISE_LIMIT_BYTES = 8 * 2**30
 
@@ -48,6 +51,14 @@ class Prepared:
     #: that where each copy's tensors sit in memory (worth ±3% on the CNN
     #: between two identical copies) cancels out of its ratio.
     own_plain: tuple[Callable[[], None], Callable[[], None], Callable[[], None]] | None = None
+    #: the candidate whose step its ratio is taken against (where it has no own_plain)
+    baseline: str = "plain"
+    #: steps before its step time is representative (a compiled step compiles in
+    #: the first, and recompiles once after the first measured step's checks)
+    warmup_steps: int = 1
+    #: graph breaks of its model's forward under torch.compile (counted after timing:
+    #: torch._dynamo.explain resets every compiled function)
+    graph_breaks: Callable[[], int] | None = None
 
 
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -135,6 +146,39 @@ def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
     return Prepared(step, estimator_times=spent,
                     detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad",
                     own_plain=(tracker.detach, _plain_step(model, x, y, loss_fn), tracker.attach))
+
+
+def graph_breaks(model: nn.Module, x) -> int:
+    """Graph breaks of one forward of `model` (its hooks included) under
+    torch.compile, by torch._dynamo.explain; resets every compiled function."""
+    return torch._dynamo.explain(model)(x).graph_break_count
+
+
+def _compiled(layers: str | None):
+    def prepare(model, x, y, loss_fn) -> Prepared:
+        from ..tracker import GradNoiseTracker
+        names = norm_layer_params(model) if layers == "norm" else None
+        if layers == "norm" and not names:
+            raise Unavailable("no LayerNorm/RMSNorm/GroupNorm in the model", "no norm layers")
+        tracker = None if layers is None else GradNoiseTracker(model, loss_reduction="mean",
+                                                               layers=layers)
+        compiled = torch.compile(model)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss_fn(compiled(x), y).backward()
+            return None if tracker is None else tracker.per_sample_sq_norms()
+
+        def describe():
+            notes = [] if tracker is None else ["÷ compiled plain"]
+            if tracker is not None and tracker.fallback_modules:
+                notes.append(f"torch.func fallback: {', '.join(tracker.fallback_modules)}")
+            return ", ".join(notes), ("the model compiled by torch.compile (inductor)" + (
+                "" if tracker is None else "; ×plain and peak ×plain are to the compiled plain step"))
+        return Prepared(step, lambda: names, describe=describe, warmup_steps=2,
+                        baseline="plain" if tracker is None else "compiled plain",
+                        graph_breaks=lambda: graph_breaks(model, x))
+    return prepare
 
 
 def _vmap(model, x, y, loss_fn) -> Prepared:
@@ -273,6 +317,9 @@ PREPARE: dict[str, Callable] = {
     "opacus hooks": _opacus_hooks,
     "opacus ghost": _opacus_ghost,
     "backpack": _backpack,
+    "compiled plain": _compiled(None),
+    "compiled gradnoise all": _compiled("all"),
+    "compiled gradnoise norm": _compiled("norm"),
 }
 
 

@@ -40,6 +40,8 @@ class TrackerRow:
     detail: str = ""
     target: float | None = None
     estimator_share: float | None = None       # median estimator time / plain step time
+    baseline: str = "plain"                    # the step `ratio` and `peak_ratio` divide by
+    graph_breaks: int | None = None            # of the forward under torch.compile
 
     def to_dict(self) -> dict:
         return asdict(self)

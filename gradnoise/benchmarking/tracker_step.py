@@ -17,7 +17,12 @@ for a mean-reduced loss, or None for the plain step):
 - "opacus ghost": opacus GradSampleModuleFastGradientClipping with ghost
   clipping, first backward only (norms + the unclipped gradient; DP training
   adds a second, clipped backward);
-- "backpack": BackPACK's BatchL2Grad.
+- "backpack": BackPACK's BatchL2Grad;
+- "compiled plain", "compiled gradnoise all", "compiled gradnoise norm" (on
+  request, peers.COMPILED_CANDIDATES): the model compiled by torch.compile,
+  plain and tracked; the tracked steps' ratios are to the compiled plain step,
+  after the steps that compile (their time is in the notes), and the graph
+  breaks of the tracked forward are counted.
 
 Per candidate: median step time, the median over repetitions of its time /
 the plain step's time in the same repetition, the peak memory of one step
@@ -40,8 +45,8 @@ import torch
 
 from . import models as models_mod
 from .memory import memory_supported, peak_memory_mb, trim_heap
-from .peers import (CANDIDATES, QUIET_WARNINGS, Prepared, Unavailable, first_step_warnings, prepare,
-                    quiet, trainable_params)
+from .peers import (CANDIDATES, COMPILED_CANDIDATES, QUIET_WARNINGS, Prepared, Unavailable,
+                    first_step_warnings, prepare, quiet, trainable_params)
 from .report import TIME_TARGETS, TrackerRow, print_report
 from .timing import interleaved_pairs
 from .truth import max_rel_err, truth_per_param
@@ -61,6 +66,8 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
     candidates = list(candidates)
     if "plain" not in candidates:
         candidates = ["plain"] + candidates
+    if any(c.startswith("compiled ") for c in candidates) and "compiled plain" not in candidates:
+        candidates.insert(1, "compiled plain")
     mem_why = memory_supported() if memory else "not requested"
     total = len(models) * (1 + repeats + (len(candidates) if mem_why is None else 0))
     done = 0
@@ -101,6 +108,11 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
                         for msg in QUIET_WARNINGS:
                             warnings.filterwarnings("ignore", message=f".*{msg}")
                         t = time.perf_counter()
+                        for _ in range(p.warmup_steps - 1):
+                            p.step()
+                        if p.warmup_steps > 1:   # the steps that compile
+                            out[c].note = f"compile {time.perf_counter() - t:.1f} s"
+                        t = time.perf_counter()
                         n = p.step()
                         first[c] = time.perf_counter() - t
                     norms[c] = None if n is None else n.detach().double()
@@ -121,13 +133,15 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
                     covered = prepared[c].covered() or all_names
                     ref = sum(truth[k] for k in covered)
                     out[c].err_vs_truth = max_rel_err(n, ref)
-                    if gn is not None and c not in ("gradnoise all", "gradnoise norm"):
-                        out[c].err_vs_gradnoise = max_rel_err(n, gn)
+                    # a compiled tracked step against the same tracking, eager
+                    same = norms.get(c[len("compiled "):]) if c.startswith("compiled ") else gn
+                    if same is not None and c not in ("gradnoise all", "gradnoise norm"):
+                        out[c].err_vs_gradnoise = max_rel_err(n, same)
                     if len(covered) != len(all_names):
                         cov = sum(int(dict(trainable_params(model))[k].numel()) for k in covered)
                         tot = sum(int(p.numel()) for _, p in trainable_params(model))
                         out[c].coverage = f"{len(covered)}/{len(all_names)} ({cov / tot:.1%})"
-                        if c == "gradnoise norm":
+                        if c.endswith("gradnoise norm"):
                             frac = statistics.median((n / gn).tolist()) if gn is not None else float("nan")
                             out[c].coverage = f"norm ({cov / tot:.2%})"
                             out[c].note = ", ".join(filter(None, [out[c].note, f"= {frac:.1%} of all"]))
@@ -143,6 +157,11 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
                 if p.estimator_times is not None:
                     p.estimator_times.clear()  # the check and warm-up steps do not count
             own = {c: p.own_plain for c, p in prepared.items() if p.own_plain is not None}
+            baselines = {c: p.baseline for c, p in prepared.items()}
+            for c, b in baselines.items():
+                if c not in own and b != "plain" and b in steps:
+                    own[c] = (_nothing, steps[b], _nothing)
+                    out[c].baseline = b
             times, paired = interleaved_pairs(steps, first, repeats, warmup, slow_budget_s,
                                          min_repeats, lambda: progress(f"{mname}: timing", 1),
                                          own)
@@ -156,6 +175,11 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
                     share = statistics.median(e / b for e, b in zip(est[-len(ts):], paired[c]))
                     out[c].estimator_share = share
                     out[c].note = ", ".join(filter(None, [out[c].note, f"estimator {share:.2%}"]))
+            for c, p in prepared.items():
+                if p.graph_breaks is not None:   # after the timing: it resets torch.compile
+                    out[c].graph_breaks = p.graph_breaks()
+                    out[c].note = ", ".join(filter(None, [out[c].note,
+                                                          f"{out[c].graph_breaks} graph breaks"]))
             del steps, prepared
             trim_heap()
             if mem_why is None:
@@ -171,12 +195,16 @@ def run(models: Iterable[str] = models_mod.DEFAULT_MODELS, repeats: int = 10,
                 out["plain"].detail = "; ".join(filter(None, [out["plain"].detail,
                                                               f"memory not measured: {mem_why}"]))
             if mem_why is None:
-                base = out["plain"].peak_mb
                 for c in candidates:
+                    base = out[out[c].baseline].peak_mb
                     if out[c].peak_mb is not None and base:
                         out[c].peak_ratio = out[c].peak_mb / base
             rows.extend(out[c] for c in candidates)
     return rows
+
+
+def _nothing() -> None:
+    pass
 
 
 if __name__ == "__main__":
@@ -188,11 +216,16 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the steps of the model compiled by torch.compile")
+    ap.add_argument("--candidates", nargs="*", default=None,
+                    help="the candidates to run (default: all; plain always runs)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     console = Console(width=None if sys.stdout.isatty() else 200)
-    res = run(a.models, a.repeats, memory=not a.no_memory,
+    chosen = list(a.candidates or CANDIDATES) + (list(COMPILED_CANDIDATES) if a.compile else [])
+    res = run(a.models, a.repeats, memory=not a.no_memory, candidates=chosen,
               on_progress=lambda d, k, n: print(f"[{k}/{n}] {d}", file=sys.stderr, flush=True))
     print_report(res, console)
     if a.json:

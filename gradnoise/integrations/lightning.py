@@ -22,7 +22,11 @@ import torch
 try:
     from lightning.pytorch import Callback
 except ImportError:  # the standalone pytorch_lightning package
-    from pytorch_lightning import Callback
+    try:
+        from pytorch_lightning import Callback
+    except ImportError:
+        raise ImportError("gradnoise.integrations.lightning needs PyTorch Lightning: pip install "
+                          "'gradnoise[lightning]' (or lightning)") from None
 
 from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z

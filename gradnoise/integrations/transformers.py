@@ -25,7 +25,11 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError:
+    raise ImportError("gradnoise.integrations.transformers needs transformers and accelerate: "
+                      "pip install 'gradnoise[transformers]'") from None
 
 from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z

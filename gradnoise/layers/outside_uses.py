@@ -42,10 +42,19 @@ def _sequence_number() -> int:
 class OutsideUses:
     """One step's check; `measured` maps id(parameter) to (its name, the
     modules that measure it). Made when the model's forward starts: the
-    model's own call, if it measures parameters, is open from then on."""
+    model's own call, if it measures parameters, is open from then on.
 
-    def __init__(self, measured: dict[int, tuple[str, list[nn.Module]]], model: nn.Module):
+    `own` maps id(module) to (parameter name in the module, entry of
+    `measured`) for each parameter the module measures. A module may hold
+    other parameter objects while it runs than when the check was made
+    (FSDP2's fully_shard swaps in the unsharded parameters before a forward
+    and the sharded ones after): each call's start adds the objects it holds
+    then, which are the ones autograd records."""
+
+    def __init__(self, measured: dict[int, tuple[str, list[nn.Module]]], model: nn.Module,
+                 own: dict[int, list[tuple[str, tuple]]] | None = None):
         self.measured = measured
+        self._own = own or {}
         self._intervals: dict[int, list[list[int]]] = {}
         self._open: dict[int, list[list[int]]] = {}
         self._handles = []
@@ -58,6 +67,8 @@ class OutsideUses:
             self._handles.append(m.register_forward_hook(self._end, always_call=True))
 
     def _start(self, module, args) -> None:
+        for pname, entry in self._own.get(id(module), ()):
+            self.measured.setdefault(id(module.get_parameter(pname)), entry)
         interval = [_sequence_number(), None]
         self._open.setdefault(id(module), []).append(interval)
         self._intervals.setdefault(id(module), []).append(interval)

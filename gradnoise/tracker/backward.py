@@ -154,7 +154,7 @@ class _BackwardHooks:
         if t.rule.factor_kind != "dense":
             return None
         tokens = {}
-        for u, _ in self._tied_params[id(t.module.get_parameter(t.own[0]))]:
+        for u, _ in self._tied_params[t.param_ids[t.own[0]]]:
             if u is t:
                 continue
             calls = [c for c in step.calls.get(id(u.module), []) if c is not None]

@@ -3,6 +3,8 @@ each tracked call is recorded, captured from its functional calls, or
 watched as a contribution shared by the batch (docs/design.md §6)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -42,8 +44,13 @@ class _ForwardHooks:
             return
         if model.training or any(t.module.training for t in self._tracked):
             self._step = _Step(batch_size=batching.model_batch_size(args, kwargs))
-            if self._outside_check_pending:
-                self._step.outside = layers.outside_uses.OutsideUses(self._measured_by(), model)
+            if self._outside_check_pending and torch.compiler.is_compiling():
+                # a compiled forward is one autograd node per graph: the check cannot see
+                self._outside_check_pending = False
+                torch.compiler.disable(_warn_outside_uses_unchecked)()
+            elif self._outside_check_pending:
+                measured, own = self._measured_by()
+                self._step.outside = layers.outside_uses.OutsideUses(measured, model, own)
         else:
             self._eval_forward = True
 
@@ -67,15 +74,21 @@ class _ForwardHooks:
                 "a rule for the module that uses it: gradnoise.layers.register_rule), leave it "
                 "out with `layers=`, or use the micro-batch noise source.")
 
-    def _measured_by(self) -> dict[int, tuple[str, list[nn.Module]]]:
-        """id(tracked parameter) -> (its qualified name, the modules that measure it)."""
+    def _measured_by(self):
+        """({id(tracked parameter) -> (its qualified name, the modules that
+        measure it)}, {id(module) -> [(parameter name, that entry)]}): the
+        parameters as planned, and by name for the objects a module holds
+        when it runs (layers.outside_uses.OutsideUses)."""
         measured: dict[int, tuple[str, list[nn.Module]]] = {}
+        own: dict[int, list[tuple[str, tuple]]] = {}
         for t in self._tracked:
             for n in t.own:
-                p = t.module.get_parameter(n)
+                pid = t.param_ids[n]
                 name = f"{t.name}.{n}" if t.name else n
-                measured.setdefault(id(p), (name, []))[1].append(t.module)
-        return measured
+                entry = measured.setdefault(pid, (name, []))
+                entry[1].append(t.module)
+                own.setdefault(id(t.module), []).append((n, entry))
+        return measured, own
 
     def _on_batchnorm_forward(self, module: nn.Module) -> None:
         if self._measuring() and mixes_samples(module):
@@ -85,6 +98,10 @@ class _ForwardHooks:
         # (a forward re-run inside backward, by activation checkpointing, feeds no gradient
         # to its outputs' hooks: it is not watched)
         if not (t.capture and self._measuring()) or torch._C._current_graph_task_id() != -1:
+            return
+        if torch.compiler.is_compiling():
+            self._stop_capture(t, "its forward is traced by torch.compile, under which its "
+                                  "functional calls cannot be watched")
             return
         step = self._step
         if step.batch_size is None:
@@ -318,8 +335,29 @@ def _split(values, shared: frozenset, B: int):
     return tuple(v if k in shared else batching.split_rows(v, B) for k, v in enumerate(values))
 
 
+def _warn_outside_uses_unchecked() -> None:
+    warnings.warn(
+        "GradNoiseTracker: the first measured step runs compiled by torch.compile, where the "
+        "check that every measured parameter is used only inside the modules that measure it "
+        "cannot see inside the compiled graphs; a use outside them (a parent calling "
+        "F.linear(h, self.embed.weight), say) would leave its per-sample norms short. Run one "
+        "training step uncompiled first (the check runs on the first measured step), or check "
+        "the model with tracker.verify(...).", RuntimeWarning, stacklevel=2)
+
+
 def _is_state(value, state_ids: set) -> bool:
     """Whether `value` is one of the model's parameters or buffers, or a view
-    of one (a slice of a mask buffer, say)."""
+    of one (a slice of a mask buffer, say). Under torch.compile it runs as
+    Python, not traced: a traced id() of a tensor is guarded on, and each
+    step's new activations would recompile it. (torch.compiler.disable is
+    called here rather than as a decorator, so that importing gradnoise does
+    not import torch._dynamo, which imports triton, whose interpreter must be
+    chosen before that.)"""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_is_state_now)(value, state_ids)
+    return _is_state_now(value, state_ids)
+
+
+def _is_state_now(value, state_ids: set) -> bool:
     return isinstance(value, torch.Tensor) and (
         id(value) in state_ids or (value._base is not None and id(value._base) in state_ids))

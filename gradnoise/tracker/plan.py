@@ -32,6 +32,11 @@ class _Tracked:
     # but lends to a module inside it (BERT's LM head and its decoder's bias);
     # its own forward must not use them (checked while it is captured)
     lent: dict = field(default_factory=dict)
+    # {name in `own`: id of the parameter at planning}: the key of the
+    # tracker's maps by parameter. While the model runs, a module may hold
+    # other objects for them (FSDP2's fully_shard swaps unsharded parameters
+    # in for each forward and backward)
+    param_ids: dict = field(default_factory=dict)
 
 
 
@@ -107,6 +112,8 @@ class _Planning:
                        and t.rule.supports_fused_backward(t.module) and not t.tied
                        and layers.fused_backward.installed_sink(t.module) is None)
         self._check_shared_with_untracked(owners)
+        for t in self._tracked:
+            t.param_ids = {n: id(t.module.get_parameter(n)) for n in t.own}
         self._by_module = {id(t.module): t for t in self._tracked}
         self._module_order = {n: k for k, (n, _) in enumerate(self.model.named_modules())}
         # Each shared parameter is reported under its first owner.

@@ -43,7 +43,9 @@ class GradNoiseTracker(_Planning, _ForwardHooks, _BackwardHooks, _Results):
 
     Args:
         model: the module to measure. The batch dimension is dim 0 of every
-            tracked module's input.
+            tracked module's input. The tracker plans from the model's
+            parameters: build it after anything that replaces them (FSDP2's
+            fully_shard, whose sharded model it measures on each rank's samples).
         loss_reduction: "mean" or "sum", how the loss combines the samples.
         layers: "all"; "norm" (LayerNorm, RMSNorm and GroupNorm only, and
             module classes without a rule whose name ends in "Norm" or
