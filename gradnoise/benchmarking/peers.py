@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 CANDIDATES = ("plain", "gradnoise all", "gradnoise norm", "gradnoise + noise scale",
-              "torch.func vmap", "opacus hooks", "opacus ghost", "backpack")
+              "gradnoise + noise scale, clipping", "torch.func vmap", "opacus hooks", "opacus ghost", "backpack")
 # The model compiled by torch.compile (inductor): its plain step, the baseline
 # of the other two, and the step tracked with layers="all" / "norm".
 COMPILED_CANDIDATES = ("compiled plain", "compiled gradnoise all", "compiled gradnoise norm")
@@ -95,10 +95,12 @@ def norm_layer_params(model: nn.Module) -> list[str]:
     return [n for n, p in trainable_params(model) if id(p) in ids]
 
 
-def _plain_step(model, x, y, loss_fn) -> Callable[[], None]:
+def _plain_step(model, x, y, loss_fn, clip: bool = False) -> Callable[[], None]:
     def step():
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     return step
 
 
@@ -126,9 +128,11 @@ def _gradnoise(layers: str):
     return prepare
 
 
-def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
+def _gradnoise_noise_scale(model, x, y, loss_fn, clip: bool = False) -> Prepared:
     """GradNoiseTracker(layers="all") feeding GradientNoiseScale(source="per_sample"):
-    the whole measurement an adaptive-batch run makes each step."""
+    the whole measurement an adaptive-batch run makes each step. With `clip`,
+    the step clips its gradients, and the estimator takes ‖G_B‖ from the
+    norm clipping returns instead of reading the gradients itself."""
     from ..noise_scale import GradientNoiseScale
     from ..tracker import GradNoiseTracker
     tracker = GradNoiseTracker(model, loss_reduction="mean")
@@ -140,12 +144,18 @@ def _gradnoise_noise_scale(model, x, y, loss_fn) -> Prepared:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         norms = tracker.per_sample_sq_norms()
-        gns.step()
+        if clip:
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            gns.step(grad_norm=total)
+        else:
+            gns.step()
         spent.append(gns.overhead_seconds - before)  # its step() and its gradient hooks
         return norms
-    return Prepared(step, estimator_times=spent,
-                    detail="noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad",
-                    own_plain=(tracker.detach, _plain_step(model, x, y, loss_fn), tracker.attach))
+    detail = ("noise scale: B_simple from the per-sample norms and ‖G_B‖ from clip_grad_norm_"
+              if clip else "noise scale: B_simple from the per-sample norms and ‖G_B‖² of .grad")
+    return Prepared(step, estimator_times=spent, detail=detail,
+                    own_plain=(tracker.detach, _plain_step(model, x, y, loss_fn, clip),
+                               tracker.attach))
 
 
 def graph_breaks(model: nn.Module, x) -> int:
@@ -162,6 +172,10 @@ def _compiled(layers: str | None):
             raise Unavailable("no LayerNorm/RMSNorm/GroupNorm in the model", "no norm layers")
         tracker = None if layers is None else GradNoiseTracker(model, loss_reduction="mean",
                                                                layers=layers)
+        if tracker is not None:
+            # one eager step first: the check for parameters used outside their
+            # modules runs on the first measured step, and cannot see into a compiled one
+            loss_fn(model(x), y).backward()
         compiled = torch.compile(model)
 
         def step():
@@ -313,6 +327,7 @@ PREPARE: dict[str, Callable] = {
     "gradnoise all": _gradnoise("all"),
     "gradnoise norm": _gradnoise("norm"),
     "gradnoise + noise scale": _gradnoise_noise_scale,
+    "gradnoise + noise scale, clipping": lambda *a: _gradnoise_noise_scale(*a, clip=True),
     "torch.func vmap": _vmap,
     "opacus hooks": _opacus_hooks,
     "opacus ghost": _opacus_ghost,
