@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checks import is_int, is_real
+from ..collectives import all_reduce
 from ..data import EpochSampler, StepPlan, plan_step
 from ..model_structure import batchnorm_mixing
 from ..noise_scale import GradientNoiseScale
@@ -297,9 +298,7 @@ class AdaptiveBatch:
     def _all_reduce_min(self, value: int) -> int:
         if not self._distributed:
             return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._group)
-        return int(t.item())
+        return int(all_reduce([value], "min", self._group, torch.int64)[0])
 
     # ----------------------------------------------------------- iteration
     @property
@@ -499,11 +498,8 @@ class AdaptiveBatch:
     def _reduce_stats(self, plan: StepPlan, seconds: float) -> tuple[float, float]:
         loss_sum = float(plan.loss_sum) if plan.loss_sum is not None else float("nan")
         if self._distributed:
-            t = torch.tensor([loss_sum], dtype=torch.float64)
-            dist.all_reduce(t, group=self._group)
-            s = torch.tensor([seconds], dtype=torch.float64)
-            dist.all_reduce(s, op=dist.ReduceOp.MAX, group=self._group)
-            loss_sum, seconds = float(t), float(s)
+            (loss_sum,) = all_reduce([loss_sum], "sum", self._group)
+            (seconds,) = all_reduce([seconds], "max", self._group)
         return loss_sum / plan.global_size, seconds
 
     # --------------------------------------------------------------- records

@@ -19,8 +19,8 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
+from ..collectives import all_reduce
 from ..adaptive.arguments import positive_int, resolve_lr_rule, resolve_policy
 from ..adaptive.decisions import BatchDecisions
 from ..adaptive.noise_source import choose_noise_source
@@ -93,14 +93,6 @@ class SampleSchedule:
     def before_scheduler_step(self, samples_seen: int) -> None:
         # the scheduler's own step() adds the 1
         self.scheduler.last_epoch = samples_seen // self.initial_batch - 1
-
-
-def _all_reduce_max(value: float) -> float:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
-    return value
 
 
 class _Context:
@@ -180,7 +172,7 @@ class AccumulationPlan:
         after `micro_batches_in_epoch` micro-batches of the epoch (0 when the
         next step starts an epoch); returns the accumulation from here on."""
         now = time.perf_counter()
-        seconds = _all_reduce_max(0.0 if self._last_end is None else now - self._last_end)
+        (seconds,) = all_reduce([0.0 if self._last_end is None else now - self._last_end], "max")
         self._last_end = now
         self.samples_seen += samples
         if not skipped:
@@ -218,11 +210,7 @@ class AccumulationPlan:
 
 
 def _all_reduce_sum(value: int) -> int:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t)
-        return int(t)
-    return value
+    return int(all_reduce([value], "sum", dtype=torch.int64)[0])
 
 
 class TrainerSteps:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops
+from ..collectives import all_reduce
 from ..model_structure import parameter_owners
 
 
@@ -105,9 +106,7 @@ class GradSqNorms:
         self.sharded = any(hasattr(p.grad, "placements") for p in with_grad)
         if self.sharded:
             layers = list(out)
-            summed = torch.tensor([out[n] for n in layers], dtype=torch.float64)
-            dist.all_reduce(summed)
-            out = dict(zip(layers, summed.tolist()))
+            out = dict(zip(layers, all_reduce([out[n] for n in layers], "sum")))
         return out
 
     def batch(self, total: float | None = None) -> dict[str, float]:

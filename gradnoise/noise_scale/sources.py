@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..collectives import all_reduce
 from ..estimators import effective_batch_size, weight_sums
 from ..tracker import GradNoiseTracker
 from .amp import grad_scales_sq
@@ -95,9 +96,7 @@ class PerSampleSource(_Source):
         vec = [float(sums[n]) for n in layers] + [sum(b), *weight_sums(w, b)]
         world = self.gns._distributed_world()
         if world > 1:
-            summed = torch.tensor(vec, dtype=torch.float64)
-            dist.all_reduce(summed, group=self.gns.group)
-            vec = summed.tolist()
+            vec = all_reduce(vec, "sum", self.gns.group)
         N, W, W2 = vec[-3:]
         if N < 2:
             raise ValueError("GradientNoiseScale: the per-sample source needs at least 2 "
@@ -257,10 +256,9 @@ class DistributedSource(_HookedSource):
         # layer, Σ 1/b_r, Σ W_r and Σ w²/b.
         W_r, W2_r = weight_sums(w, b)
         b_r = effective_batch_size(W_r, W2_r)
-        vec = torch.tensor([float(local.get(n, 0.0)) / (W_r * W_r) / s2 for n in layers]
-                           + [1.0 / b_r, W_r, W2_r], dtype=torch.float64)
-        dist.all_reduce(vec, group=self.gns.group)
-        *smalls, sum_inv_b, W, W2 = vec.tolist()
+        *smalls, sum_inv_b, W, W2 = all_reduce(
+            [float(local.get(n, 0.0)) / (W_r * W_r) / s2 for n in layers] + [1.0 / b_r, W_r, W2_r],
+            "sum", self.gns.group)
         b_small = world / sum_inv_b
         big_factor = (world / W) ** 2 / s2_grad
         return {layer: two_batch_estimates(smalls[j] / world,
