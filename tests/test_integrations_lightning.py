@@ -246,3 +246,39 @@ def test_ddp_on_two_processes_takes_the_global_batches_of_one(tmp_path):
         h["batch_size"] for h in single.history]
     for p, q in zip(ranks[0]["params"], module.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------ the edge cases
+def test_a_callback_used_for_a_second_fit_starts_afresh():
+    callback = AdaptiveBatchSize(max_batch=32, policy="schedule", lr_rule="linear",
+                                 warmup_steps=0, schedule=[(0, 8), (16, 16), (48, 32)])
+    runs = []
+    for _ in range(2):
+        module = Regression()
+        t = trainer(callback, accumulate_grad_batches=2, max_epochs=1)
+        t.fit(module, loader())
+        runs.append(([(h["batch_size"], h["lr_factor"], h["skipped"]) for h in callback.history],
+                     [p.detach().clone() for p in module.parameters()]))
+        assert t.accumulate_grad_batches == 2           # the Trainer as it was given
+    assert runs[0][0] == runs[1][0]
+    for p, q in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class _SkipsSome(Regression):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 3 == 2 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("source", ["per_sample", "micro_batch"])
+def test_skipped_backwards_and_short_last_steps_are_left_unmeasured(source):
+    """training_step returning None skips a backward (Lightning's way to skip
+    a batch); 10 micro-batches in steps of 3 end on a step of one."""
+    per_sample = source == "per_sample"
+    monitor = NoiseScaleMonitor(source=source)
+    trainer(monitor, accumulate_grad_batches=3, max_epochs=1).fit(Regression(), loader(n=40))
+    assert monitor.noise.read().steps == (4 if per_sample else 3)   # 4 samples suffice per sample
+    monitor = NoiseScaleMonitor(source=source)
+    trainer(monitor, accumulate_grad_batches=2, max_epochs=1).fit(_SkipsSome(), loader(n=24))
+    # steps of batches (0, 1), (2, 3), (4, 5); batches 2 and 5 skip their backward
+    assert monitor.noise.read().steps == (3 if per_sample else 1)

@@ -126,7 +126,8 @@ def adaptive_run(tmp_path, **kw):
     callback = AdaptiveBatchCallback(max_batch=32, policy="schedule", lr_rule="linear",
                                      warmup_steps=0, schedule=[(0, 8), (16, 16), (48, 32)])
     model = Regression()
-    trainer = Trainer(model=model, args=arguments(tmp_path, **kw), train_dataset=regression_data())
+    trainer = Trainer(model=model, args=arguments(tmp_path, **kw), train_dataset=regression_data(),
+                      eval_dataset=regression_data(16) if "eval_strategy" in kw else None)
     callback.attach(trainer)
     trainer.train()
     return model, callback, trainer
@@ -201,4 +202,78 @@ def test_refusals_name_the_culprit(tmp_path):
                       train_dataset=regression_data())
     AdaptiveBatchCallback(max_batch=4).attach(trainer)
     with pytest.raises(ValueError, match="max_batch"):
+        trainer.train()
+
+
+# ------------------------------------------------------------ the edge cases
+def test_evaluation_during_training_changes_nothing(tmp_path):
+    """Evaluation runs the model (and compute_loss) between training steps:
+    it is neither a micro-batch nor samples of a step."""
+    model, callback, trainer = adaptive_run(tmp_path, eval_strategy="steps", eval_steps=1,
+                                            per_device_eval_batch_size=8)
+    assert [h["batch_size"] for h in callback.history] == [8, 8, 16, 16, 16, 32]
+    expected = hand_loop([(h["batch_size"], h["lr_factor"]) for h in callback.history], lr=0.05)
+    for p, q in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def _trainer_with_eval(tmp_path, **kw):
+    return Trainer(model=Regression(), args=arguments(tmp_path, **kw),
+                   train_dataset=regression_data(), eval_dataset=regression_data(16))
+
+
+def test_a_second_train_starts_afresh_and_the_arguments_are_given_back(tmp_path):
+    callback = AdaptiveBatchCallback(max_batch=32, policy="schedule", lr_rule="linear",
+                                     warmup_steps=0, schedule=[(0, 8), (16, 16), (48, 32)])
+    trainer = _trainer_with_eval(tmp_path)
+    callback.attach(trainer)
+    trainer.train()
+    first = [h["batch_size"] for h in callback.history]
+    assert trainer.args.gradient_accumulation_steps == 2
+    trainer.evaluate()
+    trainer.train()
+    assert [h["batch_size"] for h in callback.history] == first
+    assert not any(h["skipped"] for h in callback.history)
+
+
+def test_monitor_resumes_its_estimates(tmp_path):
+    def run(**kw):
+        callback = NoiseScaleCallback(source="micro_batch", beta=0.5)
+        t = Trainer(model=Regression(), args=arguments(tmp_path, **kw),
+                    train_dataset=regression_data())
+        callback.attach(t)
+        return callback, t
+    full, t = run(save_strategy="steps", save_steps=4)
+    t.train()
+    resumed, t = run()
+    t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    a, b = full.noise.read(), resumed.noise.read()
+    assert a.steps == b.steps == 12
+    assert b.b_simple == pytest.approx(a.b_simple, rel=1e-9)
+
+
+def test_an_epochs_short_last_step_is_not_measured_by_micro_batches(tmp_path):
+    """10 micro-batches in steps of 3: the last step has one, which the
+    micro-batch source cannot measure; it is left out, not an error."""
+    callback = NoiseScaleCallback(source="micro_batch")
+    trainer = Trainer(model=Regression(), args=arguments(tmp_path, gradient_accumulation_steps=3),
+                      train_dataset=regression_data(40))
+    callback.attach(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 4 and callback.noise.read().steps == 3
+
+
+def test_datasets_without_length_or_loss_factor_are_refused(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(regression_data())
+    trainer = Trainer(model=Regression(), args=arguments(tmp_path, max_steps=4),
+                      train_dataset=Stream())
+    AdaptiveBatchCallback(max_batch=32).attach(trainer)
+    with pytest.raises(ValueError, match="no length"):
+        trainer.train()
+    trainer = Trainer(model=Regression(), args=arguments(tmp_path), train_dataset=regression_data())
+    NoiseScaleCallback().attach(trainer)
+    trainer.loss_is_scaled_for_ga = True
+    with pytest.raises(ValueError, match="num_items_in_batch is None"):
         trainer.train()

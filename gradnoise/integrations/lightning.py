@@ -31,7 +31,7 @@ except ImportError:  # the standalone pytorch_lightning package
 from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
 from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
-                       reading_metrics)
+                       noise_metrics, step_noise)
 
 
 def samples_in(batch) -> int:
@@ -68,6 +68,8 @@ class NoiseScaleMonitor(Callback):
                  interval: int = 1, prefix: str = "noise/", batch_size_fn=None):
         self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
         self.prefix, self.batch_size_fn = prefix, batch_size_fn or samples_in
+        self._requested = source
+        self._backwards = 0          # this step's, so far
         self.noise = None
         self.source_reason = None
         self.reading = None
@@ -86,11 +88,11 @@ class NoiseScaleMonitor(Callback):
             raise ValueError(f"{self._who}: the LightningModule has {len(trainer.optimizers)} "
                              "optimizers; the noise scale is measured for one")
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self.source in ("micro_batch", "auto") and trainer.world_size == 1:
-            accumulate = trainer.accumulate_grad_batches
-            if self.source == "micro_batch" and accumulate < 2:
-                raise ValueError(f"{self._who}(source='micro_batch') needs Trainer("
-                                 f"accumulate_grad_batches ≥ 2), got {accumulate}")
+        self._release()              # a callback used for a second fit starts afresh
+        self.source, self._backwards = self._requested, 0
+        if self.source == "micro_batch" and trainer.accumulate_grad_batches < 2:
+            raise ValueError(f"{self._who}(source='micro_batch') needs Trainer("
+                             f"accumulate_grad_batches ≥ 2), got {trainer.accumulate_grad_batches}")
         self.noise, self.source, self.source_reason = make_noise(
             pl_module, trainer.optimizers[0], source=self.source, scaler=scaler,
             world_size=trainer.world_size, beta=self.beta, interval=self.interval,
@@ -114,24 +116,28 @@ class NoiseScaleMonitor(Callback):
             self.noise.tracker.end_forward(loss)
 
     def on_after_backward(self, trainer, pl_module) -> None:
+        self._backwards += 1
         self.noise.after_backward(1.0 / trainer.accumulate_grad_batches, self._n)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        measured = self.noise.measuring
-        self.noise.step()
+        measured = step_noise(self.noise, self._backwards)
+        self._backwards = 0
         self.reading = self.noise.read()
         if measured:
-            metrics = reading_metrics(self.reading, self.prefix)
-            if self.per_layer:
-                for layer, r in self.noise.read_layers().items():
-                    if r.b_simple is not None:
-                        metrics[f"{self.prefix}b_simple/{layer or 'model'}"] = float(r.b_simple)
+            metrics = noise_metrics(self.noise, self.prefix, self.per_layer)
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def _release(self) -> None:
+        """Remove the hooks this callback installed (its readings stay readable)."""
         if self.noise is not None:
             self.noise.close()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._release()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._release()
 
     def state_dict(self) -> dict:
         return {} if self.noise is None else {"noise": self.noise.state_dict()}
@@ -189,6 +195,7 @@ class AdaptiveBatchSize(AdaptiveCallback, NoiseScaleMonitor):
                 "AdaptiveBatchSize(max_samples=...)")
         super().on_fit_start(trainer, pl_module)
         check_optimizer_lr(trainer.optimizers[0], self.settings["lr_rule"], "AdaptiveBatchSize")
+        self.steps, self._accumulate0 = None, accumulate
 
     def _start(self, trainer, micro_batch: int) -> None:
         """At the first batch, whose size is the micro-batch."""
@@ -227,10 +234,14 @@ class AdaptiveBatchSize(AdaptiveCallback, NoiseScaleMonitor):
         if self.max_samples is not None and self.plan.samples_seen >= self.max_samples:
             trainer.should_stop = True
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        super().on_fit_end(trainer, pl_module)
+    def _release(self) -> None:
+        super()._release()
         if self.steps is not None:
             self.steps.close()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        super().on_fit_end(trainer, pl_module)
+        trainer.accumulate_grad_batches = self._accumulate0   # the Trainer as it was given
 
     def state_dict(self) -> dict:
         return self._with_plan(super().state_dict())

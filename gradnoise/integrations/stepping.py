@@ -33,8 +33,8 @@ class LRInsideStep:
     optimizer.step() only, through the optimizer's step hooks: the user's
     scheduler reads and writes the lr it set, never the factor. The factor
     of a step is set after its last backward (`set`), which some trainers
-    run inside optimizer.step(closure): the hooks apply it whichever comes
-    first. A step the GradScaler skips never calls optimizer.step(), so
+    run inside optimizer.step(closure): it is applied once both the step
+    has begun and the factor is known, whichever comes second. A step the GradScaler skips never calls optimizer.step(), so
     nothing is applied."""
 
     def __init__(self, optimizer):
@@ -305,3 +305,26 @@ class AdaptiveCallback:
         plan.load_state_dict(self._plan_state, who)
         self._plan_state = None
         return True
+
+
+def step_noise(noise, backwards: int, grad_norm=None) -> bool:
+    """The noise scale's step for an optimizer step of `backwards` backward
+    passes: a step with none (a training_step that skipped its backward),
+    or with one under the micro-batch source (an epoch's short last step),
+    is discarded without a reading. Returns whether a reading was taken."""
+    if backwards == 0 or (noise.source == "micro_batch" and backwards < 2):
+        noise.discard_step()
+        return False
+    measured = noise.measuring
+    noise.step(grad_norm=grad_norm)
+    return measured
+
+
+def noise_metrics(noise, prefix: str, per_layer: bool) -> dict[str, float]:
+    """The reading's scalars (reading_metrics), with each layer's B_simple."""
+    metrics = reading_metrics(noise.read(), prefix)
+    if per_layer:
+        for layer, r in noise.read_layers().items():
+            if r.b_simple is not None:
+                metrics[f"{prefix}b_simple/{layer or 'model'}"] = float(r.b_simple)
+    return metrics

@@ -7,7 +7,7 @@
     trainer.train()
 
 `attach` adds the callback and three small hooks on this Trainer object: its
-`compute_loss` (each micro-batch's samples and the factor the Trainer puts
+`training_step` (each training micro-batch's samples and the factor the Trainer puts
 on its loss), its `_get_grad_norm` (‖G_B‖ before clipping, which the Trainer
 computes at every step, so the gradients are not read again), and its `log`
 (the noise scale joins the Trainer's own logs, at its logging_steps, in every
@@ -22,11 +22,13 @@ growing batch, is in the README ("Hugging Face Trainer").
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_utils import has_length
 except ImportError:
     raise ImportError("gradnoise.integrations.transformers needs transformers and accelerate: "
                       "pip install 'gradnoise[transformers]'") from None
@@ -35,7 +37,7 @@ from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
 from ..layers.batching import model_batch_size
 from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
-                       reading_metrics)
+                       noise_metrics, step_noise)
 
 STATE_FILE = "gradnoise_state.pt"
 
@@ -58,12 +60,13 @@ class NoiseScaleCallback(TrainerCallback):
                  interval: int = 1, prefix: str = "noise/"):
         self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
         self.prefix = prefix
+        self._requested = source
+        self._backwards = 0          # this step's, so far
         self.noise = None
         self.source_reason = None
         self.reading = None
         self.trainer = None
         self._grad_norm = None
-        self._pending = None          # (loss scale, samples) of the last micro-batch
         self._metrics: dict[str, float] = {}
 
     @property
@@ -74,17 +77,20 @@ class NoiseScaleCallback(TrainerCallback):
     def attach(self, trainer):
         """Add this callback to `trainer` and hook the Trainer's loss, norm
         and log methods (on this object only); returns self."""
-        for name in ("compute_loss", "_get_grad_norm", "log"):
+        for name in ("training_step", "_get_grad_norm", "log"):
             if not callable(getattr(trainer, name, None)):
                 raise TypeError(f"{self._who}.attach: the Trainer has no method {name}(); this "
                                 "version of transformers is not supported")
         self.trainer = trainer
-        compute_loss, grad_norm, log = trainer.compute_loss, trainer._get_grad_norm, trainer.log
+        training_step, grad_norm, log = trainer.training_step, trainer._get_grad_norm, trainer.log
 
-        def counted_compute_loss(model, inputs, *args, **kwargs):
-            self._before_micro_batch(model, inputs, kwargs.get("num_items_in_batch",
-                                                               args[1] if len(args) > 1 else None))
-            return compute_loss(model, inputs, *args, **kwargs)
+        def counted_training_step(model, inputs, *args, **kwargs):
+            # forward and backward of one training micro-batch (evaluation never comes here)
+            declared = self._before_micro_batch(
+                model, inputs, kwargs.get("num_items_in_batch", args[0] if args else None))
+            out = training_step(model, inputs, *args, **kwargs)
+            self._after_micro_batch(*declared)
+            return out
 
         def kept_grad_norm(*args, **kwargs):
             self._grad_norm = grad_norm(*args, **kwargs)
@@ -95,7 +101,7 @@ class NoiseScaleCallback(TrainerCallback):
                 logs = {**logs, **self._metrics}
             return log(logs, *args, **kwargs)
 
-        trainer.compute_loss = counted_compute_loss
+        trainer.training_step = counted_training_step
         trainer._get_grad_norm = kept_grad_norm
         trainer.log = log_with_noise
         trainer.add_callback(self)
@@ -113,10 +119,15 @@ class NoiseScaleCallback(TrainerCallback):
         items rather than by the number of micro-batches."""
         t = self.trainer
         scaled = getattr(t, "loss_is_scaled_for_ga", None)
-        if scaled is not None:
-            return bool(scaled)
-        return bool((getattr(t, "model_accepts_loss_kwargs", False) and num_items is not None)
-                    or getattr(t, "compute_loss_func", None) is not None)
+        if scaled is None:
+            scaled = ((getattr(t, "model_accepts_loss_kwargs", False) and num_items is not None)
+                      or getattr(t, "compute_loss_func", None) is not None)
+        if scaled and num_items is None:
+            raise ValueError(
+                f"{self._who}: the Trainer takes its loss as already scaled for gradient "
+                "accumulation but counted no items (num_items_in_batch is None: no 'labels' in "
+                "the batch?), so the factor on each micro-batch's loss is unknown")
+        return bool(scaled)
 
     def _build_noise(self, model, token_scaled: bool) -> None:
         t = self.trainer
@@ -135,8 +146,8 @@ class NoiseScaleCallback(TrainerCallback):
 
     _state = None
 
-    def _before_micro_batch(self, model, inputs, num_items) -> None:
-        self._declare_pending()
+    def _before_micro_batch(self, model, inputs, num_items) -> tuple[float, int]:
+        """(factor on the loss, samples) of the training micro-batch about to run."""
         token_scaled = self._token_scaled(num_items)
         if self.noise is None:
             self._build_noise(getattr(model, "module", model), token_scaled)
@@ -150,37 +161,31 @@ class NoiseScaleCallback(TrainerCallback):
             scale = per / float(num_items)
         else:
             scale = 1.0 / t.current_gradient_accumulation_steps
-        self._pending = (scale, n)
+        return scale, n
 
-    def _declare_pending(self) -> None:
-        """The last micro-batch's backward is done: declare it."""
-        if self._pending is not None:
-            scale, n = self._pending
-            self._pending = None
-            self.noise.after_backward(scale, n)
+    def _after_micro_batch(self, scale: float, samples: int) -> None:
+        """Its backward is done: declare it."""
+        self._backwards += 1
+        self.noise.after_backward(scale, samples)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._require_attached()
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._declare_pending()
+        if self.noise is not None:       # a second train() starts afresh
+            self.noise.close()
+        self.noise, self.source, self._backwards, self._metrics = None, self._requested, 0, {}
+        self._resume(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._declare_pending()
-        measured = self.noise.measuring
         norm, self._grad_norm = self._grad_norm, None
-        self.noise.step(grad_norm=norm)
+        measured = step_noise(self.noise, self._backwards, grad_norm=norm)
+        self._backwards = 0
         self.reading = self.noise.read()
         if measured:
-            self._metrics = reading_metrics(self.reading, self.prefix)
-            if self.per_layer:
-                for layer, r in self.noise.read_layers().items():
-                    if r.b_simple is not None:
-                        self._metrics[f"{self.prefix}b_simple/{layer or 'model'}"] = r.b_simple
+            self._metrics = noise_metrics(self.noise, self.prefix, self.per_layer)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.noise is not None:
-            self.noise.close()
+            self.noise.close()           # the readings stay readable
 
     # ------------------------------------------------------------- state
     def _state_dict(self) -> dict:
@@ -238,19 +243,25 @@ class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
                              warmup_steps=warmup_steps, critical_factor=critical_factor,
                              hysteresis=hysteresis, confidence=confidence, schedule=schedule)
         self.schedule_by = schedule_by
-        self._in_epoch = 0
         self._epoch_length = None
+        self._accumulate0 = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
+        super().on_train_begin(args, state, control, **kwargs)      # (reads a checkpoint's state)
+        loader = kwargs.get("train_dataloader")
+        if loader is None or not has_length(loader):
+            raise ValueError("AdaptiveBatchCallback: the training dataset has no length (an "
+                             "IterableDataset?); the Trainer then ends each epoch by a step count "
+                             "of its initial accumulation, which a growing batch cannot follow")
+        self._epoch_length = len(loader)
         optimizer = kwargs["optimizer"]
         optimizer = getattr(optimizer, "optimizer", optimizer)
         check_optimizer_lr(optimizer, self.settings["lr_rule"], "AdaptiveBatchCallback")
+        self._accumulate0 = args.gradient_accumulation_steps
         plan = AccumulationPlan(micro_batch=args.per_device_train_batch_size,
                                 world_size=args.world_size,
                                 accumulation=args.gradient_accumulation_steps,
                                 who="AdaptiveBatchCallback", **self.settings)
-        self._resume(args, state)
         if self._restore_plan(plan, "AdaptiveBatchCallback"):
             if plan.accumulation != args.gradient_accumulation_steps:
                 raise ValueError(
@@ -263,26 +274,20 @@ class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
         scheduler = kwargs.get("lr_scheduler")
         self.steps = TrainerSteps(plan, optimizer, [] if scheduler is None else [scheduler],
                                   self.schedule_by, "AdaptiveBatchCallback")
-        loader = kwargs.get("train_dataloader")
-        self._epoch_length = len(loader) if loader is not None and hasattr(loader, "__len__") \
-            else None
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._in_epoch = 0
-
-    def _before_micro_batch(self, model, inputs, num_items) -> None:
-        super()._before_micro_batch(model, inputs, num_items)
-        self.steps.count(self._pending[1])
-        self._in_epoch += 1
+    def _after_micro_batch(self, scale: float, samples: int) -> None:
+        super()._after_micro_batch(scale, samples)
+        self.steps.count(samples)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         super().on_pre_optimizer_step(args, state, control, **kwargs)
         self.steps.before_step(self.reading)
 
     def on_step_end(self, args, state, control, **kwargs):
-        ends_epoch = self._epoch_length is not None and self._in_epoch >= self._epoch_length
-        new = self.steps.end_step(self.reading, 0 if ends_epoch else self._in_epoch,
-                                  args.gradient_accumulation_steps)
+        # the Trainer's own count (it skips a resumed epoch's first batches unseen):
+        # state.epoch = epoch + micro-batches done / micro-batches in the epoch
+        done = round((state.epoch - math.floor(state.epoch)) * self._epoch_length)
+        new = self.steps.end_step(self.reading, done, args.gradient_accumulation_steps)
         if new is None:
             return control
         args.gradient_accumulation_steps = new
@@ -296,6 +301,7 @@ class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
         super().on_train_end(args, state, control, **kwargs)
         if self.steps is not None:
             self.steps.close()
+            args.gradient_accumulation_steps = self._accumulate0   # the arguments as given
 
     def _state_dict(self) -> dict:
         return self._with_plan(super()._state_dict())

@@ -238,6 +238,15 @@ class GradientNoiseScale:
             self._pause_owned_tracker()
             self._own_seconds += time.perf_counter() - start
 
+    def discard_step(self) -> None:
+        """End the current optimizer step without a reading: its backward
+        passes are dropped (a step a loop knows cannot be measured, such as
+        an epoch's last step of one micro-batch under the micro-batch
+        source, or a step whose training_step skipped its backward)."""
+        self._source.end_step()
+        self.steps_seen += 1
+        self._pause_owned_tracker()
+
     def _step(self, batch_size: int | None) -> NoiseScale | None:
         if batch_size is not None:
             batch_size = positive(batch_size, "step: `batch_size`")
