@@ -138,3 +138,23 @@ def test_optimizer_without_a_learning_rate_is_refused_and_a_mismatched_rule_warn
     with pytest.warns(RuntimeWarning, match="Adam optimizer is usually scaled by the 'sqrt'"):
         AdaptiveBatch(model, adam, index_dataset(32), initial_batch=8, max_batch=16,
                       micro_batch=4, lr_rule="linear").close()
+
+
+def test_controller_reads_the_gradients_when_its_optimizer_holds_only_some(monkeypatch):
+    """Clipping over the optimizer's parameters is not ‖G_B‖ of the model's
+    when the optimizer holds only some of them: the gradients are read."""
+    from gradnoise.adaptive import AdaptiveBatch
+    from tests.helpers import index_dataset
+
+    def run(clip):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        opt = torch.optim.SGD(model[0].parameters(), lr=0.05)
+        c = AdaptiveBatch(model, opt, index_dataset(64), initial_batch=8, max_batch=8,
+                          micro_batch=4, noise_source="per_sample")
+        for x, y, _ in c.run(max_steps=4):
+            c.backward(nn.functional.mse_loss(model(x), y))
+            c.step(clip_grad_norm=clip)
+        c.close()
+        return [r["b_simple"] for r in c.history]
+    assert run(1e9) == pytest.approx(run(None), rel=1e-9)

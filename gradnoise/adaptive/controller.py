@@ -271,6 +271,10 @@ class AdaptiveBatch:
         # ----- noise source
         self.noise, self.noise_source, self.noise_source_reason = choose_noise_source(
             self, noise_source, beta, noise_interval)
+        # ‖G_B‖ from clipping when it covers exactly the parameters the noise scale measures
+        self._clip_is_batch_norm = isinstance(self.noise, GradientNoiseScale) and (
+            {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+            == {id(p) for p in self.noise.params})
         needs_two = getattr(self.noise, "source", None) == "micro_batch"
         self._min_micro_batches = 2 if needs_two else 1
         bn = [n for n, _ in batchnorm_mixing(self.module)]
@@ -435,7 +439,7 @@ class AdaptiveBatch:
         plan = self._plan
         if plan is None or plan.backwards < plan.accumulation:
             return False
-        if clip_grad_norm is not None and isinstance(self.noise, GradientNoiseScale):
+        if clip_grad_norm is not None and self._clip_is_batch_norm:
             # clip first: ‖G_B‖ is the norm clipping computes anyway
             self.noise.step(plan.local_size, grad_norm=self._clip(clip_grad_norm))
             clip_grad_norm = None

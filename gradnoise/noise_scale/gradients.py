@@ -45,13 +45,14 @@ def total_sq_norm(grad_norm) -> float:
     return value * value   # inf or nan: the step is skipped as non-finite
 
 
-def _local_shard(g: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(this rank's part of g, the weight of its ‖·‖² in the sum over ranks).
-    A DTensor sharded on a mesh holds each element once per replicate
-    dimension's rank: those copies are divided out."""
+def _local_shard(g: torch.Tensor, plain: float = 1.0) -> tuple[torch.Tensor, float]:
+    """(this rank's part of g, the weight of its ‖·‖² in the sum over ranks;
+    `plain` for a tensor that is not a DTensor). A DTensor sharded on a mesh
+    holds each element once per replicate dimension's rank: those copies are
+    divided out."""
     placements = getattr(g, "placements", None)
     if placements is None:
-        return g, 1.0
+        return g, plain
     mesh = g.device_mesh
     if mesh.size() != dist.get_world_size():
         raise NotImplementedError(
@@ -84,9 +85,12 @@ class GradSqNorms:
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             return {}
+        self.sharded = any(hasattr(p.grad, "placements") for p in with_grad)
+        # beside sharded gradients, a plain one is the same on every rank: counted once
+        plain = 1.0 / dist.get_world_size() if self.sharded else 1.0
         grads, shares = [], []
         for p in with_grad:
-            g, share = _local_shard(p.grad)
+            g, share = _local_shard(p.grad, plain)
             if g.is_sparse:
                 g = g.coalesce().values()
             elif g.requires_grad:  # (after create_graph=True; an op per gradient otherwise)
@@ -103,7 +107,6 @@ class GradSqNorms:
         for p, v, share in zip(with_grad, values, shares):
             layer = self.owners.get(id(p), "")
             out[layer] = out.get(layer, 0.0) + v * share
-        self.sharded = any(hasattr(p.grad, "placements") for p in with_grad)
         if self.sharded:
             layers = list(out)
             out = dict(zip(layers, all_reduce([out[n] for n in layers], "sum")))
