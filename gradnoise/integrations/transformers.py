@@ -170,6 +170,9 @@ class NoiseScaleCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._require_attached()
+        if getattr(self.trainer, "is_deepspeed_enabled", False):
+            raise ValueError(f"{self._who}: DeepSpeed keeps the gradients and their accumulation "
+                             "in its own buffers, which the noise scale cannot read")
         if self.noise is not None:       # a second train() starts afresh
             self.noise.close()
         self.noise, self.source, self._backwards, self._metrics = None, self._requested, 0, {}
@@ -257,8 +260,11 @@ class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
         optimizer = kwargs["optimizer"]
         optimizer = getattr(optimizer, "optimizer", optimizer)
         check_optimizer_lr(optimizer, self.settings["lr_rule"], "AdaptiveBatchCallback")
+        if args.auto_find_batch_size:
+            raise ValueError("AdaptiveBatchCallback: auto_find_batch_size changes the micro-batch "
+                             "behind the callback's back; give per_device_train_batch_size")
         self._accumulate0 = args.gradient_accumulation_steps
-        plan = AccumulationPlan(micro_batch=args.per_device_train_batch_size,
+        plan = AccumulationPlan(micro_batch=args.train_batch_size,   # per process (× its GPUs)
                                 world_size=args.world_size,
                                 accumulation=args.gradient_accumulation_steps,
                                 who="AdaptiveBatchCallback", **self.settings)
