@@ -172,13 +172,10 @@ class AdaptiveBatchSize(AdaptiveCallback, NoiseScaleMonitor):
                  confidence: float = CONFIDENCE_Z, schedule=None, schedule_by: str = "samples",
                  max_samples: int | None = None, **monitor):
         super().__init__(**monitor)
-        if schedule_by not in ("samples", "steps"):
-            raise ValueError(f"AdaptiveBatchSize: `schedule_by` must be 'samples' or 'steps', "
-                             f"got {schedule_by!r}")
-        self.settings = dict(max_batch=max_batch, policy=policy, lr_rule=lr_rule,
-                             warmup_steps=warmup_steps, critical_factor=critical_factor,
-                             hysteresis=hysteresis, confidence=confidence, schedule=schedule)
-        self.schedule_by, self.max_samples = schedule_by, max_samples
+        self._configure(schedule_by, max_batch=max_batch, policy=policy, lr_rule=lr_rule,
+                        warmup_steps=warmup_steps, critical_factor=critical_factor,
+                        hysteresis=hysteresis, confidence=confidence, schedule=schedule)
+        self.max_samples = max_samples
 
     def on_fit_start(self, trainer, pl_module) -> None:
         accumulate = trainer.accumulate_grad_batches

@@ -284,6 +284,13 @@ class AdaptiveCallback:
     steps: TrainerSteps | None = None
     _plan_state: dict | None = None
 
+    def _configure(self, schedule_by: str, **settings) -> None:
+        """Keep AccumulationPlan's settings and how schedules are stepped."""
+        if schedule_by not in ("samples", "steps"):
+            raise ValueError(f"{type(self).__name__}: `schedule_by` must be 'samples' or "
+                             f"'steps', got {schedule_by!r}")
+        self.settings, self.schedule_by = settings, schedule_by
+
     @property
     def plan(self) -> AccumulationPlan | None:
         return None if self.steps is None else self.steps.plan

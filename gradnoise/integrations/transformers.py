@@ -239,13 +239,9 @@ class AdaptiveBatchCallback(AdaptiveCallback, NoiseScaleCallback):
                  confidence: float = CONFIDENCE_Z, schedule=None, schedule_by: str = "samples",
                  **monitor):
         super().__init__(**monitor)
-        if schedule_by not in ("samples", "steps"):
-            raise ValueError(f"AdaptiveBatchCallback: `schedule_by` must be 'samples' or "
-                             f"'steps', got {schedule_by!r}")
-        self.settings = dict(max_batch=max_batch, policy=policy, lr_rule=lr_rule,
-                             warmup_steps=warmup_steps, critical_factor=critical_factor,
-                             hysteresis=hysteresis, confidence=confidence, schedule=schedule)
-        self.schedule_by = schedule_by
+        self._configure(schedule_by, max_batch=max_batch, policy=policy, lr_rule=lr_rule,
+                        warmup_steps=warmup_steps, critical_factor=critical_factor,
+                        hysteresis=hysteresis, confidence=confidence, schedule=schedule)
         self._epoch_length = None
         self._accumulate0 = None
 
