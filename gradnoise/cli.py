@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__, _extension
-from .ops.backends import BACKENDS, ENV_VAR, backend_status
+from .ops.backends import BACKENDS, ENV_VAR, OPS, backend_status, default_backend
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
@@ -35,6 +35,18 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
         why = backend_status(name, devices[name])
         table.add_row(name, "yes" if why is None else "no", why or "")
     console.print(table)
+    policy = Table(title="default backend of each op family, by device")
+    policy.add_column("op family")
+    for device in ("cpu", "cuda"):
+        policy.add_column(device)
+    for op in OPS:
+        cells = []
+        for device in ("cpu", "cuda"):
+            be, why = default_backend(device, op, lambda name, d=device: backend_status(
+                name, torch.device(d) if name in ("cpu", "cuda") else None))
+            cells.append(f"{be}: {why}")
+        policy.add_row(op, *cells)
+    console.print(policy)
     chosen = os.environ.get(ENV_VAR)
     console.print(f"{ENV_VAR}={chosen!r}" if chosen else
                   f"{ENV_VAR} unset: each op uses the compiled kernels of its inputs' device")

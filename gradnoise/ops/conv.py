@@ -182,7 +182,7 @@ def conv_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kerne
     """
     kernel_size, stride, padding, dilation = check_conv_args(
         x, grad_out, kernel_size, stride, padding, dilation, groups)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "conv")
     if be == "reference":
         return conv_weight_grad_and_sq_norms_ref(x, grad_out, kernel_size, stride, padding,
                                                  dilation, groups, with_bias)
@@ -201,7 +201,7 @@ def conv_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride=1
     (see :func:`conv_weight_grad_and_sq_norms`)."""
     kernel_size, stride, padding, dilation = check_conv_args(
         x, grad_out, kernel_size, stride, padding, dilation, groups)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "conv")
     if be == "reference":
         return conv_sq_norms_ref(x, grad_out, kernel_size, stride, padding, dilation, groups,
                                  with_bias)

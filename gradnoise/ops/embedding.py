@@ -79,7 +79,7 @@ def embedding_sq_norms(indices: torch.Tensor, grad_out: torch.Tensor, num_embedd
     """
     check_embedding_args(indices, grad_out, num_embeddings)
     padding_idx = normalised_padding_idx(padding_idx, num_embeddings)
-    be = resolve_backend(grad_out.device, backend)
+    be = resolve_backend(grad_out.device, backend, "embedding")
     if be == "cpu":
         pad = -1 if padding_idx is None else padding_idx
         return torch.ops.gradnoise.embedding_sq_norms(indices, grad_out, num_embeddings, pad)

@@ -38,7 +38,7 @@ def linear_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool = F
     gradient nearly cancels over its T positions, "fused" is more accurate.
     """
     _validate.linear_problem(x, grad_out, method)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, _op_family(x))
     if be == "reference":
         return linear_sq_norms_ref(x, grad_out, with_bias, method)
     if be == "triton":
@@ -60,7 +60,7 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     Gradients have the input dtype; norms are float32 (float64 for float64).
     """
     _validate.linear_problem(x, grad_out, method)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, _op_family(x))
     if be == "reference":
         return linear_weight_grad_and_sq_norms_ref(x, grad_out, with_bias, method)
     if be == "triton":
@@ -76,6 +76,12 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
 # Bound on the temporary memory of one chunk of samples (per-sample gradients
 # or Gram matrices), so that the reference never needs O(B·d·p) memory.
 _CHUNK_BYTES = 64 * 2**20
+
+
+def _op_family(x: torch.Tensor) -> str:
+    """"linear_matrix" with positions (T > 1: matrix products), else "linear_rows"."""
+    return "linear_matrix" if x.dim() > 2 and x.numel() > x.shape[0] * x.shape[-1] else \
+        "linear_rows"
 
 
 def _as_3d(x: torch.Tensor, grad_out: torch.Tensor, T: int, acc: torch.dtype):

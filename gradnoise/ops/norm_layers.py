@@ -201,7 +201,7 @@ def layer_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, normalized_nume
             eps = rms_norm_default_eps(x.dtype)
     check_layer_norm_args(x, grad_out, normalized_numel, eps)
     eps = float(eps)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "norm_layers")
     if be == "reference":
         return layer_norm_sq_norms_ref(x, grad_out, normalized_numel, eps, rms, with_weight,
                                        with_bias)
@@ -231,7 +231,7 @@ def group_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, groups: int, ep
     """
     check_group_norm_args(x, grad_out, groups, eps)
     eps = float(eps)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "norm_layers")
     if be == "reference":
         return group_norm_sq_norms_ref(x, grad_out, groups, eps, with_weight, with_bias)
     if be == "triton":
@@ -283,7 +283,7 @@ def group_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, me
     and their backend's norms op.
     """
     B, C, S = check_group_norm_args(x, grad_out, groups, eps)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "norm_layers")
     if be == "cpu":
         gx, gw, gb, n = torch.ops.gradnoise.group_norm_backward_and_sq_norms(
             x, grad_out, mean, rstd, weight, groups, need_input_grad, with_weight, with_bias)
@@ -351,7 +351,7 @@ def layer_norm_backward_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     check_layer_norm_args(x, grad_out, normalized_numel, eps)
     if eps is None:
         eps = rms_norm_default_eps(x.dtype)
-    be = resolve_backend(x.device, backend)
+    be = resolve_backend(x.device, backend, "norm_layers")
     if be == "cpu":
         gx, gw, gb, n = torch.ops.gradnoise.layer_norm_backward_and_sq_norms(
             x, grad_out, normalized_numel, float(eps), rms, weight, need_input_grad, with_weight,

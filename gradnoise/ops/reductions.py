@@ -59,7 +59,7 @@ def sq_norms(tensors, backend: str | None = None, checked: bool = True) -> torch
 
 
 def _sq_norms(tensors: list[torch.Tensor], backend: str | None) -> torch.Tensor:
-    be = resolve_backend(tensors[0].device, backend)
+    be = resolve_backend(tensors[0].device, backend, "reductions")
     if be == "reference":
         return sq_norms_ref(tensors)
     if be == "cpu":
