@@ -55,10 +55,11 @@ def _local_shard(g: torch.Tensor, plain: float = 1.0) -> tuple[torch.Tensor, flo
         return g, plain
     mesh = g.device_mesh
     if mesh.size() != dist.get_world_size():
-        raise NotImplementedError(
+        raise ValueError(
             "GradientNoiseScale: a gradient is a DTensor on a device mesh of "
             f"{mesh.size()} ranks, but the world has {dist.get_world_size()}; norms of sharded "
-            "gradients are summed over the whole world, so the mesh must span it")
+            "gradients are summed over the whole world, so shard the model over a mesh that "
+            "spans every rank (init_device_mesh over the world size)")
     copies = 1
     for d, placement in enumerate(placements):
         if placement.is_partial():
