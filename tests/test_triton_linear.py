@@ -165,6 +165,21 @@ def test_auto_runs_the_method_the_cost_model_chooses(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["3d-B3-T5-d33-p17", "4d-B3-T40-d3-p33"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vendor_gemm_beside_the_triton_norms(monkeypatch, name, dtype):
+    """The path a GPU takes where the fused kernel is slower than cuBLAS
+    (gradnoise.ops.fusion): torch's GEMM and the Triton norms-only op."""
+    from gradnoise.ops import fusion
+    monkeypatch.setenv(fusion.ENV_VAR, "separate")
+    x, g = _inputs(name, dtype)
+    gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, g, True, backend="triton")
+    _assert_close(norms, _norms_truth(x, g, True), NORM_RTOL[dtype], NORM_RTOL[dtype])
+    _assert_close(gw, linear_weight_grad_truth(x, g), GRAD_RTOL[dtype], GRAD_ATOL[dtype])
+    _assert_close(gb, g.double().reshape(-1, g.shape[-1]).sum(0), GRAD_RTOL[dtype],
+                  GRAD_ATOL[dtype])
+
+
 @pytest.mark.parametrize("method", ["goodfellow", "ghost", "fused"])
 def test_strided_inputs(method):
     # Views the kernels read through their strides: a stride-2 feature

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
+from . import _validate, fusion
 from .backends import resolve_backend
 from .cost_model import choose_linear_norm_method
 
@@ -56,13 +56,31 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     grad_weight = Σ_i dY_iᵀ X_i = grad_out.reshape(-1, p).T @ x.reshape(-1, d),
     and sq_norms is as in :func:`linear_sq_norms`. The "fused" method reads X
     and dY once and never holds more than a tile of a per-sample gradient, so
-    it can stand in for the weight-gradient GEMM of backward.
+    it can stand in for the weight-gradient GEMM of backward. With "auto" the
+    backend's op runs where it was measured at least as fast as torch's GEMM
+    plus the norms-only op on this device and shape, and that pair runs
+    otherwise (gradnoise.ops.fusion).
     Gradients have the input dtype; norms are float32 (float64 for float64).
     """
-    _validate.linear_problem(x, grad_out, method)
+    B, T, d, p = _validate.linear_problem(x, grad_out, method)
     be = resolve_backend(x.device, backend, _op_family(x))
     if be == "reference":
         return linear_weight_grad_and_sq_norms_ref(x, grad_out, with_bias, method)
+
+    def fused():
+        return _backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method)
+
+    def separate():
+        return _vendor_gemm_and_sq_norms(be, x, grad_out, with_bias, B * T)
+
+    if method != "auto":
+        return fused()
+    path = fusion.weight_grad_path(be, x, B, T, d, p, with_bias, fused, separate)
+    return fused() if path == "fused" else separate()
+
+
+def _backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method):
+    """The backend's own op: for "fused", one pass for the gradient and the norms."""
     if be == "triton":
         from .triton import linear as triton_linear
         gw, gb, n = triton_linear.linear_weight_grad_and_sq_norms(x, grad_out, with_bias, method)
@@ -70,6 +88,15 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
         gw, gb, n = torch.ops.gradnoise.linear_weight_grad_and_sq_norms(
             x, grad_out, with_bias, method)
     return gw, (gb if with_bias else None), n
+
+
+def _vendor_gemm_and_sq_norms(be, x, grad_out, with_bias, rows):
+    """The weight gradient from torch's GEMM (cuBLAS, oneDNN: what autograd's
+    backward runs) and the norms from the backend's norms-only op beside it."""
+    norms = linear_sq_norms(x, grad_out, with_bias, "auto", be)
+    g2 = grad_out.reshape(rows, grad_out.shape[-1])
+    grad_weight = g2.T @ x.reshape(rows, x.shape[-1])
+    return grad_weight, (g2.sum(0) if with_bias else None), norms
 
 
 # ------------------------------------------------------- reference twins

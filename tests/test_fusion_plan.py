@@ -1,0 +1,178 @@
+"""The choice between the fused weight-gradient-and-norms kernel and torch's
+GEMM with the norms beside it (gradnoise.ops.fusion): both paths against
+float64 ground truth, the probe's decisions and their cache, the cases that
+never probe, and the tracker through either path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradnoise import GradNoiseTracker, ops
+from gradnoise.ops import fusion
+from gradnoise.ops import linear as linear_ops
+from tests.ground_truth import linear_sq_norms_truth, linear_weight_grad_truth, \
+    model_per_sample_sq_norms
+from tests.helpers import COMPILED, RTOL, make_case
+
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="compiled CPU kernels not built")
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(monkeypatch):
+    monkeypatch.delenv(fusion.ENV_VAR, raising=False)
+    fusion.clear()
+    yield
+    fusion.clear()
+
+
+def _inputs(B, T, d, p, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(B, T, p, generator=g, dtype=torch.float64).to(dtype)
+    return x, dy
+
+
+def _spy_paths(monkeypatch):
+    """Count the calls of each path (the probe's and the real one)."""
+    calls = {"fused": 0, "separate": 0}
+    fused, separate = linear_ops._backend_weight_grad_and_sq_norms, \
+        linear_ops._vendor_gemm_and_sq_norms
+
+    def count_fused(*a, **k):
+        calls["fused"] += 1
+        return fused(*a, **k)
+
+    def count_separate(*a, **k):
+        calls["separate"] += 1
+        return separate(*a, **k)
+
+    monkeypatch.setattr(linear_ops, "_backend_weight_grad_and_sq_norms", count_fused)
+    monkeypatch.setattr(linear_ops, "_vendor_gemm_and_sq_norms", count_separate)
+    return calls
+
+
+@needs_compiled
+@pytest.mark.parametrize("path", ["fused", "separate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 19, 5), (2, 33, 4, 17), (5, 2, 40, 40)])
+def test_both_paths_match_ground_truth(monkeypatch, path, dtype, with_bias, shape):
+    monkeypatch.setenv(fusion.ENV_VAR, path)
+    x, dy = _inputs(*shape, dtype=dtype)
+    calls = _spy_paths(monkeypatch)
+    gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, dy, with_bias=with_bias)
+    assert calls == {"fused": int(path == "fused"), "separate": int(path == "separate")}
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4}[dtype]
+    torch.testing.assert_close(norms.double(), linear_sq_norms_truth(x, dy, with_bias),
+                               rtol=rtol, atol=1e-12)
+    truth = linear_weight_grad_truth(x, dy)
+    grad_tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7}[dtype]
+    assert gw.dtype == dtype
+    torch.testing.assert_close(gw.double(), truth, rtol=0,
+                               atol=grad_tol * truth.abs().max().item())
+    if with_bias:
+        torch.testing.assert_close(gb.double(), dy.double().sum((0, 1)), rtol=grad_tol,
+                                   atol=grad_tol * dy.double().abs().sum((0, 1)).max().item())
+    else:
+        assert gb is None
+
+
+@needs_compiled
+@pytest.mark.parametrize("winner", ["fused", "separate"])
+def test_the_probe_takes_the_faster_path_and_remembers_it(monkeypatch, winner):
+    times = (1.0, 2.0) if winner == "fused" else (2.0, 1.0)
+    probes = []
+    monkeypatch.setattr(fusion, "_time_pair", lambda f, s, dev: probes.append(1) or times)
+    calls = _spy_paths(monkeypatch)
+    x, dy = _inputs(4, 6, 8, 5)
+    for _ in range(3):
+        ops.linear_weight_grad_and_sq_norms(x, dy, with_bias=True)
+    assert len(probes) == 1, "one probe per shape, then the cached choice"
+    assert calls[winner] == 3 and sum(calls.values()) == 3
+    [decision] = fusion.decisions()
+    assert (decision.shape, decision.with_bias, decision.path) == ((4, 6, 8, 5), True, winner)
+    assert decision.backend == "cpu" and decision.dtype == "float32"
+    # another shape, dtype or bias is another key
+    ops.linear_weight_grad_and_sq_norms(x.double(), dy.double())
+    ops.linear_weight_grad_and_sq_norms(x[:3], dy[:3], with_bias=True)
+    assert len(fusion.decisions()) == 3
+
+
+@needs_compiled
+def test_ties_keep_the_vendor_gemm(monkeypatch):
+    monkeypatch.setattr(fusion, "_time_pair", lambda f, s, dev: (1.0, 1.0))
+    x, dy = _inputs(2, 5, 6, 7)
+    ops.linear_weight_grad_and_sq_norms(x, dy)
+    assert fusion.decisions()[0].path == "separate"
+
+
+@needs_compiled
+def test_the_real_probe_measures_both_paths_on_this_machine():
+    x, dy = _inputs(8, 32, 64, 48)
+    gw, _, norms = ops.linear_weight_grad_and_sq_norms(x, dy)
+    [decision] = fusion.decisions()
+    assert decision.fused_ms > 0 and decision.separate_ms > 0
+    assert decision.path == ("fused" if decision.fused_ms < decision.separate_ms else "separate")
+    assert decision.ratio == pytest.approx(decision.fused_ms / decision.separate_ms)
+    torch.testing.assert_close(norms.double(), linear_sq_norms_truth(x, dy), rtol=1e-4, atol=0)
+
+
+@needs_compiled
+def test_one_position_and_the_reference_never_probe(monkeypatch):
+    monkeypatch.setattr(fusion, "_time_pair", lambda *a: pytest.fail("probed"))
+    calls = _spy_paths(monkeypatch)
+    x, dy = _inputs(4, 1, 8, 5)
+    ops.linear_weight_grad_and_sq_norms(x, dy)  # T = 1: Goodfellow beside the GEMM
+    assert calls == {"fused": 0, "separate": 1}
+    x, dy = _inputs(4, 3, 8, 5)
+    ops.linear_weight_grad_and_sq_norms(x, dy, backend="reference")
+    ops.linear_weight_grad_and_sq_norms(x, dy, method="fused")  # an explicit method is obeyed
+    assert calls == {"fused": 1, "separate": 1} and fusion.decisions() == []
+
+
+@needs_compiled
+def test_no_probe_inside_a_trace(monkeypatch):
+    """Timing means nothing while torch.compile traces: the vendor GEMM, uncached."""
+    monkeypatch.setattr(fusion, "_time_pair", lambda *a: pytest.fail("probed"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, dy = _inputs(3, 4, 5, 6)
+    calls = _spy_paths(monkeypatch)
+    ops.linear_weight_grad_and_sq_norms(x, dy)
+    assert calls == {"fused": 0, "separate": 1} and fusion.decisions() == []
+
+
+def test_an_unknown_mode_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(fusion.ENV_VAR, "fastest")
+    x, dy = _inputs(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=f"{fusion.ENV_VAR}='fastest'"):
+        ops.linear_weight_grad_and_sq_norms(x, dy, backend="cpu" if COMPILED else "reference")
+
+
+@needs_compiled
+@pytest.mark.parametrize("winner", ["fused", "separate"])
+def test_the_tracker_is_exact_through_either_path(monkeypatch, winner):
+    """A model whose Linear layers see positions (T > 1): the tracker's norms
+    against torch.func in float64, and its gradients against plain autograd,
+    whichever path the probe picked."""
+    times = (1.0, 2.0) if winner == "fused" else (2.0, 1.0)
+    monkeypatch.setattr(fusion, "_time_pair", lambda f, s, dev: times)
+    calls = _spy_paths(monkeypatch)
+    model, x, y, batch_loss, sample_loss = make_case("lm", 4, "sum")
+    plain = {n: g for n, g in _grads(model, x, batch_loss).items()}
+    tracker = GradNoiseTracker(model, loss_reduction="sum")
+    tracked = _grads(model, x, batch_loss)
+    truth = model_per_sample_sq_norms(model, x, y, sample_loss)
+    torch.testing.assert_close(tracker.per_sample_sq_norms().double(), truth, rtol=RTOL,
+                               atol=1e-8)
+    for name, grad in tracked.items():
+        # float32 sums in another order: rounding relative to the largest entry
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5,
+                                   atol=1e-6 * plain[name].abs().max().item())
+    assert calls[winner] > 0 and all(d.path == winner for d in fusion.decisions())
+    tracker.detach()
+
+
+def _grads(model, x, batch_loss):
+    model.zero_grad(set_to_none=True)
+    batch_loss(model(x)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
