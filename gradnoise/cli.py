@@ -187,6 +187,14 @@ def cmd_critical_batch(args: argparse.Namespace, console: Console) -> int:
     return run(args, console)
 
 
+def cmd_gpu_check(args: argparse.Namespace, console: Console) -> int:
+    """Build with CUDA, GPU tests, kernel and step benchmarks (gradnoise.gpu_check)."""
+    from pathlib import Path
+
+    from .gpu_check import run
+    return run(Path(args.out), console, quick=args.quick, skip_build=args.skip_build)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmarking.peers import CANDIDATES
     parser = argparse.ArgumentParser(prog="python -m gradnoise", description=__doc__.splitlines()[0])
@@ -219,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
         p.add_argument("--out", default="gradnoise-out", help="folder for plots and logs")
+    gpu = sub.add_parser("gpu-check", help="on an NVIDIA GPU: build with CUDA, run the GPU tests, "
+                                           "time the kernels against cuBLAS and training steps")
+    gpu.add_argument("--out", default="gradnoise-out", help="folder for gpu-check.json")
+    gpu.add_argument("--quick", action="store_true", help="small shapes and models (a smoke run)")
+    gpu.add_argument("--skip-build", action="store_true",
+                     help="use the extensions as built (no compile step)")
     from .critical_batch.command import add_compare_parser
     from .critical_batch.command import add_parser as add_critical_batch
     add_compare_parser(sub)
@@ -231,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     # Wide enough for the tables when the output is a file or a CI log.
     console = Console(width=None if sys.stdout.isatty() else 120)
     handler = {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo,
-               "compare": cmd_compare, "critical-batch": cmd_critical_batch}[args.command]
+               "compare": cmd_compare, "critical-batch": cmd_critical_batch,
+               "gpu-check": cmd_gpu_check}[args.command]
     return handler(args, console)
 
 

@@ -270,3 +270,77 @@ def test_conv_ops_run_through_the_triton_linear_kernels():
                                atol=GRAD_ATOL[torch.float32] * gb_t.abs().max())
     only = ops.conv_sq_norms(x, g, 3, 2, 1, 1, 2, with_bias=True, backend="triton")
     torch.testing.assert_close(only.double(), norms_t, rtol=NORM_RTOL[torch.float32], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_split_k_inside_samples(monkeypatch, dtype, with_grad):
+    """One sample whose rows fill one tile: its rows are split over programs,
+    the partial gradients summed before squaring (the interpreter's nominal 2
+    multiprocessors make B·tiles = 1 too few)."""
+    taken = []
+    split_k = triton_linear._fused_split_k
+    monkeypatch.setattr(triton_linear, "_fused_split_k",
+                        lambda *a: taken.append(a[6]) or split_k(*a))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 100, 9, generator=gen).to(dtype)
+    g = torch.randn(1, 100, 13, generator=gen).to(dtype)
+    if with_grad:
+        gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, g, True, "fused", backend="triton")
+        _assert_close(gw, linear_weight_grad_truth(x, g), GRAD_RTOL[dtype], GRAD_ATOL[dtype])
+    else:
+        norms = ops.linear_sq_norms(x, g, True, "fused", backend="triton")
+    assert taken == [3], "100 rows in 3 chunks (at most T // 32)"
+    _assert_close(norms, _norms_truth(x, g, True), NORM_RTOL[dtype], NORM_RTOL[dtype])
+
+
+@pytest.mark.parametrize("config", range(2))
+def test_every_tile_configuration_is_exact(monkeypatch, config):
+    """Each configuration the autotuner may pick, forced in turn, on a shape
+    where the larger tiles leave part of the zeroed norm workspace unused."""
+    from gradnoise.ops.triton import tuning
+    kernel = triton_linear._linear_fused_kernel
+    chosen = tuning.INTERPRETER[config]
+    monkeypatch.setattr(kernel, "configs", [chosen])
+    monkeypatch.setattr(kernel, "cache", {})
+    x, g = _inputs("3d-B3-T5-d33-p17", torch.float32)
+    gw, _, norms = ops.linear_weight_grad_and_sq_norms(x, g, False, "fused", backend="triton")
+    assert kernel.best_config is chosen
+    _assert_close(norms, _norms_truth(x, g, False), NORM_RTOL[torch.float32], 1e-4)
+    _assert_close(gw, linear_weight_grad_truth(x, g), GRAD_RTOL[torch.float32], 1e-4)
+
+
+def test_the_autotuner_chooses_between_configurations():
+    """Both interpreter tiles fit d = 33, p = 40: the tuner times both, keeps
+    one, and zeroes the workspace the losing runs wrote before the real run."""
+    kernel = triton_linear._linear_fused_kernel
+    kernel.cache.clear()
+    x = torch.randn(2, 19, 33, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(2, 19, 40, generator=torch.Generator().manual_seed(6))
+    norms = ops.linear_sq_norms(x, g, False, "fused", backend="triton")
+    assert len(kernel.configs_timings) == 2
+    _assert_close(norms, _norms_truth(x, g, False), NORM_RTOL[torch.float32], 1e-4)
+
+
+@pytest.mark.parametrize("dtype,T,d,p,expect", [
+    (torch.bfloat16, 2048, 4096, 14336, "all"),
+    (torch.bfloat16, 20, 4096, 4096, "rows<=32"),
+    (torch.bfloat16, 512, 4096, 40, "p<=64"),
+    (torch.float32, 512, 1024, 1024, "float"),
+    (torch.float64, 512, 1024, 1024, "double"),
+])
+def test_gpu_configurations_fit_the_problem(monkeypatch, dtype, T, d, p, expect):
+    """The GPU sets, pruned as on a GPU (the pruning is plain Python)."""
+    from gradnoise.ops.triton import tuning
+    monkeypatch.setattr(tuning, "INTERPRETED", False)
+    configs = tuning.HALF + tuning.FLOAT + tuning.DOUBLE
+    named = {"x_ptr": torch.empty(0, dtype=dtype), "T": T, "d": d, "p": p, "B": 8}
+    kept = tuning.prune_fused_configs(configs, named, COMPUTE_NORMS=True)
+    if expect == "all":
+        assert kept == tuning.HALF
+    elif expect == "rows<=32":
+        assert kept and all(c.kwargs["BLOCK_T"] <= 32 for c in kept)
+    elif expect == "p<=64":
+        assert kept and all(c.kwargs["BLOCK_P"] <= 64 for c in kept)
+    else:
+        assert kept == (tuning.FLOAT if expect == "float" else tuning.DOUBLE)

@@ -66,9 +66,11 @@ def _causal_lm_loss(out, labels: torch.Tensor) -> torch.Tensor:
 
 
 def build_transformers(kind: str, seed: int = 0, batch: int = 8, context: int = 128,
-                       width: int = 256, blocks: int = 4, vocab: int = 512) -> Batch:
-    """A `transformers` GPT-2 or Llama built from a config (d = 256, 4 layers,
-    T = 128, B = 8), on windows of standard-library source bytes."""
+                       width: int = 256, blocks: int = 4, vocab: int = 512,
+                       heads: int = 4) -> Batch:
+    """A `transformers` GPT-2 or Llama built from a config (by default d = 256,
+    4 layers, 4 heads, T = 128, B = 8; Llama's MLP 688 wide there, else about
+    8d/3 as Llama's own configs), on windows of standard-library source bytes."""
     try:
         import transformers
     except ImportError as e:
@@ -78,12 +80,14 @@ def build_transformers(kind: str, seed: int = 0, batch: int = 8, context: int = 
     torch.manual_seed(seed)
     if kind == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=vocab, n_embd=width, n_layer=blocks, n_head=4, n_positions=context,
+            vocab_size=vocab, n_embd=width, n_layer=blocks, n_head=heads, n_positions=context,
             resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=width, intermediate_size=688, num_hidden_layers=blocks,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
+            vocab_size=vocab, hidden_size=width,
+            intermediate_size=688 if width == 256 else 64 * round(8 * width / 3 / 64),
+            num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=context,
             bos_token_id=0, eos_token_id=1))
     data = torch.frombuffer(bytearray(stdlib_bytes()), dtype=torch.uint8).long() % vocab
     gen = torch.Generator().manual_seed(seed + 1)

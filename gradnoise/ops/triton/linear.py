@@ -35,6 +35,7 @@ import triton
 
 from .. import _validate
 from .common import INTERPRETED, cdiv, check_device, on_device, sm_count, tl_dtype
+from .tuning import min_tile
 from .linear_kernels import (_linear_bias_kernel, _linear_fused_kernel, _linear_ghost_kernel,
                              _linear_goodfellow_kernel)
 from ..cost_model import choose_linear_norm_method
@@ -57,13 +58,10 @@ def _blocks(dtype: torch.dtype, interpreted: bool) -> dict:
     if interpreted:
         # The smallest tiles tl.dot takes: the interpreter's cost is per
         # operation, and the tests' odd shapes still span several tiles.
-        return dict(fused=(16, 16, 16), ghost=(16, 16), goodfellow=(16, 16), bias=(16, 16),
-                    num_warps=1)
+        return dict(ghost=(16, 16), goodfellow=(16, 16), bias=(16, 16), num_warps=1)
     if dtype == torch.float64:
-        return dict(fused=(32, 32, 16), ghost=(32, 16), goodfellow=(16, 128), bias=(64, 32),
-                    num_warps=4)
-    return dict(fused=(64, 64, 32), ghost=(64, 32), goodfellow=(16, 128), bias=(128, 32),
-                num_warps=4)
+        return dict(ghost=(32, 16), goodfellow=(16, 128), bias=(64, 32), num_warps=4)
+    return dict(ghost=(64, 32), goodfellow=(16, 128), bias=(128, 32), num_warps=4)
 
 
 def _rows_block(T: int, cap: int) -> int:
@@ -97,16 +95,19 @@ def _store_direct(splits: int, dtype: torch.dtype) -> bool:
 
 
 def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
-    """(grad_weight or None, weight norms [B] or None) from the fused kernel."""
-    cfg = _blocks(x2.dtype, INTERPRETED)
-    block_p, block_d, block_t = cfg["fused"]
-    block_t = _rows_block(T, block_t) if compute_norms else block_t
+    """(grad_weight or None, weight norms [B] or None) from the fused kernel,
+    its tiles chosen by the autotuner (tuning.py)."""
     acc = _validate.accumulation_dtype(x2.dtype)
-    grid_p, grid_d = cdiv(p, block_p), cdiv(d, block_d)
-    splits, per = _sample_splits(B, grid_p * grid_d, x2.device,
+    min_p, min_d = min_tile()
+    tiles = cdiv(p, min_p) * cdiv(d, min_d)
+    chunks = _chunks_per_sample(B, T, d, p, tiles, x2.device) if compute_norms else 0
+    if chunks:
+        return _fused_split_k(x2, g2, B, T, d, p, chunks, compute_grad)
+    splits, per = _sample_splits(B, tiles, x2.device,
                                  _MAX_GRAD_SPLITS if compute_grad else B)
-    part = (torch.empty((grid_p * grid_d, B), dtype=acc, device=x2.device) if compute_norms
-            else x2)
+    # Zeroed: a configuration with larger tiles fills only part of it.
+    part = (torch.zeros((tiles, B), dtype=acc, device=x2.device) if compute_norms
+            else x2.new_empty(0))
     direct = _store_direct(splits, x2.dtype)
     grad = out = None
     if compute_grad:
@@ -114,17 +115,60 @@ def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
         grad = out.unsqueeze(0) if direct else torch.empty(
             (splits, p, d), dtype=acc, device=x2.device)
     w = grad if grad is not None else x2.unsqueeze(0)
-    _linear_fused_kernel[(grid_p, grid_d, splits)](
-        x2, g2, w, part, B, T, d, p, per,
-        x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
-        COMPUTE_NORMS=compute_norms, COMPUTE_GRAD=compute_grad,
-        ACC=tl_dtype(acc), UPCAST=INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
-        PRECISION=_dot_precision(x2.dtype, x2.device),
-        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=cfg["num_warps"])
+    _launch_fused(x2, g2, w, part, B, T, d, p, per, 0, 0, splits,
+                  compute_norms, compute_grad)
     if compute_grad and not direct:
         out = grad.sum(0).to(x2.dtype)
     return out, (part.sum(0) if compute_norms else None)
+
+
+def _launch_fused(x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk, splits,
+                  compute_norms, compute_grad):
+    _linear_fused_kernel[lambda meta: (cdiv(p, meta["BLOCK_P"]), cdiv(d, meta["BLOCK_D"]),
+                                       splits)](
+        x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk,
+        triton.next_power_of_2(max(T, 1)), triton.next_power_of_2(max(per, 1)),
+        x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        COMPUTE_NORMS=compute_norms, COMPUTE_GRAD=compute_grad,
+        ACC=tl_dtype(_validate.accumulation_dtype(x2.dtype)),
+        UPCAST=INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
+        PRECISION=_dot_precision(x2.dtype, x2.device))
+
+
+# Split-K inside samples holds float32 per-sample gradients [B, chunks, p, d]:
+# only when that stays small.
+_SPLIT_K_BYTES = 256 * 2**20
+
+
+def _chunks_per_sample(B: int, T: int, d: int, p: int, tiles: int,
+                       device: torch.device) -> int:
+    """Chunks to split each sample's rows into (0: none) where the samples
+    and tiles alone leave the GPU's multiprocessors idle: few samples of
+    long rows on a narrow layer."""
+    sms = sm_count(device)
+    if B * tiles >= sms or T < 64:
+        return 0
+    chunks = min(cdiv(2 * sms, B * tiles), T // 32)
+    if chunks < 2 or B * chunks * p * d * 4 > _SPLIT_K_BYTES:
+        return 0
+    return chunks
+
+
+def _fused_split_k(x2, g2, B, T, d, p, chunks, compute_grad):
+    """Each sample's rows in `chunks` pieces, one program per (tile, piece):
+    the pieces' partial gradients G_i,c land in a float32 workspace, their
+    sum over c is G_i, squared for the norm and summed over i for the
+    gradient (memory B·chunks·p·d floats, bounded by _SPLIT_K_BYTES)."""
+    rows_per_chunk = cdiv(T, chunks)
+    chunks = cdiv(T, rows_per_chunk)
+    acc = _validate.accumulation_dtype(x2.dtype)
+    partial = torch.empty((B * chunks, p, d), dtype=acc, device=x2.device)
+    _launch_fused(x2, g2, partial, x2.new_empty(0), B, T, d, p, 1, chunks, rows_per_chunk,
+                  B * chunks, False, True)
+    per_sample = partial.view(B, chunks, p, d).sum(1)
+    norms = per_sample.square().sum((1, 2))
+    return (per_sample.sum(0).to(x2.dtype) if compute_grad else None), norms
 
 
 def _ghost(x2, g2, B, T, d, p):

@@ -5,6 +5,8 @@ T = 1 norms and the bias sums."""
 import triton
 import triton.language as tl
 
+from .tuning import benchmarker, fused_configs, prune_fused_configs
+
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -29,10 +31,14 @@ def _accumulate_gt_x(acc, g_cols, x_cols, row0, n_rows, mask_p, mask_d, stride_g
     return tl.dot(g, x, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
+@triton.autotune(configs=fused_configs(), key=["d", "p", "T_KEY", "SPLIT_KEY", "COMPUTE_NORMS",
+                                             "COMPUTE_GRAD"],
+                 prune_configs_by={"early_config_prune": prune_fused_configs},
+                 reset_to_zero=["part_ptr"], do_bench=benchmarker())
 @triton.jit
 def _linear_fused_kernel(
         x_ptr, g_ptr, w_ptr, part_ptr,
-        B, T, d, p, samples_per_split,
+        B, T, d, p, samples_per_split, chunks_per_sample, rows_per_chunk, T_KEY, SPLIT_KEY,
         stride_xr, stride_xd, stride_gr, stride_gp, stride_ws, stride_wp, stride_wd,
         COMPUTE_NORMS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -48,8 +54,12 @@ def _linear_fused_kernel(
     flops per sample to the 2·T·BLOCK_P·BLOCK_D of the GEMM (a 1/T overhead)
     and need B floats per tile, never a per-sample gradient. With
     COMPUTE_NORMS off this is the plain GEMM over the split's rows, without
-    sample boundaries. W is grad_weight itself (one split) or a float
-    workspace [splits, p, d] summed by the launcher.
+    sample boundaries; with chunks_per_sample > 0 (split-K inside samples,
+    for few samples) split s takes rows_per_chunk rows of sample
+    s // chunks_per_sample, its chunk s % chunks_per_sample. W is grad_weight
+    itself (one split) or a float workspace [splits, p, d] summed by the
+    launcher. T_KEY and SPLIT_KEY only key the autotuner's choice of tiles
+    (T and the samples per split, rounded to powers of two).
     """
     pid_p = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -75,8 +85,13 @@ def _linear_fused_kernel(
                 grad += acc
             tl.store(part_ptr + tile * B + i, tl.sum(acc * acc))
     else:
+        row_start = first * T
         row_end = last * T
-        for r0 in range(first * T, row_end, BLOCK_T):
+        if chunks_per_sample > 0:
+            sample = split // chunks_per_sample
+            row_start = sample * T + (split % chunks_per_sample) * rows_per_chunk
+            row_end = tl.minimum(row_start + rows_per_chunk, (sample + 1) * T)
+        for r0 in range(row_start, row_end, BLOCK_T):
             grad = _accumulate_gt_x(grad, g_cols, x_cols, r0, row_end - r0, mask_p, mask_d,
                                     stride_gr, stride_xr, ACC, UPCAST, PRECISION, BLOCK_T)
     if COMPUTE_GRAD:
