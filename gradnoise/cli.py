@@ -50,6 +50,14 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     chosen = os.environ.get(ENV_VAR)
     console.print(f"{ENV_VAR}={chosen!r}" if chosen else
                   f"{ENV_VAR} unset: each op uses the compiled kernels of its inputs' device")
+    from .ops import fusion
+    console.print(f"{fusion.ENV_VAR}={fusion.mode()}: " + {
+        "auto": "a Linear weight gradient (T > 1) comes from the fused kernel only where a probe "
+                "on the first call of each shape measured it faster than torch's GEMM with the "
+                "norms beside it; otherwise, and for T = 1, from torch's GEMM",
+        "fused": "every Linear weight gradient from the fused kernel",
+        "separate": "every Linear weight gradient from torch's GEMM, the norms beside it"}[
+        fusion.mode()])
     console.print(f"threads: {torch.get_num_threads()}")
     return 0 if _extension.compiled_status("cpu") is None else 1
 
@@ -89,8 +97,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                                     on_repeat=lambda: progress.advance(task)))
     table = Table(title=f"Linear kernels, time as a multiple of the weight-gradient GEMM "
                         f"({torch.get_num_threads()} threads, median of {args.repeats} interleaved runs)")
-    for col in ("B", "T", "d", "p", "GEMM ms", "GFLOP/s", "auto", "grad+norms", "target",
-                "norms only"):
+    for col in ("B", "T", "d", "p", "GEMM ms", "GFLOP/s", "norms by", "grad from", "grad+norms",
+                "target", "norms only"):
         table.add_column(col, justify="right")
     missed = 0
     for r in rows:
@@ -98,7 +106,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         norms_ok = r.T != 1 or r.norms_only <= NORMS_T1_TARGET
         missed += (not ok) + (not norms_ok)
         table.add_row(str(r.B), str(r.T), str(r.d), str(r.p), f"{r.gemm_ms:.2f}", f"{r.gemm_gflops:.0f}",
-                      r.method, f"[{'green' if ok else 'red'}]{r.weight_grad_and_norms:.3f}×",
+                      r.method, r.path,
+                      f"[{'green' if ok else 'red'}]{r.weight_grad_and_norms:.3f}×",
                       f"≤{r.target:.2f}×",
                       f"[{'green' if norms_ok else 'red'}]{r.norms_only:.3f}×" if r.T == 1
                       else f"{r.norms_only:.3f}×")

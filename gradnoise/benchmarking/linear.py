@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..ops import fusion
 from ..ops.cost_model import choose_linear_norm_method
 from .timing import interleaved_times, median_ratio
 
@@ -33,8 +34,9 @@ class LinearRow:
     gemm_ms: float
     gemm_gflops: float
     weight_grad_and_norms: float  # ratio to the GEMM, method "auto"
-    method: str                   # what "auto" chose
+    method: str                   # the norms method "auto" chose
     norms_only: float             # ratio to the GEMM, linear_sq_norms "auto"
+    path: str = ""                # fused kernel or GEMM + norms (gradnoise.ops.fusion)
 
     @property
     def target(self) -> float:
@@ -60,6 +62,9 @@ def bench_shape(B: int, T: int, d: int, p: int, repeats: int = 15, backend: str 
     times = interleaved_times(candidates(x, grad_out, backend), repeats, on_repeat=on_repeat)
     gemm = sorted(times["gemm"])[len(times["gemm"]) // 2]
     method = choose_linear_norm_method(B, T, d, p, with_weight_grad=True)
+    path = next((dd.path for dd in reversed(fusion.decisions())
+                 if dd.shape == (B, T, d, p) and dd.dtype == "float32"), "GEMM + norms")
     return LinearRow(B, T, d, p, gemm * 1e3, 2 * B * T * d * p / gemm / 1e9,
                      median_ratio(times, "weight_grad_and_norms", "gemm"), method,
-                     median_ratio(times, "norms_only", "gemm"))
+                     median_ratio(times, "norms_only", "gemm"),
+                     "fused" if path == "fused" else "GEMM + norms")
