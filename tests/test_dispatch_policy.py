@@ -18,7 +18,7 @@ def status_of(*usable):
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_puts_matrix_work_on_tensor_cores_and_keeps_memory_bound_work_on_cuda(op):
     be, why = default_backend("cuda", op, status_of("cuda", "triton", "reference"))
-    if op == "linear_matrix":
+    if op in ("linear_matrix", "conv"):  # conv: unfolded patches through the Linear op
         assert be == "triton" and "tensor cores" in why
     else:
         assert be == "cuda" and "memory-bound" in why
@@ -28,7 +28,7 @@ def test_cuda_without_triton_or_without_the_cuda_kernels():
     be, why = default_backend("cuda", "linear_matrix", status_of("cuda", "reference"))
     assert be == "cuda" and "triton is not here" in why
     for op, want in (("linear_matrix", "triton"), ("norm_layers", "triton"),
-                     ("conv", "reference"), ("embedding", "reference")):
+                     ("conv", "triton"), ("embedding", "reference")):
         assert default_backend("cuda", op, status_of("triton", "reference"))[0] == want
     assert default_backend("cuda", "reductions", status_of("reference"))[0] == "reference"
 

@@ -44,10 +44,12 @@ def backend_status(name: str, device: torch.device | None = None) -> str | None:
 
 #: the op families, by the shape of their work (docs/design.md §2): "linear_matrix" is
 #: the Linear ops with positions (T > 1: the fused weight gradient and norms, the ghost
-#: Gram products), matrix products; the rest read their inputs about once (T = 1 norms,
-#: convolutions' norms, norm layers, embeddings, reductions) and are memory-bound.
+#: Gram products), matrix products, and so is "conv" off the CPU, where each group's
+#: unfolded patches run through the Linear op (T = the output positions); the rest read
+#: their inputs about once (T = 1 norms, norm layers, embeddings, reductions) and are
+#: memory-bound.
 OPS = ("linear_matrix", "linear_rows", "conv", "norm_layers", "embedding", "reductions")
-MATRIX_OPS = frozenset({"linear_matrix"})
+MATRIX_OPS = frozenset({"linear_matrix", "conv"})
 
 
 def default_backend(device_type: str, op: str, status) -> tuple[str, str]:
@@ -67,7 +69,8 @@ def default_backend(device_type: str, op: str, status) -> tuple[str, str]:
         if status("cuda") is None:
             return "cuda", ("memory-bound: the CUDA kernels" if op not in MATRIX_OPS else
                             f"Triton unavailable ({status('triton')}): CUDA cores")
-        if op in ("linear_matrix", "linear_rows", "norm_layers") and status("triton") is None:
+        if op in ("linear_matrix", "linear_rows", "conv", "norm_layers") and \
+                status("triton") is None:
             return "triton", f"the CUDA kernels are unavailable ({status('cuda')})"
         return "reference", f"no compiled GPU kernels ({status('cuda')})"
     if device_type == "cpu" and status("cpu") is None:
