@@ -344,3 +344,15 @@ def test_gpu_configurations_fit_the_problem(monkeypatch, dtype, T, d, p, expect)
         assert kept and all(c.kwargs["BLOCK_P"] <= 64 for c in kept)
     else:
         assert kept == (tuning.FLOAT if expect == "float" else tuning.DOUBLE)
+
+
+def test_grouped_program_order_covers_every_tile():
+    """p = 150 is 10 tiles of 16 (or 5 of 32): more than one group of 8
+    p-tiles, the last group short; every weight-gradient tile and norm term
+    must be computed exactly once."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 40, generator=gen)
+    g = torch.randn(2, 3, 150, generator=gen)
+    gw, gb, norms = ops.linear_weight_grad_and_sq_norms(x, g, True, "fused", backend="triton")
+    _assert_close(gw, linear_weight_grad_truth(x, g), GRAD_RTOL[torch.float32], 1e-4)
+    _assert_close(norms, _norms_truth(x, g, True), NORM_RTOL[torch.float32], 1e-4)

@@ -124,7 +124,7 @@ def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
 
 def _launch_fused(x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk, splits,
                   compute_norms, compute_grad):
-    _linear_fused_kernel[lambda meta: (cdiv(p, meta["BLOCK_P"]), cdiv(d, meta["BLOCK_D"]),
+    _linear_fused_kernel[lambda meta: (cdiv(p, meta["BLOCK_P"]) * cdiv(d, meta["BLOCK_D"]),
                                        splits)](
         x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk,
         triton.next_power_of_2(max(T, 1)), triton.next_power_of_2(max(per, 1)),
@@ -133,8 +133,11 @@ def _launch_fused(x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk, spli
         COMPUTE_NORMS=compute_norms, COMPUTE_GRAD=compute_grad,
         ACC=tl_dtype(_validate.accumulation_dtype(x2.dtype)),
         UPCAST=INTERPRETED and x2.dtype in (torch.float16, torch.bfloat16),
-        PRECISION=_dot_precision(x2.dtype, x2.device))
+        PRECISION=_dot_precision(x2.dtype, x2.device), GROUP_P=_GROUP_P)
 
+
+# p-tiles per group of the fused kernel's program order (L2 reuse of X's strips)
+_GROUP_P = 8
 
 # Split-K inside samples holds float32 per-sample gradients [B, chunks, p, d]:
 # only when that stays small.

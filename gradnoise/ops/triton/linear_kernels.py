@@ -42,10 +42,11 @@ def _linear_fused_kernel(
         stride_xr, stride_xd, stride_gr, stride_gp, stride_ws, stride_wp, stride_wd,
         COMPUTE_NORMS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
         ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        GROUP_P: tl.constexpr):
     """Weight-gradient GEMM with per-sample norms squared at sample boundaries.
 
-    Program (P, D, s) owns the tile W[P, D] of grad_weight = Σ_i dY_iᵀ X_i and
+    Program (tile, s) owns the tile W[P, D] of grad_weight = Σ_i dY_iᵀ X_i and
     the samples i of split s. It walks them in order, accumulating the tile of
     G_i = dY_iᵀ X_i over the sample's T rows in BLOCK_T chunks, then
       part[tile, i] = ‖G_i[P, D]‖²_F                     (COMPUTE_NORMS)
@@ -61,9 +62,17 @@ def _linear_fused_kernel(
     launcher. T_KEY and SPLIT_KEY only key the autotuner's choice of tiles
     (T and the samples per split, rounded to powers of two).
     """
-    pid_p = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    split = tl.program_id(2)
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_p = tl.cdiv(p, BLOCK_P)
+    num_d = tl.cdiv(d, BLOCK_D)
+    # Grouped order: GROUP_P consecutive p-tiles take each d-tile in turn, so
+    # that the programs running at once share their X and dY strips in L2.
+    per_group = GROUP_P * num_d
+    first_p = (pid // per_group) * GROUP_P
+    group_size = tl.minimum(num_p - first_p, GROUP_P)
+    pid_p = first_p + (pid % per_group) % group_size
+    pid_d = (pid % per_group) // group_size
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_p = offs_p < p
@@ -75,7 +84,7 @@ def _linear_fused_kernel(
 
     grad = tl.zeros((BLOCK_P, BLOCK_D), ACC)
     if COMPUTE_NORMS:
-        tile = pid_p * tl.num_programs(1) + pid_d
+        tile = pid_p * num_d + pid_d
         for i in range(first, last):
             acc = tl.zeros((BLOCK_P, BLOCK_D), ACC)
             for t0 in range(0, T, BLOCK_T):
