@@ -92,10 +92,19 @@ def test_the_probe_takes_the_faster_path_and_remembers_it(monkeypatch, winner):
     [decision] = fusion.decisions()
     assert (decision.shape, decision.with_bias, decision.path) == ((4, 6, 8, 5), True, winner)
     assert decision.backend == "cpu" and decision.dtype == "float32"
-    # another shape, dtype or bias is another key
+    # B and T in the same power-of-two bucket share the choice (B 3 and 4; T 5 and 6)
+    ops.linear_weight_grad_and_sq_norms(x[:3, :5], dy[:3, :5], with_bias=True)
+    assert len(probes) == 1
+    # another dtype, bias, bucket or thread count is another key
     ops.linear_weight_grad_and_sq_norms(x.double(), dy.double())
-    ops.linear_weight_grad_and_sq_norms(x[:3], dy[:3], with_bias=True)
-    assert len(fusion.decisions()) == 3
+    ops.linear_weight_grad_and_sq_norms(x[:2], dy[:2], with_bias=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        ops.linear_weight_grad_and_sq_norms(x, dy, with_bias=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(fusion.decisions()) == 4
 
 
 @needs_compiled

@@ -15,10 +15,14 @@ alternative on this device, for this shape and dtype:
 - T = 1: always the vendor's GEMM (the norms are ‖x_i‖²‖dy_i‖², O(B(d + p)));
 - the reference backend: the vendor's GEMM (it has no kernel of its own);
 - otherwise a probe times both paths on the call's own tensors the first time
-  a (device, backend, dtype, B, T, d, p, bias) key is seen and caches the
-  winner for the life of the process. The alternative wins ties. Where a
-  probe cannot run (inside a CUDA graph capture or a torch.compile trace),
-  the alternative is taken, uncached.
+  a key is seen and caches the winner for the life of the process. The key:
+  device, backend, dtype, B and T rounded up to powers of two, d, p, bias,
+  and the settings that change the speed (float32 matmul precision; CPU
+  threads and instruction set). The alternative wins ties. Where a probe
+  cannot run (inside a CUDA graph capture or a torch.compile trace), the
+  alternative is taken, uncached: run a step of each shape before capturing
+  a CUDA graph, as torch asks anyway, so that the probes and Triton's
+  autotuner (which times its tiles on a shape's first call) have run.
 
 GRADNOISE_WEIGHT_GRAD=fused or =separate forces one path (=auto, the default,
 probes). :func:`decisions` lists what was measured, for reports.
@@ -102,7 +106,8 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
         return "separate"
     if backend == "triton" and x.device.type == "cpu":
         return "fused"  # the Triton interpreter: correctness runs, where timing means nothing
-    key = (_device_name(x.device), backend, x.dtype, B, T, d, p, with_bias)
+    key = (_device_name(x.device), backend, x.dtype, _bucket(B), _bucket(T), d, p, with_bias,
+           _speed_settings(x.device))
     known = _DECISIONS.get(key)
     if known is not None:
         return known.path
@@ -115,12 +120,28 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
     return path
 
 
+def _bucket(n: int) -> int:
+    """n rounded up to a power of two: B changes as the batch grows and T with
+    each batch's padding, and one probe per bucket is enough to rank the paths."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _speed_settings(device: torch.device) -> tuple:
+    """What changes either path's speed besides the shape: torch's float32
+    matmul precision (TF32 on GPUs), and on the CPU the thread count and the
+    instruction set the compiled kernels were told to use."""
+    precision = torch.get_float32_matmul_precision()
+    if device.type == "cpu":
+        return precision, torch.get_num_threads(), os.environ.get("GRADNOISE_CPU_ISA")
+    return (precision,)
+
+
 def _time_pair(first: Callable, second: Callable, device: torch.device) -> tuple[float, float]:
     """Best-of-n wall times (ms) of two callables, alternated so that drifts in
     clock speed or cache state touch both alike; one untimed run each first
     (Triton compiles on its first call)."""
     first(), second()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = [float("inf"), float("inf")]
     spent = [0.0, 0.0]
     for _ in range(_PROBE_MAX_REPEATS):

@@ -98,9 +98,10 @@ def _fused(x2, g2, B, T, d, p, compute_norms: bool, compute_grad: bool):
     """(grad_weight or None, weight norms [B] or None) from the fused kernel,
     its tiles chosen by the autotuner (tuning.py)."""
     acc = _validate.accumulation_dtype(x2.dtype)
-    min_p, min_d = min_tile()
+    min_p, min_d = min_tile(x2.dtype)
     tiles = cdiv(p, min_p) * cdiv(d, min_d)
-    chunks = _chunks_per_sample(B, T, d, p, tiles, x2.device) if compute_norms else 0
+    chunks = (_chunks_per_sample(B, T, d, p, tiles, x2.device, acc.itemsize) if compute_norms
+              else 0)
     if chunks:
         return _fused_split_k(x2, g2, B, T, d, p, chunks, compute_grad)
     splits, per = _sample_splits(B, tiles, x2.device,
@@ -139,13 +140,13 @@ def _launch_fused(x2, g2, w, part, B, T, d, p, per, chunks, rows_per_chunk, spli
 # p-tiles per group of the fused kernel's program order (L2 reuse of X's strips)
 _GROUP_P = 8
 
-# Split-K inside samples holds float32 per-sample gradients [B, chunks, p, d]:
-# only when that stays small.
+# Split-K inside samples holds per-sample gradients [B, chunks, p, d] and
+# their sums [B, p, d] in the accumulation dtype: only when that stays small.
 _SPLIT_K_BYTES = 256 * 2**20
 
 
 def _chunks_per_sample(B: int, T: int, d: int, p: int, tiles: int,
-                       device: torch.device) -> int:
+                       device: torch.device, itemsize: int) -> int:
     """Chunks to split each sample's rows into (0: none) where the samples
     and tiles alone leave the GPU's multiprocessors idle: few samples of
     long rows on a narrow layer."""
@@ -153,16 +154,18 @@ def _chunks_per_sample(B: int, T: int, d: int, p: int, tiles: int,
     if B * tiles >= sms or T < 64:
         return 0
     chunks = min(cdiv(2 * sms, B * tiles), T // 32)
-    if chunks < 2 or B * chunks * p * d * 4 > _SPLIT_K_BYTES:
+    # the chunks' partial gradients, and their sums per sample
+    if chunks < 2 or B * (chunks + 1) * p * d * itemsize > _SPLIT_K_BYTES:
         return 0
     return chunks
 
 
 def _fused_split_k(x2, g2, B, T, d, p, chunks, compute_grad):
     """Each sample's rows in `chunks` pieces, one program per (tile, piece):
-    the pieces' partial gradients G_i,c land in a float32 workspace, their
-    sum over c is G_i, squared for the norm and summed over i for the
-    gradient (memory B·chunks·p·d floats, bounded by _SPLIT_K_BYTES)."""
+    the pieces' partial gradients G_i,c land in a workspace of the
+    accumulation dtype, their sum over c is G_i, squared for the norm and
+    summed over i for the gradient (memory B·(chunks + 1)·p·d elements,
+    bounded by _SPLIT_K_BYTES)."""
     rows_per_chunk = cdiv(T, chunks)
     chunks = cdiv(T, rows_per_chunk)
     acc = _validate.accumulation_dtype(x2.dtype)

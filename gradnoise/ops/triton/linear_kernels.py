@@ -32,7 +32,7 @@ def _accumulate_gt_x(acc, g_cols, x_cols, row0, n_rows, mask_p, mask_d, stride_g
 
 
 @triton.autotune(configs=fused_configs(), key=["d", "p", "T_KEY", "SPLIT_KEY", "COMPUTE_NORMS",
-                                             "COMPUTE_GRAD"],
+                                             "COMPUTE_GRAD", "PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fused_configs},
                  reset_to_zero=["part_ptr"], do_bench=benchmarker())
 @triton.jit

@@ -17,7 +17,8 @@ keeps the fastest for the life of the process. The sets:
 A tile wider than the problem (a 128-wide tile for p = 40) or taller than a
 sample's rows (for the norms, 64 rows when T = 20) is pruned: it would do
 masked work. The per-tile norm workspace is sized for the smallest tiles of
-the set, and zeroed, so that any configuration fills part of it correctly.
+the dtype's set, and zeroed, so that any configuration fills part of it
+correctly; the autotuner zeroes it again after timing the candidates.
 """
 from __future__ import annotations
 
@@ -47,11 +48,12 @@ def fused_configs() -> list:
     return INTERPRETER if INTERPRETED else HALF + FLOAT + DOUBLE
 
 
-def min_tile() -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_D) of the smallest tiles: the workspace's tile count."""
-    configs = fused_configs()
-    return (min(c.kwargs["BLOCK_P"] for c in configs),
-            min(c.kwargs["BLOCK_D"] for c in configs))
+def min_tile(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D) of the smallest tiles `dtype`'s configurations
+    take: the workspace's tile count, and the programs a launch has at most."""
+    family = _family(dtype)
+    return (min(c.kwargs["BLOCK_P"] for c in family),
+            min(c.kwargs["BLOCK_D"] for c in family))
 
 
 def _family(dtype: torch.dtype) -> list:
