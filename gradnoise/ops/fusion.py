@@ -5,7 +5,7 @@ The fused kernel (the weight-gradient GEMM with its reduction ordered by
 sample, squaring each sample's tile at the sample boundary) costs 2BTdp + 4Bdp
 flops against the GEMM's 2BTdp, so where it runs as fast as the vendor's GEMM
 it makes the norms almost free. Where it does not (a Triton tile loop against
-cuBLAS's tuned kernels on some shapes, the CPU engine against oneDNN on
+cuBLAS's tuned kernels on some shapes, the CPU engine against MKL on
 others), the step would be slower than the simple alternative: the vendor's
 GEMM for the gradient and a separate norms pass, Goodfellow's for T = 1 and
 the ghost norm or the fused norms-only kernel for T > 1. So the fused path

@@ -91,7 +91,7 @@ def _backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method):
 
 
 def _vendor_gemm_and_sq_norms(be, x, grad_out, with_bias, rows):
-    """The weight gradient from torch's GEMM (cuBLAS, oneDNN: what autograd's
+    """The weight gradient from torch's GEMM (cuBLAS, MKL: what autograd's
     backward runs) and the norms from the backend's norms-only op beside it."""
     norms = linear_sq_norms(x, grad_out, with_bias, "auto", be)
     g2 = grad_out.reshape(rows, grad_out.shape[-1])
