@@ -9,9 +9,10 @@ import torch
 
 from gradnoise import GradNoiseTracker, ops
 from gradnoise.ops import fusion
+from gradnoise.ops import conv as conv_ops
 from gradnoise.ops import linear as linear_ops
-from tests.ground_truth import linear_sq_norms_truth, linear_weight_grad_truth, \
-    model_per_sample_sq_norms
+from tests.ground_truth import conv_per_sample_grads, linear_sq_norms_truth, \
+    linear_weight_grad_truth, model_per_sample_sq_norms
 from tests.helpers import COMPILED, RTOL, make_case
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="compiled CPU kernels not built")
@@ -37,6 +38,8 @@ def _spy_paths(monkeypatch):
     calls = {"fused": 0, "separate": 0}
     fused, separate = linear_ops._backend_weight_grad_and_sq_norms, \
         linear_ops._vendor_gemm_and_sq_norms
+    conv_fused, conv_separate = conv_ops._backend_conv_grads_and_sq_norms, \
+        conv_ops._vendor_conv_grad_and_sq_norms
 
     def count_fused(*a, **k):
         calls["fused"] += 1
@@ -46,8 +49,18 @@ def _spy_paths(monkeypatch):
         calls["separate"] += 1
         return separate(*a, **k)
 
+    def count_conv_fused(*a, **k):
+        calls["fused"] += 1
+        return conv_fused(*a, **k)
+
+    def count_conv_separate(*a, **k):
+        calls["separate"] += 1
+        return conv_separate(*a, **k)
+
     monkeypatch.setattr(linear_ops, "_backend_weight_grad_and_sq_norms", count_fused)
     monkeypatch.setattr(linear_ops, "_vendor_gemm_and_sq_norms", count_separate)
+    monkeypatch.setattr(conv_ops, "_backend_conv_grads_and_sq_norms", count_conv_fused)
+    monkeypatch.setattr(conv_ops, "_vendor_conv_grad_and_sq_norms", count_conv_separate)
     return calls
 
 
@@ -158,15 +171,64 @@ def test_an_unknown_mode_is_refused_by_name(monkeypatch):
 
 
 @needs_compiled
+@pytest.mark.parametrize("path", ["fused", "separate"])
+@pytest.mark.parametrize("case", [
+    # x shape, C_out, kernel, stride, padding, dilation, groups
+    ((3, 4, 9, 8), 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 6, 11, 7), 4, (3, 2), (2, 1), (0, 1), (1, 2), 2),
+    ((4, 3, 17), 5, (4,), (3,), (2,), (1,), 1),
+])
+def test_both_convolution_paths_match_ground_truth(monkeypatch, path, case):
+    """torch's convolution weight gradient with the norms-only op beside it,
+    or the compiled op's single pass: the same results."""
+    shape, c_out, k, stride, padding, dilation, groups = case
+    monkeypatch.setenv(fusion.ENV_VAR, path)
+    calls = _spy_paths(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen)
+    out = torch.nn.functional.conv1d if len(k) == 1 else torch.nn.functional.conv2d
+    weight = torch.randn(c_out, shape[1] // groups, *k, generator=gen)
+    dy = torch.randn_like(out(x, weight, None, stride, padding, dilation, groups))
+    gw, gb, norms = ops.conv_weight_grad_and_sq_norms(x, dy, k, stride, padding, dilation, groups,
+                                                      with_bias=True)
+    assert calls[path] == 1
+    w_truth, b_truth = conv_per_sample_grads(x, dy, weight.shape, stride, padding, dilation,
+                                             groups, True)
+    truth = w_truth.flatten(1).square().sum(1) + b_truth.square().sum(1)
+    torch.testing.assert_close(norms.double(), truth, rtol=1e-4, atol=0)
+    torch.testing.assert_close(gw.double(), w_truth.sum(0), rtol=1e-4,
+                               atol=1e-5 * w_truth.sum(0).abs().max().item())
+    torch.testing.assert_close(gb.double(), b_truth.sum(0), rtol=1e-4, atol=1e-5)
+
+
+@needs_compiled
+def test_convolutions_probe_under_their_own_key(monkeypatch):
+    """A convolution's choice is kept apart from a Linear layer's of the same
+    B, T, d, p, and one geometry's from another's."""
+    monkeypatch.setattr(fusion, "_time_pair", lambda f, s, dev: (2.0, 1.0))
+    x = torch.randn(2, 3, 6, 6)
+    dy = torch.randn(2, 4, 6, 6)
+    ops.conv_weight_grad_and_sq_norms(x, dy, (3, 3), padding=1)
+    ops.conv_weight_grad_and_sq_norms(x, dy, (3, 3), padding=1)
+    ops.conv_weight_grad_and_sq_norms(x, dy[..., :4, :4], (3, 3), padding=0)
+    ops.linear_weight_grad_and_sq_norms(torch.randn(2, 36, 27), torch.randn(2, 36, 4))
+    ops_seen = [d.op for d in fusion.decisions()]
+    assert len(ops_seen) == 3 and ops_seen[2] == "linear"
+    assert ops_seen[0].startswith("conv") and ops_seen[0] != ops_seen[1]
+    assert all(d.shape == (2, 36, 27, 4) for d in fusion.decisions()[:1])
+
+
+@needs_compiled
+@pytest.mark.parametrize("name", ["lm", "cnn"])
 @pytest.mark.parametrize("winner", ["fused", "separate"])
-def test_the_tracker_is_exact_through_either_path(monkeypatch, winner):
-    """A model whose Linear layers see positions (T > 1): the tracker's norms
+def test_the_tracker_is_exact_through_either_path(monkeypatch, winner, name):
+    """Linear layers with positions (T > 1) and convolutions: the tracker's norms
     against torch.func in float64, and its gradients against plain autograd,
     whichever path the probe picked."""
     times = (1.0, 2.0) if winner == "fused" else (2.0, 1.0)
     monkeypatch.setattr(fusion, "_time_pair", lambda f, s, dev: times)
     calls = _spy_paths(monkeypatch)
-    model, x, y, batch_loss, sample_loss = make_case("lm", 4, "sum")
+    model, x, y, batch_loss, sample_loss = make_case(name, 4, "sum")
     plain = {n: g for n, g in _grads(model, x, batch_loss).items()}
     tracker = GradNoiseTracker(model, loss_reduction="sum")
     tracked = _grads(model, x, batch_loss)

@@ -20,11 +20,13 @@ backend's fused Linear op; "reference" is the pure-PyTorch twin below.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
 from ..checks import is_int
-from . import _validate
+from . import _validate, fusion
 from ._validate import accumulation_dtype
 from .backends import resolve_backend
 from .linear import linear_sq_norms, linear_weight_grad_and_sq_norms
@@ -186,12 +188,48 @@ def conv_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kerne
     if be == "reference":
         return conv_weight_grad_and_sq_norms_ref(x, grad_out, kernel_size, stride, padding,
                                                  dilation, groups, with_bias)
+    geometry = (kernel_size, stride, padding, dilation, groups)
+
+    def fused():
+        return _backend_conv_grads_and_sq_norms(be, x, grad_out, *geometry, with_bias)
+
+    def separate():
+        return _vendor_conv_grad_and_sq_norms(be, x, grad_out, *geometry, with_bias)
+
+    B, C, C_out = x.shape[0], x.shape[1], grad_out.shape[1]
+    positions = math.prod(grad_out.shape[2:])
+    d = C // groups * math.prod(kernel_size)
+    path = fusion.weight_grad_path(be, x, B, positions, d, C_out // groups, with_bias, fused,
+                                   separate, op=f"conv{geometry}")
+    return fused() if path == "fused" else separate()
+
+
+def _backend_conv_grads_and_sq_norms(be, x, grad_out, kernel_size, stride, padding, dilation,
+                                     groups, with_bias):
+    """The backend's own pass for the weight gradient and the norms."""
     if be == "cpu":
         gw, gb, n = torch.ops.gradnoise.conv_weight_grad_and_sq_norms(
             x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias)
         return gw, (gb if with_bias else None), n
     return _by_linear_op(x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias,
                          be, with_weight_grad=True)
+
+
+def _vendor_conv_grad_and_sq_norms(be, x, grad_out, kernel_size, stride, padding, dilation,
+                                   groups, with_bias):
+    """torch's convolution weight gradient (what autograd's backward runs: cuDNN,
+    oneDNN) and the backend's norms-only op beside it."""
+    norms = conv_sq_norms(x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias,
+                          backend=be)
+    weight = grad_out.new_empty(1).expand(grad_out.shape[1], x.shape[1] // groups, *kernel_size)
+    grad_weight = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, stride, padding, dilation, False, [0] * len(kernel_size),
+        groups, [False, True, False])[1]
+    grad_bias = None
+    if with_bias:
+        dims = [0] + list(range(2, grad_out.dim()))
+        grad_bias = grad_out.sum(dims, dtype=accumulation_dtype(x.dtype)).to(x.dtype)
+    return grad_weight, grad_bias, norms
 
 
 def conv_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride=1, padding=0,

@@ -55,6 +55,7 @@ class Decision:
     fused_ms: float
     separate_ms: float
     path: str
+    op: str = "linear"  # or "conv<geometry>"
 
     @property
     def ratio(self) -> float:
@@ -96,18 +97,21 @@ def _cannot_probe(device: torch.device) -> bool:
 
 def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: int,
                      with_bias: bool, fused: Callable[[], object],
-                     separate: Callable[[], object]) -> str:
+                     separate: Callable[[], object], op: str = "linear") -> str:
     """"fused" or "separate" for this call; `fused()` and `separate()` run the
-    two paths on the call's tensors (the probe times them)."""
+    two paths on the call's tensors (the probe times them). For a convolution
+    (`op` naming its geometry) T is its output positions, d = C_in/G·k and
+    p = C_out/G, and "separate" is torch's convolution weight gradient (cuDNN,
+    oneDNN) with the norms-only op."""
     forced = mode()
     if forced != "auto":
         return forced
-    if T == 1 or backend == "reference" or B * T * d * p == 0:
+    if (T == 1 and op == "linear") or backend == "reference" or B * T * d * p == 0:
         return "separate"
     if backend == "triton" and x.device.type == "cpu":
         return "fused"  # the Triton interpreter: correctness runs, where timing means nothing
     key = (_device_name(x.device), backend, x.dtype, _bucket(B), _bucket(T), d, p, with_bias,
-           _speed_settings(x.device))
+           _speed_settings(x.device), op)
     known = _DECISIONS.get(key)
     if known is not None:
         return known.path
@@ -116,7 +120,7 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
     fused_ms, separate_ms = _time_pair(fused, separate, x.device)
     path = "fused" if fused_ms < separate_ms else "separate"
     _DECISIONS[key] = Decision(key[0], backend, str(x.dtype).replace("torch.", ""), (B, T, d, p),
-                               with_bias, fused_ms, separate_ms, path)
+                               with_bias, fused_ms, separate_ms, path, op)
     return path
 
 
