@@ -311,3 +311,24 @@ def test_samples_in_several_cache_groups(variant):
                                                        backend=variant)
     _check_norms(norms, truth, torch.float32)
     _check_grad(gw, x, grad_out, torch.float32)
+
+
+def test_tensor_cores_make_epilogues_dearer():
+    """On tensor cores an elementwise FP32 operation costs about 16 bf16 matrix
+    flops: the fused kernel's per-sample epilogue weighs more against the
+    ghost norm's Gram products than on CUDA cores or CPUs."""
+    from gradnoise.ops.cost_model import tensor_core_weight
+    assert tensor_core_weight(torch.bfloat16, "ieee", on_gpu=False) == 1.0
+    assert tensor_core_weight(torch.bfloat16, "ieee", on_gpu=True) == 16.0
+    assert tensor_core_weight(torch.float16, "ieee", on_gpu=True) == 16.0
+    assert tensor_core_weight(torch.float32, "ieee", on_gpu=True) == 1.0
+    assert tensor_core_weight(torch.float32, "tf32", on_gpu=True) == 7.0
+    assert tensor_core_weight(torch.float64, "ieee", on_gpu=True) == 1.0
+    # with the weight gradient, d = p = 4096: epilogue 4Bdp·w against ghost's 2BT²(d + p)
+    assert choose_linear_norm_method(8, 128, 4096, 4096, True) == "fused"
+    assert choose_linear_norm_method(8, 128, 4096, 4096, True, 16.0) == "ghost"
+    assert choose_linear_norm_method(8, 512, 4096, 4096, True, 16.0) == "fused"
+    # norms alone, d = p = 768, at T = 384 (where ghost and fused cost about the same):
+    # the epilogue's extra 2Bdp·15 on tensor cores tips it to ghost
+    assert choose_linear_norm_method(8, 384, 768, 768, False) == "fused"
+    assert choose_linear_norm_method(8, 384, 768, 768, False, 16.0) == "ghost"

@@ -38,7 +38,7 @@ from .common import INTERPRETED, cdiv, check_device, on_device, sm_count, tl_dty
 from .tuning import min_tile
 from .linear_kernels import (_linear_bias_kernel, _linear_fused_kernel, _linear_ghost_kernel,
                              _linear_goodfellow_kernel)
-from ..cost_model import choose_linear_norm_method
+from ..cost_model import choose_linear_norm_method, tensor_core_weight
 
 __all__ = ["linear_sq_norms", "linear_weight_grad_and_sq_norms"]
 
@@ -235,7 +235,9 @@ def _linear(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool, method: st
     B, T, d, p = _validate.linear_problem(x, grad_out, method)
     check_device(x, "gradnoise.ops.triton.linear")
     if method == "auto":
-        method = choose_linear_norm_method(B, T, d, p, with_weight_grad=with_weight_grad)
+        weight = tensor_core_weight(x.dtype, _dot_precision(x.dtype, x.device),
+                                    on_gpu=x.device.type == "cuda" and not INTERPRETED)
+        method = choose_linear_norm_method(B, T, d, p, with_weight_grad, weight)
     acc = _validate.accumulation_dtype(x.dtype)
     x2 = x.reshape(B * T, d)
     g2 = grad_out.reshape(B * T, p)
