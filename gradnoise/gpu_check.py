@@ -98,6 +98,12 @@ def tests(console: Console, out: Path, timeout: float = 330) -> dict:
 
 def kernels(console: Console, quick: bool) -> list[dict]:
     from .benchmarking.gpu import bench_linear, kernel_cases
+    from .ops.backends import backend_status
+    missing = {be: backend_status(be, torch.device("cuda")) for be in ("cuda", "triton")}
+    missing = {be: why for be, why in missing.items() if why is not None}
+    if missing:  # a backend that cannot run would drop out of the table unseen
+        raise StageFailed("GPU backends that cannot run: " + "; ".join(
+            f"{be}: {why}" for be, why in missing.items()))
     rows = []
     for (B, T, d, p), dtype in kernel_cases(quick):
         console.print(f"  kernels {B, T, d, p} {str(dtype).removeprefix('torch.')}")
