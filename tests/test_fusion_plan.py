@@ -36,7 +36,7 @@ def _inputs(B, T, d, p, dtype=torch.float32, seed=0):
 def _spy_paths(monkeypatch):
     """Count the calls of each path (the probe's and the real one)."""
     calls = {"fused": 0, "separate": 0}
-    fused, separate = linear_ops._backend_weight_grad_and_sq_norms, \
+    fused, separate = linear_ops.backend_weight_grad_and_sq_norms, \
         linear_ops._vendor_gemm_and_sq_norms
     conv_fused, conv_separate = conv_ops._backend_conv_grads_and_sq_norms, \
         conv_ops._vendor_conv_grad_and_sq_norms
@@ -57,7 +57,7 @@ def _spy_paths(monkeypatch):
         calls["separate"] += 1
         return conv_separate(*a, **k)
 
-    monkeypatch.setattr(linear_ops, "_backend_weight_grad_and_sq_norms", count_fused)
+    monkeypatch.setattr(linear_ops, "backend_weight_grad_and_sq_norms", count_fused)
     monkeypatch.setattr(linear_ops, "_vendor_gemm_and_sq_norms", count_separate)
     monkeypatch.setattr(conv_ops, "_backend_conv_grads_and_sq_norms", count_conv_fused)
     monkeypatch.setattr(conv_ops, "_vendor_conv_grad_and_sq_norms", count_conv_separate)
@@ -173,32 +173,44 @@ def test_an_unknown_mode_is_refused_by_name(monkeypatch):
 @needs_compiled
 @pytest.mark.parametrize("path", ["fused", "separate"])
 @pytest.mark.parametrize("case", [
-    # x shape, C_out, kernel, stride, padding, dilation, groups
-    ((3, 4, 9, 8), 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
-    ((2, 6, 11, 7), 4, (3, 2), (2, 1), (0, 1), (1, 2), 2),
-    ((4, 3, 17), 5, (4,), (3,), (2,), (1,), 1),
+    # x shape, C_out, kernel, stride, padding, dilation, groups, dtype, channels last
+    ((3, 4, 9, 8), 6, (3, 3), (1, 1), (1, 1), (1, 1), 1, torch.float32, False),
+    ((2, 6, 11, 7), 4, (3, 2), (2, 1), (0, 1), (1, 2), 2, torch.float32, True),
+    ((4, 3, 17), 5, (4,), (3,), (2,), (1,), 1, torch.float32, False),
+    ((2, 2, 5, 6, 4), 3, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2), 1, torch.float32, False),
+    ((3, 4, 9, 8), 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, torch.bfloat16, False),
+    ((3, 4, 9, 8), 6, (3, 3), (2, 2), (1, 1), (1, 1), 2, torch.float64, False),
 ])
 def test_both_convolution_paths_match_ground_truth(monkeypatch, path, case):
     """torch's convolution weight gradient with the norms-only op beside it,
-    or the compiled op's single pass: the same results."""
-    shape, c_out, k, stride, padding, dilation, groups = case
+    or the compiled op's single pass: the same results, in 1-D to 3-D,
+    depthwise and grouped, bf16 to float64, channels-last."""
+    shape, c_out, k, stride, padding, dilation, groups, dtype, channels_last = case
     monkeypatch.setenv(fusion.ENV_VAR, path)
     calls = _spy_paths(monkeypatch)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(*shape, generator=gen)
-    out = torch.nn.functional.conv1d if len(k) == 1 else torch.nn.functional.conv2d
-    weight = torch.randn(c_out, shape[1] // groups, *k, generator=gen)
-    dy = torch.randn_like(out(x, weight, None, stride, padding, dilation, groups))
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+            3: torch.nn.functional.conv3d}[len(k)]
+    weight = torch.randn(c_out, shape[1] // groups, *k, generator=gen, dtype=torch.float64)
+    dy = torch.randn_like(conv(x, weight, None, stride, padding, dilation, groups))
+    x, dy = x.to(dtype), dy.to(dtype)
+    if channels_last:
+        x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
     gw, gb, norms = ops.conv_weight_grad_and_sq_norms(x, dy, k, stride, padding, dilation, groups,
                                                       with_bias=True)
-    assert calls[path] == 1
+    assert calls[path] == 1 and gw.dtype == gb.dtype == dtype
     w_truth, b_truth = conv_per_sample_grads(x, dy, weight.shape, stride, padding, dilation,
                                              groups, True)
     truth = w_truth.flatten(1).square().sum(1) + b_truth.square().sum(1)
-    torch.testing.assert_close(norms.double(), truth, rtol=1e-4, atol=0)
-    torch.testing.assert_close(gw.double(), w_truth.sum(0), rtol=1e-4,
-                               atol=1e-5 * w_truth.sum(0).abs().max().item())
-    torch.testing.assert_close(gb.double(), b_truth.sum(0), rtol=1e-4, atol=1e-5)
+    # norms accumulate in float32 from exact products of the half inputs; the
+    # gradients are rounded once to the input dtype
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4}[dtype]
+    grad_tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7}[dtype]
+    torch.testing.assert_close(norms.double(), truth, rtol=rtol, atol=0)
+    for got, want in ((gw, w_truth.sum(0)), (gb, b_truth.sum(0))):
+        torch.testing.assert_close(got.double(), want, rtol=0,
+                                   atol=grad_tol * want.abs().max().item())
 
 
 @needs_compiled
@@ -210,12 +222,22 @@ def test_convolutions_probe_under_their_own_key(monkeypatch):
     dy = torch.randn(2, 4, 6, 6)
     ops.conv_weight_grad_and_sq_norms(x, dy, (3, 3), padding=1)
     ops.conv_weight_grad_and_sq_norms(x, dy, (3, 3), padding=1)
-    ops.conv_weight_grad_and_sq_norms(x, dy[..., :4, :4], (3, 3), padding=0)
+    # the same B, T, d, p: another geometry, another memory format, a Linear layer
+    ops.conv_weight_grad_and_sq_norms(x, dy, (3, 3), padding=2, dilation=2)
+    ops.conv_weight_grad_and_sq_norms(x.to(memory_format=torch.channels_last),
+                                      dy.to(memory_format=torch.channels_last), (3, 3), padding=1)
     ops.linear_weight_grad_and_sq_norms(torch.randn(2, 36, 27), torch.randn(2, 36, 4))
-    ops_seen = [d.op for d in fusion.decisions()]
-    assert len(ops_seen) == 3 and ops_seen[2] == "linear"
-    assert ops_seen[0].startswith("conv") and ops_seen[0] != ops_seen[1]
-    assert all(d.shape == (2, 36, 27, 4) for d in fusion.decisions()[:1])
+    seen = fusion.decisions()
+    assert len(seen) == 4 and len({d.op for d in seen}) == 4 and seen[3].op == "linear"
+    assert all(d.shape == (2, 36, 27, 4) for d in seen)
+
+
+@needs_compiled
+def test_a_convolution_without_output_positions_gives_zeros(monkeypatch):
+    monkeypatch.setenv(fusion.ENV_VAR, "auto")
+    gw, gb, norms = ops.conv_weight_grad_and_sq_norms(
+        torch.randn(2, 4, 2, 2), torch.randn(2, 6, 0, 0), (3, 3), with_bias=True)
+    assert gw.shape == (6, 4, 3, 3) and not gw.any() and not gb.any() and not norms.any()
 
 
 @needs_compiled

@@ -11,7 +11,9 @@ gradient for group g is G_i,g = dY_i,gᵀ X_i,g and its bias gradient
     n_i = Σ_g ‖G_i,g‖²_F (+ ‖Σ_l dY_i,l‖² with the bias)
 
 and, for ``conv_weight_grad_and_sq_norms``, the weight gradient Σ_i G_i in
-the weight's shape [C_out, C_in/G, *k], in the same pass.
+the weight's shape [C_out, C_in/G, *k], in the same pass where that pass is
+the faster (else torch's convolution weight gradient with the norms beside
+it: gradnoise.ops.fusion).
 
 Backends: the compiled CPU op gathers the patches from the image while it
 packs the operands of the fused kernel (no unfolded copy of the input);
@@ -29,7 +31,7 @@ from ..checks import is_int
 from . import _validate, fusion
 from ._validate import accumulation_dtype
 from .backends import resolve_backend
-from .linear import linear_sq_norms, linear_weight_grad_and_sq_norms
+from .linear import backend_weight_grad_and_sq_norms, linear_sq_norms
 
 __all__ = ["conv_sq_norms", "conv_weight_grad_and_sq_norms", "conv_sq_norms_ref",
            "conv_weight_grad_and_sq_norms_ref", "conv_patches", "grouped_grad_out",
@@ -155,7 +157,9 @@ def _by_linear_op(x, grad_out, kernel_size, stride, padding, dilation, groups, w
     norms, grads = 0, []
     for k in range(groups):
         if with_weight_grad:
-            gw, _, n = linear_weight_grad_and_sq_norms(X[:, k], G[:, k], backend=backend)
+            # the backend's own op: this pass is one side of the convolution's
+            # choice (gradnoise.ops.fusion), not a Linear layer's to choose again
+            gw, _, n = backend_weight_grad_and_sq_norms(backend, X[:, k], G[:, k], False, "auto")
             grads.append(gw)
         else:
             n = linear_sq_norms(X[:, k], G[:, k], backend=backend)
@@ -174,7 +178,9 @@ def _by_linear_op(x, grad_out, kernel_size, stride, padding, dilation, groups, w
 def conv_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size,
                                   stride=1, padding=0, dilation=1, groups: int = 1,
                                   with_bias: bool = False, backend: str | None = None):
-    """The weight gradient and the per-sample norms of a convolution in one pass.
+    """The weight gradient and the per-sample norms of a convolution, in one
+    pass where it was measured faster than torch's weight gradient with the
+    norms-only op beside it (gradnoise.ops.fusion).
 
     x [B, C, *S] is the layer's input, grad_out [B, C_out, *S_out] its output
     gradient; padding is symmetric zero padding (pad other modes beforehand).
@@ -199,8 +205,9 @@ def conv_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kerne
     B, C, C_out = x.shape[0], x.shape[1], grad_out.shape[1]
     positions = math.prod(grad_out.shape[2:])
     d = C // groups * math.prod(kernel_size)
+    layout = "channels_last" if _channels_last(x) else "contiguous"
     path = fusion.weight_grad_path(be, x, B, positions, d, C_out // groups, with_bias, fused,
-                                   separate, op=f"conv{geometry}")
+                                   separate, op=f"conv{geometry}-{layout}")
     return fused() if path == "fused" else separate()
 
 
@@ -221,15 +228,21 @@ def _vendor_conv_grad_and_sq_norms(be, x, grad_out, kernel_size, stride, padding
     oneDNN) and the backend's norms-only op beside it."""
     norms = conv_sq_norms(x, grad_out, kernel_size, stride, padding, dilation, groups, with_bias,
                           backend=be)
-    weight = grad_out.new_empty(1).expand(grad_out.shape[1], x.shape[1] // groups, *kernel_size)
-    grad_weight = torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, stride, padding, dilation, False, [0] * len(kernel_size),
-        groups, [False, True, False])[1]
-    grad_bias = None
-    if with_bias:
-        dims = [0] + list(range(2, grad_out.dim()))
-        grad_bias = grad_out.sum(dims, dtype=accumulation_dtype(x.dtype)).to(x.dtype)
-    return grad_weight, grad_bias, norms
+    # The weight's values are not read for its gradient, only its shape and
+    # layout (a stride-0 stand-in would be copied whole by oneDNN).
+    weight = torch.empty((grad_out.shape[1], x.shape[1] // groups, *kernel_size),
+                         dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last if _channels_last(x) else
+                         torch.contiguous_format)
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, [grad_out.shape[1]] if with_bias else None, stride, padding,
+        dilation, False, [0] * len(kernel_size), groups, [False, True, with_bias])
+    return grad_weight, (grad_bias if with_bias else None), norms
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def conv_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, stride=1, padding=0,

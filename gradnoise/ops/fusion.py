@@ -1,5 +1,6 @@
-"""Whether a Linear layer's weight gradient comes from the fused kernel or
-from the vendor's GEMM with the norms computed beside it (docs/design.md §2).
+"""Whether a Linear layer's or a convolution's weight gradient comes from the
+fused kernel or from the vendor's kernel with the norms computed beside it
+(docs/design.md §2).
 
 The fused kernel (the weight-gradient GEMM with its reduction ordered by
 sample, squaring each sample's tile at the sample boundary) costs 2BTdp + 4Bdp
@@ -7,22 +8,27 @@ flops against the GEMM's 2BTdp, so where it runs as fast as the vendor's GEMM
 it makes the norms almost free. Where it does not (a Triton tile loop against
 cuBLAS's tuned kernels on some shapes, the CPU engine against MKL on
 others), the step would be slower than the simple alternative: the vendor's
-GEMM for the gradient and a separate norms pass, Goodfellow's for T = 1 and
-the ghost norm or the fused norms-only kernel for T > 1. So the fused path
-is taken only where it was measured to be at least as fast as that
-alternative on this device, for this shape and dtype:
+weight gradient (torch's GEMM; for a convolution aten.convolution_backward,
+cuDNN or oneDNN) and a separate norms pass, Goodfellow's for T = 1 and the
+ghost norm or the fused norms-only kernel for T > 1. So the fused path is
+taken only where it was measured to be at least as fast as that alternative
+on this device, for this shape and dtype:
 
-- T = 1: always the vendor's GEMM (the norms are ‖x_i‖²‖dy_i‖², O(B(d + p)));
-- the reference backend: the vendor's GEMM (it has no kernel of its own);
+- a Linear layer with T = 1: always the vendor's GEMM (the norms are
+  ‖x_i‖²‖dy_i‖², O(B(d + p)));
+- the reference backend: the vendor's kernel (it has no kernel of its own);
+- an empty problem: the backend's op, which returns zeros of the right shapes;
 - otherwise a probe times both paths on the call's own tensors the first time
   a key is seen and caches the winner for the life of the process. The key:
-  device, backend, dtype, B and T rounded up to powers of two, d, p, bias,
-  and the settings that change the speed (float32 matmul precision; CPU
-  threads and instruction set). The alternative wins ties. Where a probe
-  cannot run (inside a CUDA graph capture or a torch.compile trace), the
-  alternative is taken, uncached: run a step of each shape before capturing
-  a CUDA graph, as torch asks anyway, so that the probes and Triton's
-  autotuner (which times its tiles on a shape's first call) have run.
+  the op (a convolution's geometry and memory format), device, backend,
+  dtype, B and T rounded up to powers of two, d, p, bias, and the settings
+  that change either path's speed (float32 matmul precision; on GPUs cuDNN's
+  TF32, benchmark and deterministic flags; on the CPU threads, instruction
+  set and oneDNN). The alternative wins ties. Where a probe cannot run
+  (inside a CUDA graph capture or a torch.compile trace), the alternative is
+  taken, uncached: run a step of each shape before capturing a CUDA graph, as
+  torch asks anyway, so that the probes and Triton's autotuner (which times
+  its tiles on a shape's first call) have run.
 
 GRADNOISE_WEIGHT_GRAD=fused or =separate forces one path (=auto, the default,
 probes). :func:`decisions` lists what was measured, for reports.
@@ -106,7 +112,11 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
     forced = mode()
     if forced != "auto":
         return forced
-    if (T == 1 and op == "linear") or backend == "reference" or B * T * d * p == 0:
+    if backend == "reference":
+        return "separate"
+    if B * T * d * p == 0:
+        return "fused"
+    if T == 1 and op == "linear":
         return "separate"
     if backend == "triton" and x.device.type == "cpu":
         return "fused"  # the Triton interpreter: correctness runs, where timing means nothing
@@ -132,12 +142,15 @@ def _bucket(n: int) -> int:
 
 def _speed_settings(device: torch.device) -> tuple:
     """What changes either path's speed besides the shape: torch's float32
-    matmul precision (TF32 on GPUs), and on the CPU the thread count and the
-    instruction set the compiled kernels were told to use."""
+    matmul precision (TF32 on GPUs), cuDNN's flags, and on the CPU the thread
+    count, the instruction set the compiled kernels were told to use and
+    whether oneDNN runs the convolutions."""
     precision = torch.get_float32_matmul_precision()
     if device.type == "cpu":
-        return precision, torch.get_num_threads(), os.environ.get("GRADNOISE_CPU_ISA")
-    return (precision,)
+        return (precision, torch.get_num_threads(), os.environ.get("GRADNOISE_CPU_ISA"),
+                torch.backends.mkldnn.enabled)
+    cudnn = torch.backends.cudnn
+    return precision, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic
 
 
 def _time_pair(first: Callable, second: Callable, device: torch.device) -> tuple[float, float]:

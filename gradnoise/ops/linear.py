@@ -68,7 +68,7 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
         return linear_weight_grad_and_sq_norms_ref(x, grad_out, with_bias, method)
 
     def fused():
-        return _backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method)
+        return backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method)
 
     def separate():
         return _vendor_gemm_and_sq_norms(be, x, grad_out, with_bias, B * T)
@@ -79,7 +79,7 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     return fused() if path == "fused" else separate()
 
 
-def _backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method):
+def backend_weight_grad_and_sq_norms(be, x, grad_out, with_bias, method):
     """The backend's own op: for "fused", one pass for the gradient and the norms."""
     if be == "triton":
         from .triton import linear as triton_linear
