@@ -34,33 +34,21 @@ def _inputs(B, T, d, p, dtype=torch.float32, seed=0):
 
 
 def _spy_paths(monkeypatch):
-    """Count the calls of each path (the probe's and the real one)."""
+    """Count the calls of each path (the probe's and the real one), for the
+    Linear and the convolution ops."""
     calls = {"fused": 0, "separate": 0}
-    fused, separate = linear_ops.backend_weight_grad_and_sq_norms, \
-        linear_ops._vendor_gemm_and_sq_norms
-    conv_fused, conv_separate = conv_ops._backend_conv_grads_and_sq_norms, \
-        conv_ops._vendor_conv_grad_and_sq_norms
 
-    def count_fused(*a, **k):
-        calls["fused"] += 1
-        return fused(*a, **k)
+    def counting(path, fn):
+        def counted(*a, **k):
+            calls[path] += 1
+            return fn(*a, **k)
+        return counted
 
-    def count_separate(*a, **k):
-        calls["separate"] += 1
-        return separate(*a, **k)
-
-    def count_conv_fused(*a, **k):
-        calls["fused"] += 1
-        return conv_fused(*a, **k)
-
-    def count_conv_separate(*a, **k):
-        calls["separate"] += 1
-        return conv_separate(*a, **k)
-
-    monkeypatch.setattr(linear_ops, "backend_weight_grad_and_sq_norms", count_fused)
-    monkeypatch.setattr(linear_ops, "_vendor_gemm_and_sq_norms", count_separate)
-    monkeypatch.setattr(conv_ops, "_backend_conv_grads_and_sq_norms", count_conv_fused)
-    monkeypatch.setattr(conv_ops, "_vendor_conv_grad_and_sq_norms", count_conv_separate)
+    for module, fused, separate in (
+            (linear_ops, "backend_weight_grad_and_sq_norms", "_vendor_gemm_and_sq_norms"),
+            (conv_ops, "_backend_conv_grads_and_sq_norms", "_vendor_conv_grad_and_sq_norms")):
+        monkeypatch.setattr(module, fused, counting("fused", getattr(module, fused)))
+        monkeypatch.setattr(module, separate, counting("separate", getattr(module, separate)))
     return calls
 
 
