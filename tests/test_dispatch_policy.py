@@ -8,7 +8,7 @@ import torch
 
 from gradnoise.ops import backends
 from gradnoise.ops.backends import OPS, default_backend
-from gradnoise.ops.linear import _op_family
+from gradnoise.ops.linear import op_family
 
 
 def status_of(*usable):
@@ -46,10 +46,10 @@ def test_unknown_op_family_is_refused():
 
 
 def test_linear_ops_name_their_family_by_positions():
-    assert _op_family(torch.zeros(4, 8)) == "linear_rows"
-    assert _op_family(torch.zeros(4, 1, 8)) == "linear_rows"
-    assert _op_family(torch.zeros(4, 3, 8)) == "linear_matrix"
-    assert _op_family(torch.zeros(4, 2, 5, 8)) == "linear_matrix"
+    assert op_family(torch.zeros(4, 8)) == "linear_rows"
+    assert op_family(torch.zeros(4, 1, 8)) == "linear_rows"
+    assert op_family(torch.zeros(4, 3, 8)) == "linear_matrix"
+    assert op_family(torch.zeros(4, 2, 5, 8)) == "linear_matrix"
 
 
 def test_resolution_is_remembered_per_op_family(monkeypatch):

@@ -18,7 +18,8 @@ import torch
 
 from .. import ops
 from ..ops import fusion
-from ..ops.backends import backend_status
+from ..ops.backends import backend_status, resolve_backend
+from ..ops.linear import op_family
 from .linear import SHAPES as CPU_SHAPES
 
 #: the CPU benchmark's Linear shapes and two LLM layers: (B, T, d, p) of a
@@ -117,9 +118,8 @@ def bench_linear(B: int, T: int, d: int, p: int, dtype: torch.dtype, repeats: in
     candidates["tracker op"] = lambda: ops.linear_weight_grad_and_sq_norms(x, g)
     times = {name: cuda_time_ms(fn, repeats) for name, fn in candidates.items()}
     gemm = times.pop("cuBLAS GEMM")
-    path = next((dd.path for dd in reversed(fusion.decisions())
-                 if dd.shape == (B, T, d, p) and dd.dtype == str(dtype).removeprefix("torch.")),
-                "separate")
+    be = resolve_backend(device, None, op_family(x))
+    path = fusion.chosen_path(be, x, B, T, d, p, with_bias=False) or "not probed"
     return KernelRow((B, T, d, p), str(dtype).removeprefix("torch."), gemm,
                      2 * B * T * d * p / gemm / 1e9, {k: v / gemm for k, v in times.items()}, path)
 

@@ -8,6 +8,8 @@ import torch
 
 from .. import ops
 from ..ops import fusion
+from ..ops.backends import resolve_backend
+from ..ops.linear import op_family
 from ..ops.cost_model import choose_linear_norm_method
 from .timing import interleaved_times, median_ratio
 
@@ -62,8 +64,8 @@ def bench_shape(B: int, T: int, d: int, p: int, repeats: int = 15, backend: str 
     times = interleaved_times(candidates(x, grad_out, backend), repeats, on_repeat=on_repeat)
     gemm = sorted(times["gemm"])[len(times["gemm"]) // 2]
     method = choose_linear_norm_method(B, T, d, p, with_weight_grad=True)
-    path = next((dd.path for dd in reversed(fusion.decisions())
-                 if dd.shape == (B, T, d, p) and dd.dtype == "float32"), "GEMM + norms")
+    be = resolve_backend(x.device, backend, op_family(x))
+    path = fusion.chosen_path(be, x, B, T, d, p, with_bias=False)
     return LinearRow(B, T, d, p, gemm * 1e3, 2 * B * T * d * p / gemm / 1e9,
                      median_ratio(times, "weight_grad_and_norms", "gemm"), method,
                      median_ratio(times, "norms_only", "gemm"),

@@ -30,7 +30,7 @@ except ImportError:  # the standalone pytorch_lightning package
 
 from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
-from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
+from .stepping import (AccumulationPlan, AdaptiveCallback, NoiseMonitorSettings, TrainerSteps,
                        noise_metrics, step_noise)
 
 
@@ -50,7 +50,7 @@ def samples_in(batch) -> int:
                     "batch_size_fn=lambda batch: ... to the callback")
 
 
-class NoiseScaleMonitor(Callback):
+class NoiseScaleMonitor(NoiseMonitorSettings, Callback):
     """Logs the gradient noise scale of every measured optimizer step.
 
     Args:
@@ -66,19 +66,10 @@ class NoiseScaleMonitor(Callback):
 
     def __init__(self, source: str = "auto", per_layer: bool = False, beta: float = 0.95,
                  interval: int = 1, prefix: str = "noise/", batch_size_fn=None):
-        self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
-        self.prefix, self.batch_size_fn = prefix, batch_size_fn or samples_in
-        self._requested = source
-        self._backwards = 0          # this step's, so far
-        self.noise = None
-        self.source_reason = None
-        self.reading = None
+        self._init_monitor(source, per_layer, beta, interval, prefix)
+        self.batch_size_fn = batch_size_fn or samples_in
         self._state = None
         self._n = 0
-
-    @property
-    def _who(self) -> str:
-        return type(self).__name__
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not pl_module.automatic_optimization:
@@ -93,17 +84,10 @@ class NoiseScaleMonitor(Callback):
         if self.source == "micro_batch" and trainer.accumulate_grad_batches < 2:
             raise ValueError(f"{self._who}(source='micro_batch') needs Trainer("
                              f"accumulate_grad_batches ≥ 2), got {trainer.accumulate_grad_batches}")
-        self.noise, self.source, self.source_reason = make_noise(
-            pl_module, trainer.optimizers[0], source=self.source, scaler=scaler,
-            world_size=trainer.world_size, beta=self.beta, interval=self.interval,
-            per_layer=self.per_layer)
-        if self.source == "micro_batch" and trainer.accumulate_grad_batches < 2:
-            raise ValueError(
-                f"{self._who}: the model needs the micro-batch source ({self.source_reason}), "
-                "which needs Trainer(accumulate_grad_batches ≥ 2)")
-        if self._state is not None:
-            self.noise.load_state_dict(self._state)
-            self._state = None
+        self._start_noise(pl_module, trainer.optimizers[0], scaler=scaler,
+                          world_size=trainer.world_size,
+                          accumulation=trainer.accumulate_grad_batches,
+                          setting="Trainer(accumulate_grad_batches")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._n = int(self.batch_size_fn(batch))

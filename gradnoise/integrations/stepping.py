@@ -278,6 +278,44 @@ class TrainerSteps:
         self._hook.remove()
 
 
+class NoiseMonitorSettings:
+    """The settings and the per-fit state that both trainers' noise-scale
+    monitors keep, and the name their errors give."""
+
+    def _init_monitor(self, source: str, per_layer: bool, beta: float, interval: int,
+                      prefix: str) -> None:
+        self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
+        self.prefix = prefix
+        self._requested = source
+        self._backwards = 0          # this step's, so far
+        self.noise = None
+        self.source_reason = None
+        self.reading = None
+
+    @property
+    def _who(self) -> str:
+        return type(self).__name__
+
+    _state = None  # a resumed estimator's state, loaded once the estimator exists
+
+    def _start_noise(self, model, optimizer, *, scaler, world_size: int, accumulation: int,
+                     setting: str, loss_reduction: str = "mean") -> None:
+        """Build the estimator for this fit (its source chosen by `make_noise`)
+        and restore a resumed state; the micro-batch source needs `setting`
+        (the trainer's accumulation argument) to be at least 2."""
+        self.noise, self.source, self.source_reason = make_noise(
+            model, optimizer, source=self.source, scaler=scaler, world_size=world_size,
+            beta=self.beta, interval=self.interval, per_layer=self.per_layer,
+            loss_reduction=loss_reduction)
+        if self.source == "micro_batch" and accumulation < 2:
+            raise ValueError(
+                f"{self._who}: the model needs the micro-batch source ({self.source_reason}), "
+                f"which needs {setting} ≥ 2)")
+        if self._state is not None:
+            self.noise.load_state_dict(self._state)
+            self._state = None
+
+
 class AdaptiveCallback:
     """What the adaptive callbacks share around their TrainerSteps: the
     plan, the records, and the plan's part of their checkpointed state."""

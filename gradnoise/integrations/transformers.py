@@ -36,13 +36,13 @@ except ImportError:
 from ..adaptive.arguments import check_optimizer_lr
 from ..adaptive.policies import CONFIDENCE_Z
 from ..layers.batching import model_batch_size
-from .stepping import (AccumulationPlan, AdaptiveCallback, TrainerSteps, make_noise,
+from .stepping import (AccumulationPlan, AdaptiveCallback, NoiseMonitorSettings, TrainerSteps,
                        noise_metrics, step_noise)
 
 STATE_FILE = "gradnoise_state.pt"
 
 
-class NoiseScaleCallback(TrainerCallback):
+class NoiseScaleCallback(NoiseMonitorSettings, TrainerCallback):
     """Measures the gradient noise scale at every (or every `interval`-th)
     optimizer step of a Trainer; the readings join the Trainer's logs.
 
@@ -58,20 +58,10 @@ class NoiseScaleCallback(TrainerCallback):
 
     def __init__(self, source: str = "auto", per_layer: bool = False, beta: float = 0.95,
                  interval: int = 1, prefix: str = "noise/"):
-        self.source, self.per_layer, self.beta, self.interval = source, per_layer, beta, interval
-        self.prefix = prefix
-        self._requested = source
-        self._backwards = 0          # this step's, so far
-        self.noise = None
-        self.source_reason = None
-        self.reading = None
+        self._init_monitor(source, per_layer, beta, interval, prefix)
         self.trainer = None
         self._grad_norm = None
         self._metrics: dict[str, float] = {}
-
-    @property
-    def _who(self) -> str:
-        return type(self).__name__
 
     # ------------------------------------------------------------- attach
     def attach(self, trainer):
@@ -132,19 +122,11 @@ class NoiseScaleCallback(TrainerCallback):
     def _build_noise(self, model, token_scaled: bool) -> None:
         t = self.trainer
         optimizer = getattr(t.optimizer, "optimizer", t.optimizer)
-        self.noise, self.source, self.source_reason = make_noise(
-            model, optimizer, source=self.source, scaler=getattr(t.accelerator, "scaler", None),
-            world_size=t.args.world_size, beta=self.beta, interval=self.interval,
-            per_layer=self.per_layer, loss_reduction="sum" if token_scaled else "mean")
-        if self.source == "micro_batch" and t.args.gradient_accumulation_steps < 2:
-            raise ValueError(
-                f"{self._who}: the model needs the micro-batch source ({self.source_reason}), "
-                "which needs TrainingArguments(gradient_accumulation_steps ≥ 2)")
-        if self._state is not None:
-            self.noise.load_state_dict(self._state)
-            self._state = None
-
-    _state = None
+        self._start_noise(model, optimizer, scaler=getattr(t.accelerator, "scaler", None),
+                          world_size=t.args.world_size,
+                          accumulation=t.args.gradient_accumulation_steps,
+                          setting="TrainingArguments(gradient_accumulation_steps",
+                          loss_reduction="sum" if token_scaled else "mean")
 
     def _before_micro_batch(self, model, inputs, num_items) -> tuple[float, int]:
         """(factor on the loss, samples) of the training micro-batch about to run."""

@@ -35,6 +35,7 @@ probes). :func:`decisions` lists what was measured, for reports.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ def clear() -> None:
     _DECISIONS.clear()
 
 
+@functools.lru_cache(maxsize=None)
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
@@ -109,6 +111,35 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
     (`op` naming its geometry) T is its output positions, d = C_in/G·k and
     p = C_out/G, and "separate" is torch's convolution weight gradient (cuDNN,
     oneDNN) with the norms-only op."""
+    fixed = _fixed_path(backend, x, B, T, d, p, op)
+    if fixed is not None:
+        return fixed
+    key = _key(backend, x, B, T, d, p, with_bias, op)
+    known = _DECISIONS.get(key)
+    if known is not None:
+        return known.path
+    if _cannot_probe(x.device):
+        return "separate"
+    fused_ms, separate_ms = _time_pair(fused, separate, x.device)
+    path = "fused" if fused_ms < separate_ms else "separate"
+    _DECISIONS[key] = Decision(key[0], backend, str(x.dtype).replace("torch.", ""), (B, T, d, p),
+                               with_bias, fused_ms, separate_ms, path, op)
+    return path
+
+
+def chosen_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: int,
+                with_bias: bool, op: str = "linear") -> str | None:
+    """The path such a call takes now, by rule or by an earlier probe (None:
+    it has not been probed), without running anything: for reports."""
+    fixed = _fixed_path(backend, x, B, T, d, p, op)
+    if fixed is not None:
+        return fixed
+    known = _DECISIONS.get(_key(backend, x, B, T, d, p, with_bias, op))
+    return None if known is None else known.path
+
+
+def _fixed_path(backend, x, B, T, d, p, op) -> str | None:
+    """The path that a setting or the problem fixes, or None (the probe decides)."""
     forced = mode()
     if forced != "auto":
         return forced
@@ -120,18 +151,12 @@ def weight_grad_path(backend: str, x: torch.Tensor, B: int, T: int, d: int, p: i
         return "separate"
     if backend == "triton" and x.device.type == "cpu":
         return "fused"  # the Triton interpreter: correctness runs, where timing means nothing
-    key = (_device_name(x.device), backend, x.dtype, _bucket(B), _bucket(T), d, p, with_bias,
-           _speed_settings(x.device), op)
-    known = _DECISIONS.get(key)
-    if known is not None:
-        return known.path
-    if _cannot_probe(x.device):
-        return "separate"
-    fused_ms, separate_ms = _time_pair(fused, separate, x.device)
-    path = "fused" if fused_ms < separate_ms else "separate"
-    _DECISIONS[key] = Decision(key[0], backend, str(x.dtype).replace("torch.", ""), (B, T, d, p),
-                               with_bias, fused_ms, separate_ms, path, op)
-    return path
+    return None
+
+
+def _key(backend, x, B, T, d, p, with_bias, op) -> tuple:
+    return (_device_name(x.device), backend, x.dtype, _bucket(B), _bucket(T), d, p, with_bias,
+            _speed_settings(x.device), op)
 
 
 def _bucket(n: int) -> int:

@@ -38,7 +38,7 @@ def linear_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, with_bias: bool = F
     gradient nearly cancels over its T positions, "fused" is more accurate.
     """
     _validate.linear_problem(x, grad_out, method)
-    be = resolve_backend(x.device, backend, _op_family(x))
+    be = resolve_backend(x.device, backend, op_family(x))
     if be == "reference":
         return linear_sq_norms_ref(x, grad_out, with_bias, method)
     if be == "triton":
@@ -63,7 +63,7 @@ def linear_weight_grad_and_sq_norms(x: torch.Tensor, grad_out: torch.Tensor,
     Gradients have the input dtype; norms are float32 (float64 for float64).
     """
     B, T, d, p = _validate.linear_problem(x, grad_out, method)
-    be = resolve_backend(x.device, backend, _op_family(x))
+    be = resolve_backend(x.device, backend, op_family(x))
     if be == "reference":
         return linear_weight_grad_and_sq_norms_ref(x, grad_out, with_bias, method)
 
@@ -105,7 +105,7 @@ def _vendor_gemm_and_sq_norms(be, x, grad_out, with_bias, rows):
 _CHUNK_BYTES = 64 * 2**20
 
 
-def _op_family(x: torch.Tensor) -> str:
+def op_family(x: torch.Tensor) -> str:
     """"linear_matrix" with positions (T > 1: matrix products), else "linear_rows"."""
     return "linear_matrix" if x.dim() > 2 and x.numel() > x.shape[0] * x.shape[-1] else \
         "linear_rows"
